@@ -1,0 +1,80 @@
+"""Check that every path from the losses into a trainable parameter passes through a
+recorded module call of a module that owns the parameter.
+
+A parameter can receive gradient outside the calls that indigrad records: a layer's
+weight used again with ``F.linear`` in a parent's ``forward``, a module invoked through
+``module.forward(x)`` (which skips hooks). Its per-example gradient would then miss that
+part, silently. The check walks the autograd graph in two passes:
+
+1. For each recorded call, walk back from its output node until the nodes of its inputs.
+   Every edge met from a node inside into the accumulator of a parameter the module owns
+   is *accounted for*.
+2. Walk the whole graph from the losses. Any edge into the accumulator of a trainable
+   parameter that was not accounted for is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+_ACCUMULATE = torch._C._functions.AccumulateGrad
+
+
+def _check_accounted(root: Any, calls: Iterable[Any], trainable: dict[int, str]) -> None:
+    accounted: set[tuple[Any, int]] = set()
+    for call in calls:
+        owned = {id(p) for p in call.params.values()}
+        stop = set(call.boundary)
+        stack = [e.node for e in call.edges]
+        seen: set[Any] = set()
+        while stack:
+            u = stack.pop()
+            if u in seen or u in stop:
+                continue
+            seen.add(u)
+            for v, _ in u.next_functions:
+                if v is None:
+                    continue
+                if isinstance(v, _ACCUMULATE):
+                    if id(v.variable) in owned:
+                        accounted.add((u, id(v.variable)))
+                else:
+                    stack.append(v)
+
+    stack = [root]
+    seen = set()
+    while stack:
+        u = stack.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        for v, _ in u.next_functions:
+            if v is None:
+                continue
+            if isinstance(v, _ACCUMULATE):
+                name = trainable.get(id(v.variable))
+                if name is not None and (u, id(v.variable)) not in accounted:
+                    raise RuntimeError(
+                        f"parameter {name!r} receives gradient through {type(u).__name__}, "
+                        "outside any recorded call of the module that owns it, so its "
+                        "per-example gradient would be wrong. Use the parameter only inside "
+                        "its module's forward, call modules as module(x) (not "
+                        "module.forward(x)), or freeze it with requires_grad_(False)."
+                    )
+            else:
+                stack.append(v)
+
+
+def _boundary(leaves: Iterable[Any]) -> list[Any]:
+    """Autograd nodes of the tensor inputs of a call, taken at call time."""
+    from torch.autograd.graph import get_gradient_edge
+
+    return [
+        get_gradient_edge(t).node
+        for t in leaves
+        if isinstance(t, torch.Tensor) and t.requires_grad and not isinstance(t, nn.Parameter)
+    ]

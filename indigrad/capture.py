@@ -1,0 +1,315 @@
+"""Recording the forward and running the one backward.
+
+Inside ``with capture(model) as cap:`` every module that owns trainable parameters has a
+forward hook. Each call records its inputs and the autograd edge of each output tensor,
+taken *at hook time* (so an in-place op after the layer, such as ``ReLU(inplace=True)``,
+cannot change which gradient is read). A backward-consuming call then asks autograd for
+the gradients at those edges only, which skips the ordinary weight gradients entirely,
+and hands ``(module, inputs, G)`` to each layer's rule.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils._pytree import TreeSpec, tree_flatten
+
+from ._graph import _boundary, _check_accounted
+from .quantities import PerExample
+
+
+@dataclass(eq=False)
+class _Call:
+    """One recorded call of a module that owns trainable parameters."""
+
+    module: nn.Module
+    name: str  # qualified name in the model ("" for the model itself)
+    params: dict[str, nn.Parameter]  # the module's own trainable parameters, by local name
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    out_spec: TreeSpec
+    out_leaves: list[Any]  # non-tensor leaves as they were; tensors replaced by None
+    edge_index: list[int]  # which output leaves have an edge
+    edges: list[GradientEdge]
+    boundary: list[Any]  # autograd nodes of the tensor inputs, at call time
+    versions: list[tuple[Tensor, int]]  # tensor inputs and their version counters at call time
+    grad_outputs: list[Tensor | None] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{type(self.module).__name__} {self.name or '<model>'!r}"
+
+
+class capture:
+    """Record a model's forward so that per-example quantities can be computed from it.
+
+    Use it as a context manager; hooks exist only inside the ``with`` block and the model
+    is left exactly as it was on exit, also when an exception escapes the block.
+
+    Args:
+        model: any ``nn.Module``. Every trainable parameter (``requires_grad=True``) is
+            captured, under its name in ``model.named_parameters()``.
+        batch_dim: the dimension that indexes examples in the inputs and outputs of
+            plain layers (0 by default; 1 for sequence-first models).
+
+    Each of :meth:`grads`, :meth:`norms` and :meth:`clip_` runs exactly one backward over
+    the forward recorded since the previous one. To get several quantities from one
+    backward, call :meth:`backward` and ask the returned :class:`PerExample`.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, indigrad
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> with indigrad.capture(model) as cap:
+        ...     grads = cap.grads(F.cross_entropy(model(x), y, reduction="none"))
+        >>> grads["0.weight"].shape                    # one gradient per example
+        torch.Size([16, 8, 4])
+        >>> with indigrad.capture(model) as cap:
+        ...     norms = cap.clip_(F.cross_entropy(model(x), y, reduction="none"), max_norm=1.0)
+        >>> norms.shape, model[0].weight.grad.shape    # pre-clip norms; clipped sum in .grad
+        (torch.Size([16]), torch.Size([8, 4]))
+    """
+
+    def __init__(self, model: nn.Module, *, batch_dim: int = 0) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
+        if batch_dim < 0:
+            raise ValueError(f"batch_dim must be a non-negative dimension, got {batch_dim}")
+        self.model = model
+        self.batch_dim = batch_dim
+        self._handles: list[Any] = []
+        self._calls: list[_Call] = []
+        self._active = False
+        self._paused = False
+        self._consumed = False
+        self._names: dict[int, str] = {}  # id(param) -> name, trainable only
+        self._params: dict[str, nn.Parameter] = {}
+
+    # -- the context --------------------------------------------------------------------
+
+    def __enter__(self) -> capture:
+        if self._active:
+            raise RuntimeError("this capture is already active; create a new one per block")
+        self._params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self._names = {id(p): n for n, p in self._params.items()}
+        try:
+            for name, module in self.model.named_modules():
+                own = {
+                    n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad
+                }
+                if own:
+                    self._handles.append(
+                        module.register_forward_hook(
+                            self._recorder(name, own), with_kwargs=True
+                        )
+                    )
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    self._handles.append(module.register_forward_pre_hook(self._bn_check(name)))
+        except BaseException:
+            self._remove()
+            raise
+        self._active = True
+        self._consumed = False
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._calls.clear()
+        self._active = False
+
+    @contextmanager
+    def _pause(self) -> Iterator[None]:
+        """Stop recording while rules re-run module forwards (the generic rule)."""
+        paused, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = paused
+
+    # -- recording ----------------------------------------------------------------------
+
+    def _bn_check(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if module.training and not self._paused and torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{type(module).__name__} {name!r} is in training mode: its batch "
+                    "statistics mix the examples of a batch, so no per-example gradient "
+                    "exists. Put it in eval mode (model.eval(), or module.eval() for the "
+                    "norm layers only) or replace it with GroupNorm / LayerNorm."
+                )
+
+        return hook
+
+    def _recorder(self, name: str, own: dict[str, nn.Parameter]) -> Any:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
+            if self._paused:
+                return
+            leaves, spec = tree_flatten(output)
+            edge_index = [
+                i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad
+            ]
+            if not edge_index:
+                return  # no_grad, or nothing differentiable came out
+            in_leaves = tree_flatten((args, kwargs))[0]
+            self._calls.append(
+                _Call(
+                    module=module,
+                    name=name,
+                    params=own,
+                    args=args,
+                    kwargs=kwargs,
+                    out_spec=spec,
+                    out_leaves=[None if isinstance(t, Tensor) else t for t in leaves],
+                    edge_index=edge_index,
+                    edges=[get_gradient_edge(leaves[i]) for i in edge_index],
+                    boundary=_boundary(in_leaves),
+                    versions=[(t, t._version) for t in in_leaves if isinstance(t, Tensor)],
+                )
+            )
+            self._consumed = False
+
+        return hook
+
+    # -- the backward -------------------------------------------------------------------
+
+    def backward(self, losses: Tensor) -> PerExample:
+        """Run the one backward over the recorded forward and return its per-example view.
+
+        Args:
+            losses: ``(n,)`` or ``(n, ...)``, one loss per example (trailing dims are summed
+                per example, e.g. token losses into a sequence loss). Use
+                ``reduction="none"`` in the loss function.
+
+        Returns:
+            A :class:`PerExample` from which ``grads()``, ``norms()`` and ``clip_()`` can
+            all be taken without another backward.
+        """
+        if not self._active:
+            raise RuntimeError(
+                "capture is not active: use it as `with indigrad.capture(model) as cap:` and "
+                "run the forward and the backward-consuming call inside the block"
+            )
+        losses = _check_losses(losses)
+        if not self._calls:
+            if self._consumed:
+                raise RuntimeError(
+                    "the forward recorded in this capture was already consumed by a "
+                    "backward; run the forward again inside the capture before asking for "
+                    "another quantity (or take several from one cap.backward(losses))"
+                )
+            raise RuntimeError(
+                "no forward was recorded in this capture: run the model inside the `with "
+                "indigrad.capture(model)` block, with gradients enabled and at least one "
+                "trainable parameter"
+            )
+        calls, self._calls = self._calls, []
+        self._consumed = True
+        n, bd = losses.shape[0], self.batch_dim
+        if losses.grad_fn is None:
+            raise RuntimeError(
+                "the losses do not depend on any trainable parameter (they have no grad_fn)"
+            )
+        _check_accounted(losses.grad_fn, calls, self._names)
+        edges = [e for call in calls for e in call.edges]
+        outs = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
+        pos = 0
+        reached = []
+        for call in calls:
+            call.grad_outputs = list(outs[pos : pos + len(call.edges)])
+            pos += len(call.edges)
+            if all(g is None for g in call.grad_outputs):
+                continue
+            for g in call.grad_outputs:
+                if g is not None and (g.dim() <= bd or g.shape[bd] != n):
+                    raise RuntimeError(
+                        f"the losses have {n} rows, but {call.label} produced an output of "
+                        f"shape {tuple(g.shape)} whose batch dimension {bd} does not have "
+                        f"{n} examples. Pass one loss per example, shape (n,) or (n, ...) "
+                        "(not flattened token losses); pass capture(model, batch_dim=...) "
+                        "for sequence-first models. A layer applied to a tensor without a "
+                        "batch dimension (e.g. an embedding of arange(T)) is not supported yet."
+                    )
+            for t, version in call.versions:
+                if t._version != version:
+                    raise RuntimeError(
+                        f"an input of {call.label} was modified in place after the call "
+                        "(e.g. `x += ...`, `relu_(x)`), so its recorded input is no longer "
+                        "the one the layer saw. Use an out-of-place op there."
+                    )
+            reached.append(call)
+        if not reached:
+            raise RuntimeError(
+                "the losses do not depend on any layer recorded in this capture: was the "
+                "forward run inside the `with indigrad.capture(model)` block?"
+            )
+        return PerExample(self, reached, n)
+
+    def grads(self, losses: Tensor) -> dict[str, Tensor]:
+        """Per-example gradients ``{name: (n, *param.shape)}`` of every trainable parameter
+        (zeros for parameters the losses do not depend on). Example i's entry is
+        ``∇θ losses[i].sum()``, with no 1/n factor."""
+        return self.backward(losses).grads()
+
+    def norms(self, losses: Tensor) -> Tensor:
+        """Per-example gradient norms ``(n,)`` over all captured parameters, computed
+        without materialising per-example gradients where the layer's rule allows."""
+        return self.backward(losses).norms()
+
+    def clip_(self, losses: Tensor, max_norm: float) -> Tensor:
+        """Add ``Σ_i min(1, max_norm / ‖g_i‖) · g_i`` into each trainable ``p.grad``
+        (creating it if ``None``), like ``.backward()`` accumulates. Returns the pre-clip
+        norms ``(n,)``."""
+        return self.backward(losses).clip_(max_norm)
+
+    # -- helpers used by PerExample -----------------------------------------------------
+
+    def _positional(self, call: _Call) -> tuple[Any, ...]:
+        """The call's arguments as one positional tuple (keywords bound into place)."""
+        if not call.kwargs:
+            return call.args
+        sig = _signature(type(call.module))
+        bound = sig.bind(*call.args, **call.kwargs)
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+
+
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _signature(cls: type) -> inspect.Signature:
+    sig = _SIGNATURES.get(cls)
+    if sig is None:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]  # drop self
+        sig = _SIGNATURES[cls] = inspect.Signature(params)
+    return sig
+
+
+def _check_losses(losses: Any) -> Tensor:
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"losses must be a tensor of per-example losses, got {type(losses)}")
+    if losses.dim() == 0:
+        raise ValueError(
+            "losses is a 0-d tensor, but indigrad needs one loss per example: compute it "
+            'with reduction="none", e.g. F.cross_entropy(out, y, reduction="none")'
+        )
+    return losses

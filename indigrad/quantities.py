@@ -1,0 +1,176 @@
+"""Per-example quantities from one backward: gradients, norms and the clipped sum.
+
+Each recorded module call contributes, through its rule, per-example gradients of its
+own parameters. A parameter used by several calls (a layer applied twice, weights tied
+across modules) gets the per-example *sum* of its uses; its squared norm is then taken
+from that sum, since ``‖g¹ + g²‖² ≠ ‖g¹‖² + ‖g²‖²``. A parameter used by one call takes
+its rule's fast ``sq_norms`` when the rule has one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_unflatten
+
+from .rules import Rule, lookup_rule
+from .rules.generic import generic_grads
+
+if TYPE_CHECKING:
+    from .capture import _Call, capture
+
+
+class _Entry:
+    """A recorded call, its rule, and the rule's inputs in batch-first layout."""
+
+    def __init__(self, cap: capture, call: _Call, n: int) -> None:
+        self.cap = cap
+        self.call = call
+        self.n = n
+        self.rule: Rule | None = lookup_rule(call.module)
+        self._grads: dict[str, Tensor] | None = None
+        if self.rule is not None:
+            bd = cap.batch_dim
+            inputs = cap._positional(call)
+            self.inputs = tuple(_batch_first(t, n, bd) for t in inputs)
+            leaves = list(call.out_leaves)
+            for i, g in zip(call.edge_index, call.grad_outputs, strict=True):
+                leaves[i] = None if g is None else _batch_first(g, n, bd)
+            self.G: Any = tree_unflatten(leaves, call.out_spec)
+
+    def _own(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v for k, v in values.items() if k in self.call.params}
+
+    def grads(self) -> dict[str, Tensor]:
+        if self._grads is None:
+            if self.rule is None:
+                with self.cap._pause():
+                    self._grads = generic_grads(self.call, self.n, self.cap.batch_dim)
+            else:
+                self._grads = self._own(self.rule.grads(self.call.module, self.inputs, self.G))
+        return self._grads
+
+    def sq_norms(self) -> dict[str, Tensor]:
+        if self._grads is None and self.rule is not None and self.rule.sq_norms is not None:
+            return self._own(self.rule.sq_norms(self.call.module, self.inputs, self.G))
+        return {k: _sq_norm(g) for k, g in self.grads().items()}
+
+    def weighted_sum(self, coef: Tensor) -> dict[str, Tensor]:
+        if self._grads is None and self.rule is not None and self.rule.weighted_sum is not None:
+            return self._own(
+                self.rule.weighted_sum(self.call.module, self.inputs, self.G, coef)
+            )
+        return {k: torch.tensordot(coef.to(g.dtype), g, dims=1) for k, g in self.grads().items()}
+
+
+class PerExample:
+    """The per-example view of one backward; returned by :meth:`capture.backward`.
+
+    Every method reuses the same backward; results are computed on first use.
+
+    Example:
+        >>> import torch, indigrad
+        >>> model = torch.nn.Linear(3, 2)
+        >>> x = torch.randn(5, 3)
+        >>> with indigrad.capture(model) as cap:
+        ...     per_example = cap.backward(model(x).square().sum(1))
+        ...     grads, norms = per_example.grads(), per_example.norms()
+        >>> grads["weight"].shape, norms.shape
+        (torch.Size([5, 2, 3]), torch.Size([5]))
+        >>> flat = torch.cat([g.flatten(1) for g in grads.values()], 1)   # (n, P)
+        >>> torch.allclose(flat.norm(dim=1), norms)
+        True
+    """
+
+    def __init__(self, cap: capture, calls: list[_Call], n: int) -> None:
+        self.n = n
+        self._params: dict[str, nn.Parameter] = cap._params
+        self._entries = [_Entry(cap, call, n) for call in calls]
+        self._uses: dict[str, list[tuple[_Entry, str]]] = {}
+        for entry in self._entries:
+            for local, p in entry.call.params.items():
+                self._uses.setdefault(cap._names[id(p)], []).append((entry, local))
+        self._grads: dict[str, Tensor] | None = None
+        self._sq_norms: dict[str, Tensor] | None = None
+
+    def grads(self) -> dict[str, Tensor]:
+        """``{name: (n, *param.shape)}`` for every captured parameter, in
+        ``named_parameters()`` order; zeros for parameters the losses do not reach."""
+        if self._grads is None:
+            out = {}
+            for name, p in self._params.items():
+                uses = self._uses.get(name, [])
+                if uses:
+                    out[name] = _sum(entry.grads()[local] for entry, local in uses)
+                else:
+                    out[name] = p.new_zeros((self.n, *p.shape))
+            self._grads = out
+        return self._grads
+
+    def sq_norms(self) -> dict[str, Tensor]:
+        """``{name: (n,)}``: each parameter's per-example squared gradient norm."""
+        if self._sq_norms is None:
+            out = {}
+            per_call: dict[int, dict[str, Tensor]] = {}
+            for name, p in self._params.items():
+                uses = self._uses.get(name, [])
+                if self._grads is not None or len(uses) > 1:
+                    out[name] = _sq_norm(self.grads()[name])
+                elif uses:
+                    entry, local = uses[0]
+                    if id(entry) not in per_call:
+                        per_call[id(entry)] = entry.sq_norms()
+                    out[name] = per_call[id(entry)][local]
+                else:
+                    out[name] = p.new_zeros(self.n)
+            self._sq_norms = out
+        return self._sq_norms
+
+    def norms(self) -> Tensor:
+        """``(n,)``: ``‖∇θ losses[i]‖₂`` over all captured parameters together."""
+        sq = list(self.sq_norms().values())
+        if not sq:
+            raise RuntimeError("the model has no trainable parameters")
+        dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq) else torch.float32
+        return _sum(s.to(dtype) for s in sq).sqrt()
+
+    def clip_(self, max_norm: float) -> Tensor:
+        """Add ``Σ_i min(1, max_norm / ‖g_i‖) · g_i`` into each captured ``p.grad``
+        (creating it if ``None``). Returns the pre-clip norms ``(n,)``."""
+        if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm > 0):
+            raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
+        norms = self.norms()
+        coef = (max_norm / norms).clamp(max=1.0)  # (n,); a zero norm gives inf -> 1
+        sums: dict[str, Tensor] = {}
+        for entry in self._entries:
+            for local, value in entry.weighted_sum(coef).items():
+                name = entry.cap._names[id(entry.call.params[local])]
+                sums[name] = value if name not in sums else sums[name] + value
+        for name, p in self._params.items():
+            value = sums.get(name)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p) if value is None else value.to(p.dtype).clone()
+            elif value is not None:
+                p.grad.add_(value.to(p.grad.dtype))
+        return norms
+
+
+def _batch_first(t: Any, n: int, bd: int) -> Any:
+    if bd == 0 or not isinstance(t, Tensor) or t.dim() <= bd or t.shape[bd] != n:
+        return t
+    return t.movedim(bd, 0)
+
+
+def _sq_norm(g: Tensor) -> Tensor:
+    return g.reshape(g.shape[0], -1).square().sum(1)  # (n,)
+
+
+def _sum(values: Any) -> Tensor:
+    it = iter(values)
+    total = next(it)
+    for v in it:
+        total = total + v
+    return total

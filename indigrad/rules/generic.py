@@ -1,0 +1,74 @@
+"""The generic rule: any module that owns trainable parameters and has no rule of its own.
+
+For example i it computes the vector-Jacobian product of the module's own functional call
+with that example's output gradient, with respect to the module's *direct* parameters
+(children are handled by their own rules), vmapped over the batch:
+
+    g_i = vjp(θ ↦ module(θ; x_i[None]), G_i[None])                   (n, *θ.shape)
+
+Each example is run as a batch of one, so forwards that look at ``x.shape[0]`` work. A
+tensor argument counts as batched when its batch dimension has the losses' ``n`` entries;
+anything else (masks without a batch dimension, numbers, flags) is shared by all examples.
+This is correct for any forward that treats examples independently and uses no
+randomness (dropout in training mode is refused: its masks could not be reproduced). It
+re-runs the module's forward, so it is the fallback, not the fast path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+if TYPE_CHECKING:
+    from ..capture import _Call
+
+
+def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
+    """Per-example gradients ``{local_name: (n, *shape)}`` of ``call.module``'s own
+    trainable parameters for one recorded call."""
+    module = call.module
+    in_leaves, in_spec = tree_flatten((call.args, call.kwargs))
+    batched = [
+        i
+        for i, t in enumerate(in_leaves)
+        if isinstance(t, Tensor) and t.dim() > bd and t.shape[bd] == n
+    ]
+    used = [k for k, g in enumerate(call.grad_outputs) if g is not None]
+    out_index = [call.edge_index[k] for k in used]
+    cotangents = tuple(call.grad_outputs[k] for k in used)  # each (…, n at bd, …)
+    params = {k: p.detach() for k, p in call.params.items()}
+    fixed = [t.detach() if isinstance(t, Tensor) else t for t in in_leaves]
+
+    def one_example(xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        leaves = list(fixed)
+        for i, x in zip(batched, xs, strict=True):
+            leaves[i] = x.unsqueeze(bd)  # a batch of one
+        args, kwargs = tree_unflatten(leaves, in_spec)
+
+        def f(theta: dict[str, Tensor]) -> tuple[Tensor, ...]:
+            out_leaves = tree_flatten(functional_call(module, theta, args, kwargs))[0]
+            return tuple(out_leaves[j] for j in out_index)
+
+        _, pullback = vjp(f, params)
+        (g,) = pullback(tuple(c.unsqueeze(bd) for c in gs))
+        return g  # type: ignore[no-any-return]
+
+    xs = tuple(fixed[i] for i in batched)
+    try:
+        with torch.no_grad():
+            out: dict[str, Tensor] = vmap(one_example, in_dims=(bd, bd), randomness="error")(
+                xs, cotangents
+            )
+    except RuntimeError as err:
+        if "randomness" not in str(err):
+            raise
+        raise RuntimeError(
+            f"{call.label} has no rule of its own, and the generic rule cannot re-run its "
+            "forward because it draws random numbers (dropout in training mode?). Put the "
+            "module in eval mode, or register a rule for it with indigrad.register_rule."
+        ) from err
+    return out

@@ -1,0 +1,74 @@
+"""``nn.Linear``: ``Z = A Wᵀ + b`` on inputs ``(n, *, d_in)``.
+
+With the extra dims flattened to ``T`` (tokens, positions; ``T = 1`` without any):
+
+    grads        dW_i = Σ_t G_it ⊗ A_it                   einsum("nto,nti->noi")
+                 db_i = Σ_t G_it                           einsum("nto->no")
+    sq_norms     T = 1:  ‖dW_i‖² = ‖G_i‖² ‖A_i‖²            (Goodfellow)
+                 T > 1:  ‖dW_i‖² = ⟨A_i A_iᵀ, G_i G_iᵀ⟩      (ghost, T×T Grams) when
+                         T (d_in + d_out) < d_in d_out, else materialise dW_i
+    weighted_sum Σ_i c_i dW_i = (c ⊙ G)ᵀ A over all (i, t)  einsum("n,nto,nti->oi")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .registry import Rule, register_rule
+
+
+def _flat(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> tuple[Tensor, Tensor]:
+    A = inputs[0]  # (n, *, d_in)
+    if A.shape[:-1] != G.shape[:-1]:
+        raise RuntimeError(
+            f"{type(module).__name__}: input {tuple(A.shape)} and output gradient "
+            f"{tuple(G.shape)} disagree on their batch and extra dims"
+        )
+    n = A.shape[0]
+    return A.reshape(n, -1, A.shape[-1]), G.reshape(n, -1, G.shape[-1])  # (n, T, d_in), (n, T, d_out)
+
+
+def linear_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
+    A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
+    out = {"weight": torch.bmm(G.transpose(1, 2), A)}  # (n, d_out, d_in)
+    if module.bias is not None:
+        out["bias"] = G.sum(1)  # (n, d_out)
+    return out
+
+
+def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
+    A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
+    n, T, d_in = A.shape
+    d_out = G.shape[2]
+    out: dict[str, Tensor] = {}
+    if module.weight.requires_grad:
+        if T == 1:
+            out["weight"] = G.square().sum((1, 2)) * A.square().sum((1, 2))  # (n,)
+        elif T * (d_in + d_out) < d_in * d_out:  # ghost: two (n, T, T) Grams
+            AA = torch.bmm(A, A.transpose(1, 2))  # (n, T, T)
+            GG = torch.bmm(G, G.transpose(1, 2))  # (n, T, T)
+            out["weight"] = (AA * GG).sum((1, 2))  # (n,)
+        else:
+            out["weight"] = torch.bmm(G.transpose(1, 2), A).square().sum((1, 2))  # (n,)
+    if module.bias is not None and module.bias.requires_grad:
+        out["bias"] = G.sum(1).square().sum(1)  # (n,)
+    return out
+
+
+def linear_weighted_sum(
+    module: nn.Module, inputs: tuple[Any, ...], G: Tensor, coef: Tensor
+) -> dict[str, Tensor]:
+    A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
+    Gc = G * coef.to(G.dtype)[:, None, None]  # (n, T, d_out)
+    out = {"weight": Gc.flatten(0, 1).T @ A.flatten(0, 1)}  # (d_out, d_in)
+    if module.bias is not None:
+        out["bias"] = Gc.sum((0, 1))  # (d_out,)
+    return out
+
+
+LINEAR = register_rule(
+    nn.Linear, grads=linear_grads, sq_norms=linear_sq_norms, weighted_sum=linear_weighted_sum
+)

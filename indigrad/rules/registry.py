@@ -1,0 +1,116 @@
+"""The rule registry: which rule computes per-example quantities for which module class.
+
+A rule is three small functions of ``(module, inputs, G)``:
+
+- ``inputs`` is the tuple of the module call's positional arguments (keyword arguments
+  bound into their positions, defaults filled in when the call used keywords), with the
+  batch dimension moved to 0 on every tensor that has one.
+- ``G`` is the gradient of the summed losses with respect to the module's output, batch
+  dimension first: a tensor for a single-tensor output, otherwise the output's structure
+  with tensors replaced by their gradients.
+
+``grads`` is required; ``sq_norms`` and ``weighted_sum`` are optional fast paths. When
+missing they are derived from ``grads`` (see ``indigrad.rules.derive``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+GradsFn = Callable[[nn.Module, tuple[Any, ...], Any], dict[str, Tensor]]
+SqNormsFn = Callable[[nn.Module, tuple[Any, ...], Any], dict[str, Tensor]]
+WeightedSumFn = Callable[[nn.Module, tuple[Any, ...], Any, Tensor], dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How to finish the backward of one layer family per example.
+
+    Attributes:
+        grads: ``(module, inputs, G) -> {param_name: (n, *param.shape)}``, per-example
+            gradients of the module's own parameters for this call.
+        sq_norms: ``(module, inputs, G) -> {param_name: (n,)}``, per-example squared norms
+            of those gradients without materialising them. Optional.
+        weighted_sum: ``(module, inputs, G, coef) -> {param_name: param.shape}``, the sum
+            ``Σ_i coef[i] · g_i`` without materialising the ``g_i``. Optional.
+
+    Every function only needs to return entries for the module's trainable parameters;
+    extra entries for frozen parameters are ignored.
+    """
+
+    grads: GradsFn
+    sq_norms: SqNormsFn | None = None
+    weighted_sum: WeightedSumFn | None = None
+
+
+_RULES: dict[type[nn.Module], Rule] = {}
+
+
+def register_rule(
+    cls: type[nn.Module],
+    rule: Rule | None = None,
+    *,
+    grads: GradsFn | None = None,
+    sq_norms: SqNormsFn | None = None,
+    weighted_sum: WeightedSumFn | None = None,
+) -> Rule:
+    """Register the rule that handles modules of class ``cls`` (and subclasses that keep its
+    ``forward``). Registering a class again replaces its rule.
+
+    Pass either a :class:`Rule` or its functions as keywords.
+
+    Example:
+        >>> import torch, indigrad
+        >>> class Scale(torch.nn.Module):            # y = x * s on (n, d) inputs
+        ...     def __init__(self, d):
+        ...         super().__init__()
+        ...         self.s = torch.nn.Parameter(torch.ones(d))
+        ...     def forward(self, x):
+        ...         return x * self.s
+        >>> def scale_grads(module, inputs, G):     # ∂(G_i · x_i s)/∂s = x_i ⊙ G_i
+        ...     return {"s": inputs[0] * G}         # (n, d)
+        >>> rule = indigrad.register_rule(Scale, grads=scale_grads)
+        >>> indigrad.lookup_rule(Scale(3)) is rule
+        True
+        >>> indigrad.unregister_rule(Scale)
+    """
+    if rule is None:
+        if grads is None:
+            raise TypeError("register_rule needs a Rule or at least grads=")
+        rule = Rule(grads=grads, sq_norms=sq_norms, weighted_sum=weighted_sum)
+    elif grads is not None or sq_norms is not None or weighted_sum is not None:
+        raise TypeError("pass either a Rule or its functions as keywords, not both")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"rules are registered for nn.Module subclasses, got {cls!r}")
+    _RULES[cls] = rule
+    return rule
+
+
+def unregister_rule(cls: type[nn.Module]) -> None:
+    """Remove the rule registered for exactly ``cls``."""
+    del _RULES[cls]
+
+
+def registered_rules() -> dict[type[nn.Module], Rule]:
+    """The module classes that have a rule, in registration order (a copy)."""
+    return dict(_RULES)
+
+
+def lookup_rule(module: nn.Module) -> Rule | None:
+    """The rule for ``module``, found through its class's MRO, or ``None`` (generic rule).
+
+    A subclass matches its parent's rule only when it does not override ``forward``: a
+    subclass that computes something else must not inherit the parent's math silently.
+    """
+    cls = type(module)
+    for base in cls.__mro__:
+        rule = _RULES.get(base)
+        if rule is not None:
+            if base is cls or cls.forward is base.forward:
+                return rule
+            return None
+    return None
