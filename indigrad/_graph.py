@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-_ACCUMULATE = torch._C._functions.AccumulateGrad
+_ACCUMULATE = torch._C._functions.AccumulateGrad  # type: ignore[attr-defined]
 
 
-def _check_accounted(root: Any, calls: Iterable[Any], trainable: dict[int, str]) -> None:
+def _check_accounted(root: Any, calls: list[Any], trainable: dict[int, str]) -> list[Any]:
+    """Raise if the losses reach no recorded call, or reach a trainable parameter outside
+    the calls of its module. Returns the calls whose outputs the losses depend on."""
     accounted: set[tuple[Any, int]] = set()
     for call in calls:
         owned = {id(p) for p in call.params.values()}
@@ -45,6 +47,7 @@ def _check_accounted(root: Any, calls: Iterable[Any], trainable: dict[int, str])
                 else:
                     stack.append(v)
 
+    unaccounted: tuple[str, Any] | None = None
     stack = [root]
     seen = set()
     while stack:
@@ -58,15 +61,26 @@ def _check_accounted(root: Any, calls: Iterable[Any], trainable: dict[int, str])
             if isinstance(v, _ACCUMULATE):
                 name = trainable.get(id(v.variable))
                 if name is not None and (u, id(v.variable)) not in accounted:
-                    raise RuntimeError(
-                        f"parameter {name!r} receives gradient through {type(u).__name__}, "
-                        "outside any recorded call of the module that owns it, so its "
-                        "per-example gradient would be wrong. Use the parameter only inside "
-                        "its module's forward, call modules as module(x) (not "
-                        "module.forward(x)), or freeze it with requires_grad_(False)."
-                    )
+                    unaccounted = unaccounted or (name, u)
             else:
                 stack.append(v)
+
+    reached = [call for call in calls if any(e.node in seen for e in call.edges)]
+    if not reached:
+        raise RuntimeError(
+            "the losses do not depend on any layer recorded in this capture: was the "
+            "forward run inside the `with indigrad.capture(model)` block?"
+        )
+    if unaccounted is not None:
+        name, node = unaccounted
+        raise RuntimeError(
+            f"parameter {name!r} receives gradient through {type(node).__name__}, "
+            "outside any recorded call of the module that owns it, so its "
+            "per-example gradient would be wrong. Use the parameter only inside "
+            "its module's forward, call modules as module(x) (not "
+            "module.forward(x)), or freeze it with requires_grad_(False)."
+        )
+    return reached
 
 
 def _boundary(leaves: Iterable[Any]) -> list[Any]:

@@ -66,7 +66,8 @@ class capture:
 
     Example:
         >>> import torch, torch.nn.functional as F, indigrad
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
         >>> with indigrad.capture(model) as cap:
         ...     grads = cap.grads(F.cross_entropy(model(x), y, reduction="none"))
@@ -102,14 +103,10 @@ class capture:
         self._names = {id(p): n for n, p in self._params.items()}
         try:
             for name, module in self.model.named_modules():
-                own = {
-                    n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad
-                }
+                own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
                 if own:
                     self._handles.append(
-                        module.register_forward_hook(
-                            self._recorder(name, own), with_kwargs=True
-                        )
+                        module.register_forward_hook(self._recorder(name, own), with_kwargs=True)
                     )
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     self._handles.append(module.register_forward_pre_hook(self._bn_check(name)))
@@ -229,7 +226,15 @@ class capture:
             raise RuntimeError(
                 "the losses do not depend on any trainable parameter (they have no grad_fn)"
             )
-        _check_accounted(losses.grad_fn, calls, self._names)
+        calls = _check_accounted(losses.grad_fn, calls, self._names)
+        for call in calls:
+            for t, version in call.versions:
+                if t._version != version:
+                    raise RuntimeError(
+                        f"an input of {call.label} was modified in place after the call "
+                        "(e.g. `x += ...`, `relu_(x)`), so its recorded input is no longer "
+                        "the one the layer saw. Use an out-of-place op there."
+                    )
         edges = [e for call in calls for e in call.edges]
         outs = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
         pos = 0
@@ -249,19 +254,7 @@ class capture:
                         "for sequence-first models. A layer applied to a tensor without a "
                         "batch dimension (e.g. an embedding of arange(T)) is not supported yet."
                     )
-            for t, version in call.versions:
-                if t._version != version:
-                    raise RuntimeError(
-                        f"an input of {call.label} was modified in place after the call "
-                        "(e.g. `x += ...`, `relu_(x)`), so its recorded input is no longer "
-                        "the one the layer saw. Use an out-of-place op there."
-                    )
             reached.append(call)
-        if not reached:
-            raise RuntimeError(
-                "the losses do not depend on any layer recorded in this capture: was the "
-                "forward run inside the `with indigrad.capture(model)` block?"
-            )
         return PerExample(self, reached, n)
 
     def grads(self, losses: Tensor) -> dict[str, Tensor]:
@@ -299,7 +292,8 @@ _SIGNATURES: dict[type, inspect.Signature] = {}
 def _signature(cls: type) -> inspect.Signature:
     sig = _SIGNATURES.get(cls)
     if sig is None:
-        params = list(inspect.signature(cls.forward).parameters.values())[1:]  # drop self
+        forward = cls.forward  # type: ignore[attr-defined]
+        params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
         sig = _SIGNATURES[cls] = inspect.Signature(params)
     return sig
 

@@ -60,9 +60,7 @@ class _Entry:
 
     def weighted_sum(self, coef: Tensor) -> dict[str, Tensor]:
         if self._grads is None and self.rule is not None and self.rule.weighted_sum is not None:
-            return self._own(
-                self.rule.weighted_sum(self.call.module, self.inputs, self.G, coef)
-            )
+            return self._own(self.rule.weighted_sum(self.call.module, self.inputs, self.G, coef))
         return {k: torch.tensordot(coef.to(g.dtype), g, dims=1) for k, g in self.grads().items()}
 
 
@@ -146,15 +144,15 @@ class PerExample:
         coef = (max_norm / norms).clamp(max=1.0)  # (n,); a zero norm gives inf -> 1
         sums: dict[str, Tensor] = {}
         for entry in self._entries:
-            for local, value in entry.weighted_sum(coef).items():
+            for local, ws in entry.weighted_sum(coef).items():
                 name = entry.cap._names[id(entry.call.params[local])]
-                sums[name] = value if name not in sums else sums[name] + value
+                sums[name] = ws if name not in sums else sums[name] + ws
         for name, p in self._params.items():
-            value = sums.get(name)
+            total = sums.get(name)
             if p.grad is None:
-                p.grad = torch.zeros_like(p) if value is None else value.to(p.dtype).clone()
-            elif value is not None:
-                p.grad.add_(value.to(p.grad.dtype))
+                p.grad = torch.zeros_like(p) if total is None else total.to(p.dtype).clone()
+            elif total is not None:
+                p.grad.add_(total.to(p.grad.dtype))
         return norms
 
 

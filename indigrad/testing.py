@@ -50,9 +50,7 @@ def loop_grads(
     n = _batch_size(batch, batch_dim)
     rows: dict[str, list[Tensor]] = {k: [] for k in params}
     for i in range(n):
-        example = [
-            t.narrow(batch_dim, i, 1) if _is_batched(t, n, batch_dim) else t for t in batch
-        ]
+        example = [t.narrow(batch_dim, i, 1) if _is_batched(t, n, batch_dim) else t for t in batch]
         loss = loss_fn(*example).sum()
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for (k, p), g in zip(params.items(), grads, strict=True):
@@ -100,11 +98,14 @@ def check(
     ref_norms = norms_of(ref)
     if max_norm is None:
         max_norm = float(ref_norms.median()) if ref_norms.numel() else 1.0
-    tol = {"rtol": rtol, "atol": atol} if rtol is not None or atol is not None else {}
 
     def close(actual: Tensor, expected: Tensor, what: str) -> None:
         torch.testing.assert_close(
-            actual, expected, **tol, msg=lambda m: f"{what} differs from the reference:\n{m}"
+            actual,
+            expected,
+            rtol=rtol,
+            atol=atol,
+            msg=lambda m: f"{what} differs from the reference:\n{m}",
         )
 
     with capture(model, batch_dim=batch_dim) as cap:

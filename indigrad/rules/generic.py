@@ -39,7 +39,7 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
     ]
     used = [k for k, g in enumerate(call.grad_outputs) if g is not None]
     out_index = [call.edge_index[k] for k in used]
-    cotangents = tuple(call.grad_outputs[k] for k in used)  # each (…, n at bd, …)
+    cotangents = tuple(g for g in call.grad_outputs if g is not None)  # each (…, n at bd, …)
     params = {k: p.detach() for k, p in call.params.items()}
     fixed = [t.detach() if isinstance(t, Tensor) else t for t in in_leaves]
 
@@ -53,9 +53,9 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
             out_leaves = tree_flatten(functional_call(module, theta, args, kwargs))[0]
             return tuple(out_leaves[j] for j in out_index)
 
-        _, pullback = vjp(f, params)
+        pullback = vjp(f, params)[1]
         (g,) = pullback(tuple(c.unsqueeze(bd) for c in gs))
-        return g  # type: ignore[no-any-return]
+        return g
 
     xs = tuple(fixed[i] for i in batched)
     try:

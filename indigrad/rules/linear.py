@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .registry import Rule, register_rule
+from .registry import register_rule
 
 
 def _flat(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> tuple[Tensor, Tensor]:
@@ -28,7 +28,9 @@ def _flat(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> tuple[Tensor
             f"{tuple(G.shape)} disagree on their batch and extra dims"
         )
     n = A.shape[0]
-    return A.reshape(n, -1, A.shape[-1]), G.reshape(n, -1, G.shape[-1])  # (n, T, d_in), (n, T, d_out)
+    return A.reshape(n, -1, A.shape[-1]), G.reshape(
+        n, -1, G.shape[-1]
+    )  # (n, T, d_in), (n, T, d_out)
 
 
 def linear_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
@@ -41,7 +43,7 @@ def linear_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[
 
 def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
     A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
-    n, T, d_in = A.shape
+    _n, T, d_in = A.shape
     d_out = G.shape[2]
     out: dict[str, Tensor] = {}
     if module.weight.requires_grad:

@@ -110,7 +110,7 @@ def lookup_rule(module: nn.Module) -> Rule | None:
     for base in cls.__mro__:
         rule = _RULES.get(base)
         if rule is not None:
-            if base is cls or cls.forward is base.forward:
+            if base is cls or cls.forward is getattr(base, "forward", None):
                 return rule
             return None
     return None

@@ -1,0 +1,85 @@
+"""clip_: accumulation into .grad, micro-batches, and the sensitivity bound of DP-SGD."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from zoo import BY_NAME
+
+import indigrad
+
+
+def _clip(model, loss_fn, x, y, max_norm, batch_dim=0):
+    with indigrad.capture(model, batch_dim=batch_dim) as cap:
+        return cap.clip_(loss_fn(x, y), max_norm=max_norm)
+
+
+def _grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", ["seed_mlp", "linear_3d_ghost", "raw_params", "tied_weights"])
+def test_accumulates_into_existing_grad(name):
+    model, loss_fn, x, y = BY_NAME[name].build()
+    ref = indigrad.testing.clipped_sum(indigrad.testing.loop_grads(model, loss_fn, x, y), 0.3)
+    existing = {}
+    for k, p in model.named_parameters():
+        p.grad = torch.randn_like(p)
+        existing[k] = p.grad.clone()
+    _clip(model, loss_fn, x, y, 0.3)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, existing[k] + ref[k])
+
+
+@pytest.mark.parametrize("name", ["seed_mlp", "linear_4d", "generic_kwargs_mask", "seq_first"])
+def test_micro_batches_add_up_to_the_whole_batch(name):
+    case = BY_NAME[name]
+    model, loss_fn, x, y = case.build()
+    bd = case.batch_dim
+    n = x.shape[bd]
+    whole_norms = _clip(model, loss_fn, x, y, 0.2, bd)
+    whole = _grads(model)
+    model.zero_grad(set_to_none=True)
+    parts = []
+    for idx in torch.arange(n).split(2):
+        parts.append(
+            _clip(model, loss_fn, x.index_select(bd, idx), y.index_select(bd, idx), 0.2, bd)
+        )
+    torch.testing.assert_close(torch.cat(parts), whole_norms)
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, whole[k])
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("name", ["seed_mlp", "deep_mlp", "twice_applied", "raw_params"])
+def test_one_example_moves_the_clipped_sum_by_at_most_max_norm(name, seed):
+    model, loss_fn, x, y = BY_NAME[name].build(seed=seed)
+    x = x * (1 + 10 * seed)  # large inputs: every example is clipped
+    max_norm = 0.05
+    _clip(model, loss_fn, x, y, max_norm)
+    with_all = _grads(model)
+    model.zero_grad(set_to_none=True)
+    _clip(model, loss_fn, x[1:], y[1:], max_norm)
+    without_first = _grads(model)
+    diff = torch.cat([(with_all[k] - without_first[k]).flatten() for k in with_all])
+    assert diff.norm() <= max_norm * (1 + 1e-12)
+    assert diff.norm() > 0
+
+
+def test_zero_norm_example_is_not_scaled_up():
+    model, _loss_fn, x, y = BY_NAME["seed_mlp"].build()
+    x = x.clone()
+    model.zero_grad(set_to_none=True)
+    with indigrad.capture(model) as cap:
+        out = model(x)  # (n, 1)
+        losses = F.binary_cross_entropy_with_logits(out, y, reduction="none")
+        losses = losses * torch.arange(x.shape[0]).ne(0).to(losses.dtype)[:, None]
+        norms = cap.clip_(losses, max_norm=1.0)
+    assert norms[0] == 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_unused_parameter_gets_a_zero_grad():
+    model, loss_fn, x, y = BY_NAME["seed_mlp"].build()
+    model.extra = torch.nn.Linear(3, 3).double()  # never called
+    _clip(model, loss_fn, x, y, 1.0)
+    assert torch.equal(model.extra.weight.grad, torch.zeros(3, 3, dtype=torch.float64))

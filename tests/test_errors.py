@@ -1,0 +1,198 @@
+"""Every situation that would give a wrong per-example number is an error that says what to do."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zoo import BY_NAME, Scale
+
+import indigrad
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def _xy(n=6):
+    return torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))
+
+
+def test_zero_dim_loss_says_reduction_none():
+    model, (x, y) = _model(), _xy()
+    with indigrad.capture(model) as cap, pytest.raises(ValueError, match='reduction="none"'):
+        cap.grads(F.cross_entropy(model(x), y))
+
+
+def test_losses_not_a_tensor():
+    model, (x, _) = _model(), _xy()
+    with indigrad.capture(model) as cap, pytest.raises(TypeError, match="tensor"):
+        model(x)
+        cap.grads([1.0, 2.0])
+
+
+@pytest.mark.parametrize("fix", ["flattened_tokens", "subset"])
+def test_losses_length_not_batch_size(fix):
+    model, (x, y) = _model(), _xy()
+    with indigrad.capture(model) as cap:
+        losses = F.cross_entropy(model(x), y, reduction="none")  # (6,)
+        if fix == "flattened_tokens":
+            losses = torch.stack([losses, losses], 1).reshape(-1)  # (12,)
+        else:
+            losses = losses[:4]  # (4,)
+        with pytest.raises(RuntimeError, match="one loss per example"):
+            cap.norms(losses)
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d(7), nn.SyncBatchNorm(7)], ids=["bn", "syncbn"])
+def test_batchnorm_in_training_mode(norm):
+    model = nn.Sequential(nn.Linear(5, 7), norm, nn.Linear(7, 3)).double().train()
+    x, _y = _xy()
+    with indigrad.capture(model), pytest.raises(RuntimeError, match=r"eval mode.*GroupNorm"):
+        model(x)
+
+
+def test_frozen_batchnorm_in_training_mode_still_mixes_examples():
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7, affine=False), nn.Linear(7, 3))
+    x, _ = _xy()
+    with indigrad.capture(model.double()), pytest.raises(RuntimeError, match="training mode"):
+        model(x)
+
+
+def test_batchnorm_in_eval_mode_is_accepted_by_capture():
+    # No BatchNorm rule yet: the generic rule handles it, which is exact in eval mode.
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)).double()
+    model[1].running_mean.uniform_(-1, 1)
+    model.eval()
+    x, y = _xy()
+    indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
+
+
+class FunctionalReuse(nn.Module):
+    """Uses fc.weight a second time outside fc's own call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.fc(x)), self.fc.weight)
+
+
+class ForwardBypass(nn.Module):
+    """Calls fc.forward directly, which runs no hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.fc.forward(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("cls", [FunctionalReuse, ForwardBypass])
+def test_gradient_through_unrecorded_path(cls):
+    model = cls().double()
+    x, _ = _xy()
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"'fc\.(weight|bias)'"):
+        cap.grads(model(x).sum(1))
+
+
+def test_unrecorded_path_of_frozen_parameter_is_fine():
+    model = FunctionalReuse().double()
+    model.fc.weight.requires_grad_(False)
+    x, _ = _xy()
+    indigrad.testing.check(model, lambda x: model(x).square().sum(1), x)
+
+
+def test_forward_consumed_by_a_backward():
+    model, (x, y) = _model(), _xy()
+    with indigrad.capture(model) as cap:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        cap.norms(losses)
+        with pytest.raises(RuntimeError, match="already consumed"):
+            cap.grads(losses)
+        # a fresh forward in the same block works again
+        cap.grads(F.cross_entropy(model(x), y, reduction="none"))
+
+
+def test_no_forward_recorded():
+    model, (x, y) = _model(), _xy()
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="no forward"):
+        cap.grads(losses)
+
+
+def test_losses_from_a_forward_outside_the_block():
+    model, (x, y) = _model(), _xy()
+    outside = F.cross_entropy(model(x), y, reduction="none")
+    with indigrad.capture(model) as cap:
+        model(x)
+        with pytest.raises(RuntimeError, match="do not depend on any layer"):
+            cap.grads(outside)
+
+
+def test_losses_without_grad():
+    model, (x, _y) = _model(), _xy()
+    with indigrad.capture(model) as cap:
+        model(x)
+        with pytest.raises(RuntimeError, match="no grad_fn"):
+            cap.grads(torch.ones(6))
+
+
+def test_use_outside_the_block():
+    model, (x, y) = _model(), _xy()
+    cap = indigrad.capture(model)
+    with pytest.raises(RuntimeError, match="not active"):
+        cap.grads(F.cross_entropy(model(x), y, reduction="none"))
+    with cap:
+        pass
+    with pytest.raises(RuntimeError, match="not active"):
+        cap.grads(F.cross_entropy(model(x), y, reduction="none"))
+
+
+class InPlaceAfterUse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        out = self.b(h)
+        h.mul_(2)  # modifies b's input after b used it
+        return out
+
+
+def test_input_modified_in_place_after_the_call():
+    model = InPlaceAfterUse().double()
+    x, _ = _xy()
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="modified in place"):
+        cap.grads(model(x).sum(1))
+
+
+@pytest.mark.parametrize("max_norm", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_max_norm(max_norm):
+    model, (x, y) = _model(), _xy()
+    with indigrad.capture(model) as cap, pytest.raises(ValueError, match="max_norm"):
+        cap.clip_(F.cross_entropy(model(x), y, reduction="none"), max_norm=max_norm)
+
+
+def test_generic_rule_refuses_randomness():
+    model = nn.Sequential(nn.Linear(5, 4), DropoutScale(4), nn.Linear(4, 3)).double().train()
+    x, y = _xy()
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="random numbers"):
+        cap.grads(F.cross_entropy(model(x), y, reduction="none"))
+
+
+class DropoutScale(Scale):
+    def forward(self, x):
+        return F.dropout(super().forward(x), 0.5, self.training)
+
+
+def test_not_a_module_and_bad_batch_dim():
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        indigrad.capture(lambda x: x)
+    with pytest.raises(ValueError, match="batch_dim"):
+        indigrad.capture(BY_NAME["seed_mlp"].model(), batch_dim=-1)

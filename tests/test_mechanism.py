@@ -1,0 +1,115 @@
+"""The mechanism: one backward per call, output edges only, the Linear rule's cost paths."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+import indigrad
+from indigrad.rules import linear
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+
+
+@pytest.mark.parametrize("what", ["grads", "norms", "clip_", "backward"])
+def test_exactly_one_backward(monkeypatch, what):
+    calls = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _model()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with indigrad.capture(model) as cap:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        if what == "clip_":
+            cap.clip_(losses, 1.0)
+        elif what == "backward":
+            per_example = cap.backward(losses)
+            per_example.norms(), per_example.grads(), per_example.clip_(1.0)
+        else:
+            getattr(cap, what)(losses)
+    assert calls == [1]
+
+
+def test_weight_gradients_are_never_computed():
+    model = _model()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    reached = []
+    with indigrad.capture(model) as cap:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        for p in model.parameters():
+            get_gradient_edge(p).node.register_prehook(lambda g, p=p: reached.append(p))
+        cap.clip_(losses, 1.0)
+    assert reached == []
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_grads_and_norms_leave_dot_grad_alone():
+    model = _model()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with indigrad.capture(model) as cap:
+        cap.grads(F.cross_entropy(model(x), y, reduction="none"))
+    with indigrad.capture(model) as cap:
+        cap.norms(F.cross_entropy(model(x), y, reduction="none"))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("T,d_in,d_out", [(3, 16, 16), (40, 3, 4), (1, 5, 6)])
+def test_linear_norm_paths_agree_with_materialised(T, d_in, d_out):
+    layer = nn.Linear(d_in, d_out).double()
+    A = torch.randn(4, T, d_in, dtype=torch.float64)
+    G = torch.randn(4, T, d_out, dtype=torch.float64)
+    grads = linear.linear_grads(layer, (A,), G)
+    fast = linear.linear_sq_norms(layer, (A,), G)
+    for k, g in grads.items():
+        torch.testing.assert_close(fast[k], g.flatten(1).square().sum(1))
+    coef = torch.rand(4, dtype=torch.float64)
+    ws = linear.linear_weighted_sum(layer, (A,), G, coef)
+    for k, g in grads.items():
+        torch.testing.assert_close(ws[k], torch.einsum("n,n...->...", coef, g))
+
+
+def test_linear_ghost_and_materialised_branches_are_both_taken(monkeypatch):
+    bmm_shapes = []
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: bmm_shapes.append(b.shape[-1]) or real(a, b))
+    layer = nn.Linear(16, 16).double()
+    linear.linear_sq_norms(layer, (torch.randn(2, 3, 16).double(),), torch.randn(2, 3, 16).double())
+    assert bmm_shapes == [3, 3]  # two T×T Grams
+    bmm_shapes.clear()
+    layer = nn.Linear(3, 4).double()
+    linear.linear_sq_norms(layer, (torch.randn(2, 40, 3).double(),), torch.randn(2, 40, 4).double())
+    assert bmm_shapes == [3]  # (n, d_out, T) @ (n, T, d_in)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    extra=st.lists(st.integers(1, 3), max_size=2),
+    d_in=st.integers(1, 5),
+    d_out=st.integers(1, 5),
+    bias=st.booleans(),
+    batch_dim=st.sampled_from([0, 1]),
+)
+def test_linear_shapes(n, extra, d_in, d_out, bias, batch_dim):
+    torch.manual_seed(n)
+    layer = nn.Linear(d_in, d_out, bias=bias).double()
+    if batch_dim == 1 and not extra:
+        extra = [2]
+    shape = [n, *extra, d_in]
+    if batch_dim == 1:
+        shape[0], shape[1] = shape[1], shape[0]
+    x = torch.randn(shape, dtype=torch.float64)
+    ndim = len(shape)
+
+    def losses(x):
+        out = layer(x).sin()
+        dims = [d for d in range(ndim) if d != batch_dim]
+        return out.sum(dims) if batch_dim else out.flatten(1).sum(1)
+
+    indigrad.testing.check(layer, losses, x, batch_dim=batch_dim)
