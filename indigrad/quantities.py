@@ -44,6 +44,7 @@ class _Entry:
     def _own(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v for k, v in values.items() if k in self.call.params}
 
+    @torch.no_grad()
     def grads(self) -> dict[str, Tensor]:
         if self._grads is None:
             if self.rule is None:
@@ -53,11 +54,13 @@ class _Entry:
                 self._grads = self._own(self.rule.grads(self.call.module, self.inputs, self.G))
         return self._grads
 
+    @torch.no_grad()
     def sq_norms(self) -> dict[str, Tensor]:
         if self._grads is None and self.rule is not None and self.rule.sq_norms is not None:
             return self._own(self.rule.sq_norms(self.call.module, self.inputs, self.G))
         return {k: _sq_norm(g) for k, g in self.grads().items()}
 
+    @torch.no_grad()
     def weighted_sum(self, coef: Tensor) -> dict[str, Tensor]:
         if self._grads is None and self.rule is not None and self.rule.weighted_sum is not None:
             return self._own(self.rule.weighted_sum(self.call.module, self.inputs, self.G, coef))

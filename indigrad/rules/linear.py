@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import _alloc
 from .registry import register_rule
 
 
@@ -35,7 +36,13 @@ def _flat(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> tuple[Tensor
 
 def linear_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
     A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
-    out = {"weight": torch.bmm(G.transpose(1, 2), A)}  # (n, d_out, d_in)
+    n, T, d_in = A.shape
+    W = _alloc.empty((n, G.shape[2], d_in), like=G)  # (n, d_out, d_in)
+    if T == 1:
+        torch.mul(G.transpose(1, 2), A, out=W)  # (n, d_out, 1) * (n, 1, d_in)
+    else:
+        torch.bmm(G.transpose(1, 2), A, out=W)  # (n, d_out, T) @ (n, T, d_in)
+    out = {"weight": W}
     if module.bias is not None:
         out["bias"] = G.sum(1)  # (n, d_out)
     return out
