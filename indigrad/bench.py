@@ -22,6 +22,7 @@ Example (tiny, so it runs in a doctest):
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -46,9 +47,7 @@ class MLP(nn.Module):
         super().__init__()
         self.act = F.relu
         sizes = [input_size, *hidden_sizes]
-        self.hidden_layers = nn.ModuleList(
-            [nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
-        )
+        self.hidden_layers = nn.ModuleList([nn.Linear(i, o) for i, o in itertools.pairwise(sizes)])
         self.output_layer = nn.Linear(hidden_sizes[-1], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,86 @@
+"""The ``indigrad`` command: ``indigrad demo`` and ``indigrad bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from . import demo
+
+    demo.main(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_norm=args.max_norm,
+        lr=args.lr,
+        seed=args.seed,
+        repeats=args.repeats,
+        plot_path=None if args.no_plot else args.plot,
+        progress=not args.no_progress,
+    )
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from . import bench
+
+    sizes = [int(s) for s in args.sizes.split("-")]
+    if len(sizes) < 3:
+        raise SystemExit("--sizes needs at least input-hidden-output, e.g. 784-512-256-10")
+    problem = bench.mlp_problem(sizes[0], sizes[1:-1], sizes[-1], args.batch, args.device)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in bench.METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(bench.METHODS)}")
+
+    def progress(msg: str) -> None:
+        if not args.no_progress:
+            print(f"\r{problem.name}: {msg}", end="", file=sys.stderr, flush=True)
+
+    results = bench.run(problem, methods, repeats=args.repeats, progress=progress)
+    if not args.no_progress:
+        print(file=sys.stderr)
+    print(bench.table(problem, results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"problem": problem.name, "results": results}, f, indent=2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="indigrad", description="Per-example gradients for PyTorch models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="train an MLP on scikit-learn's digits with per-example clipping"
+    )
+    demo.add_argument("--epochs", type=int, default=30)
+    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--max-norm", type=float, default=1.0)
+    demo.add_argument("--lr", type=float, default=0.5)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--repeats", type=int, default=30, help="timing rounds")
+    demo.add_argument("--plot", default="indigrad-demo.png", help="where to write the plot")
+    demo.add_argument("--no-plot", action="store_true")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(run=_demo)
+
+    bench = sub.add_parser("bench", help="time indigrad against plain training and peers")
+    bench.add_argument("--sizes", default="784-512-256-10", help="MLP layer sizes")
+    bench.add_argument("--batch", type=int, default=256)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--repeats", type=int, default=30)
+    bench.add_argument("--methods", default="plain,grads,norms,clipped,torch.func,loop")
+    bench.add_argument("--json", help="also write the results to this JSON file")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(run=_bench)
+
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
