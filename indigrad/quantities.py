@@ -166,7 +166,7 @@ def _batch_first(t: Any, n: int, bd: int) -> Any:
 
 
 def _sq_norm(g: Tensor) -> Tensor:
-    return g.reshape(g.shape[0], -1).square().sum(1)  # (n,)
+    return g.flatten(1).square().sum(1) if g.dim() > 1 else g.square()  # (n,)
 
 
 def _sum(values: Any) -> Tensor:

@@ -63,7 +63,7 @@ def loop_grads(
 
 def norms_of(grads: dict[str, Tensor]) -> Tensor:
     """``(n,)``: the per-example norm over all parameters of ``{name: (n, *shape)}``."""
-    flat = [g.reshape(g.shape[0], -1) for g in grads.values()]
+    flat = [g.flatten(1) if g.dim() > 1 else g[:, None] for g in grads.values()]
     return torch.cat(flat, dim=1).norm(dim=1)
 
 

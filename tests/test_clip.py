@@ -83,3 +83,20 @@ def test_unused_parameter_gets_a_zero_grad():
     model.extra = torch.nn.Linear(3, 3).double()  # never called
     _clip(model, loss_fn, x, y, 1.0)
     assert torch.equal(model.extra.weight.grad, torch.zeros(3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_empty_batch(name):
+    case = BY_NAME[name]
+    model, loss_fn, x, y = case.build()
+    bd = case.batch_dim
+    x, y = x.narrow(bd, 0, 0), y.narrow(bd, 0, 0)
+    with indigrad.capture(model, batch_dim=bd) as cap:
+        per_example = cap.backward(loss_fn(x, y))
+        grads, norms = per_example.grads(), per_example.norms()
+        per_example.clip_(1.0)
+    assert norms.shape == (0,)
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            assert grads[k].shape == (0, *p.shape)
+            assert torch.equal(p.grad, torch.zeros_like(p))

@@ -12,6 +12,7 @@ With the extra dims flattened to ``T`` (tokens, positions; ``T = 1`` without any
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,10 +29,10 @@ def _flat(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> tuple[Tensor
             f"{type(module).__name__}: input {tuple(A.shape)} and output gradient "
             f"{tuple(G.shape)} disagree on their batch and extra dims"
         )
-    n = A.shape[0]
-    return A.reshape(n, -1, A.shape[-1]), G.reshape(
-        n, -1, G.shape[-1]
-    )  # (n, T, d_in), (n, T, d_out)
+    n, T = A.shape[0], math.prod(A.shape[1:-1])
+    A = A.reshape(n, T, A.shape[-1])  # (n, T, d_in)
+    G = G.reshape(n, T, G.shape[-1])  # (n, T, d_out)
+    return A, G
 
 
 def linear_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
