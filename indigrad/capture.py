@@ -161,13 +161,19 @@ class capture:
         ) -> None:
             if self._paused:
                 return
-            leaves, spec = tree_flatten(output)
+            if isinstance(output, Tensor):  # the common case, without pytree's cost
+                leaves, spec = [output], _TENSOR_SPEC
+            else:
+                leaves, spec = tree_flatten(output)
             edge_index = [
                 i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad
             ]
             if not edge_index:
                 return  # no_grad, or nothing differentiable came out
-            in_leaves = tree_flatten((args, kwargs))[0]
+            if kwargs or not all(isinstance(a, Tensor) for a in args):
+                in_leaves = tree_flatten((args, kwargs))[0]
+            else:
+                in_leaves = list(args)
             self._calls.append(
                 _Call(
                     module=module,
@@ -286,6 +292,7 @@ class capture:
         return tuple(bound.arguments.values())
 
 
+_TENSOR_SPEC = tree_flatten(torch.empty(0))[1]
 _SIGNATURES: dict[type, inspect.Signature] = {}
 
 
