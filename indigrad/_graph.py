@@ -47,6 +47,7 @@ def _check_accounted(root: Any, calls: list[Any], trainable: dict[int, str]) -> 
                 else:
                     stack.append(v)
 
+    outputs = {e.node: call for call in calls for e in call.edges}
     unaccounted: tuple[str, Any] | None = None
     stack = [root]
     seen = set()
@@ -55,9 +56,11 @@ def _check_accounted(root: Any, calls: list[Any], trainable: dict[int, str]) -> 
         if u in seen:
             continue
         seen.add(u)
-        for v, _ in u.next_functions:
+        for v, slot in u.next_functions:
             if v is None:
                 continue
+            if v in outputs:
+                _check_consumer(u, v, slot, outputs[v])
             if isinstance(v, _ACCUMULATE):
                 name = trainable.get(id(v.variable))
                 if name is not None and (u, id(v.variable)) not in accounted:
@@ -81,6 +84,49 @@ def _check_accounted(root: Any, calls: list[Any], trainable: dict[int, str]) -> 
             "module.forward(x)), or freeze it with requires_grad_(False)."
         )
     return reached
+
+
+# Backward nodes of ops that broadcast their operands elementwise.
+_POINTWISE = (
+    "AddBackward",
+    "SubBackward",
+    "RsubBackward",
+    "MulBackward",
+    "DivBackward",
+    "WhereBackward",
+    "MaximumBackward",
+    "MinimumBackward",
+    "LerpBackward",
+    "AddcmulBackward",
+    "AddcdivBackward",
+    "ExpandBackward",
+)
+
+
+def _check_consumer(u: Any, v: Any, slot: int, call: Any) -> None:
+    """``u`` consumes output ``slot`` of node ``v``, a recorded call's output."""
+    pointwise = type(u).__name__.startswith(_POINTWISE)
+    if call.broadcast:
+        if not pointwise:
+            raise RuntimeError(
+                f"{call.label} was called without the batch dimension, and its output is "
+                f"used by {type(u).__name__}. indigrad supports such shared outputs only "
+                "in elementwise ops with batched tensors (e.g. token + position "
+                "embeddings); compute the layer on batched inputs instead."
+            )
+        return
+    if not pointwise:
+        return
+    used = tuple(u._input_metadata[0].shape)  # the shape the consumer produced
+    mine = tuple(v._input_metadata[slot].shape)  # the recorded output's shape
+    if len(used) > len(mine) and used[len(used) - len(mine) :] == mine:
+        raise RuntimeError(
+            f"the output {mine} of {call.label} is broadcast to {used} by "
+            f"{type(u).__name__}, so it was computed without a batch dimension although "
+            f"its first dimension equals the batch size. indigrad cannot tell the two "
+            "apart: give the layer inputs with a batch dimension of size 1, e.g. position "
+            "ids of shape (1, T) instead of (T,)."
+        )
 
 
 def _boundary(leaves: Iterable[Any]) -> list[Any]:

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.utils._pytree import TreeSpec, tree_flatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ._graph import _boundary, _check_accounted
 from .quantities import PerExample
+from .rules import lookup_rule
 
 
 @dataclass(eq=False)
@@ -41,6 +42,7 @@ class _Call:
     edges: list[GradientEdge]
     boundary: list[Any]  # autograd nodes of the tensor inputs, at call time
     versions: list[tuple[Tensor, int]]  # tensor inputs and their version counters at call time
+    broadcast: bool = False  # called without the batch dimension; outputs expanded to it
     grad_outputs: list[Tensor | None] = field(default_factory=list)
 
     @property
@@ -91,6 +93,7 @@ class capture:
         self._active = False
         self._paused = False
         self._consumed = False
+        self._n: int | None = None  # batch size of the model's current forward
         self._names: dict[int, str] = {}  # id(param) -> name, trainable only
         self._params: dict[str, nn.Parameter] = {}
 
@@ -102,14 +105,27 @@ class capture:
         self._params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self._names = {id(p): n for n, p in self._params.items()}
         try:
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._batch_size, with_kwargs=True)
+            )
+            skip: str | None = None  # the subtree of a module whose rule owns it
             for name, module in self.model.named_modules():
-                own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-                if own:
-                    self._handles.append(
-                        module.register_forward_hook(self._recorder(name, own), with_kwargs=True)
-                    )
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     self._handles.append(module.register_forward_pre_hook(self._bn_check(name)))
+                if skip is not None and name.startswith(skip):
+                    continue
+                rule = lookup_rule(module)
+                whole = rule is not None and rule.subtree
+                if whole:
+                    skip = f"{name}." if name else ""
+                own = {n: p for n, p in module.named_parameters(recurse=whole) if p.requires_grad}
+                if own:
+                    raw = rule is not None and rule.raw_layout
+                    self._handles.append(
+                        module.register_forward_hook(
+                            self._recorder(name, own, raw), with_kwargs=True
+                        )
+                    )
         except BaseException:
             self._remove()
             raise
@@ -155,12 +171,24 @@ class capture:
 
         return hook
 
-    def _recorder(self, name: str, own: dict[str, nn.Parameter]) -> Any:
+    def _batch_size(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The model's batch size, from the first tensor argument with a batch dimension."""
+        if self._paused:
+            return
+        self._n = None
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, Tensor) and t.dim() > self.batch_dim:
+                self._n = t.shape[self.batch_dim]
+                return
+
+    def _recorder(self, name: str, own: dict[str, nn.Parameter], raw: bool) -> Any:
+        bd = self.batch_dim
+
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-        ) -> None:
+        ) -> Any:
             if self._paused:
-                return
+                return None
             if isinstance(output, Tensor):  # the common case, without pytree's cost
                 leaves, spec = [output], _TENSOR_SPEC
             else:
@@ -169,11 +197,34 @@ class capture:
                 i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad
             ]
             if not edge_index:
-                return  # no_grad, or nothing differentiable came out
+                return None  # no_grad, or nothing differentiable came out
             if kwargs or not all(isinstance(a, Tensor) for a in args):
-                in_leaves = tree_flatten((args, kwargs))[0]
+                in_leaves, in_spec = tree_flatten((args, kwargs))
             else:
-                in_leaves = list(args)
+                in_leaves, in_spec = list(args), None
+            versions = [(t, t._version) for t in in_leaves if isinstance(t, Tensor)]
+            boundary = _boundary(in_leaves)
+            n = self._n
+            broadcast = (
+                not raw
+                and n is not None
+                and any(isinstance(t, Tensor) for t in in_leaves)
+                and not any(_has_batch(leaves[i], n, bd) for i in edge_index)
+                and not any(_has_batch(t, n, bd) for t in in_leaves)
+            )
+            if broadcast:
+                # A call on tensors without the batch dimension (a position embedding of
+                # arange(T)): its output is shared by all examples. Expand it to the batch
+                # so that autograd yields one output gradient per example; the expanded
+                # inputs make it an ordinary batched call for the rules.
+                assert n is not None
+                for i in edge_index:
+                    leaves[i] = _expand(leaves[i], n, bd)
+                in_leaves = [_expand(t, n, bd) if isinstance(t, Tensor) else t for t in in_leaves]
+                if in_spec is None:
+                    args = tuple(in_leaves)
+                else:
+                    args, kwargs = tree_unflatten(in_leaves, in_spec)
             self._calls.append(
                 _Call(
                     module=module,
@@ -185,11 +236,15 @@ class capture:
                     out_leaves=[None if isinstance(t, Tensor) else t for t in leaves],
                     edge_index=edge_index,
                     edges=[get_gradient_edge(leaves[i]) for i in edge_index],
-                    boundary=_boundary(in_leaves),
-                    versions=[(t, t._version) for t in in_leaves if isinstance(t, Tensor)],
+                    boundary=boundary,
+                    versions=versions,
+                    broadcast=broadcast,
                 )
             )
             self._consumed = False
+            if broadcast:
+                return leaves[0] if spec is _TENSOR_SPEC else tree_unflatten(leaves, spec)
+            return None
 
         return hook
 
@@ -303,6 +358,20 @@ def _signature(cls: type) -> inspect.Signature:
         params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
         sig = _SIGNATURES[cls] = inspect.Signature(params)
     return sig
+
+
+def _has_batch(t: Any, n: int, bd: int) -> bool:
+    return isinstance(t, Tensor) and t.dim() > bd and t.shape[bd] == n
+
+
+def _expand(t: Tensor, n: int, bd: int) -> Tensor:
+    """``t`` without a batch dimension (or with one of size 1) broadcast to ``n`` examples."""
+    if t.dim() > bd and t.shape[bd] == 1:
+        return t.expand(*t.shape[:bd], n, *t.shape[bd + 1 :])
+    if t.dim() >= bd:
+        t = t.unsqueeze(bd)
+        return t.expand(*t.shape[:bd], n, *t.shape[bd + 1 :])
+    return t
 
 
 def _check_losses(losses: Any) -> Tensor:

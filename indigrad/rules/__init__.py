@@ -3,7 +3,12 @@
 Importing this package registers the built-in rules.
 """
 
+from . import attention as attention
+from . import conv as conv
+from . import embedding as embedding
 from . import linear as linear
+from . import normalization as normalization
+from . import recurrent as recurrent
 from .registry import (
     Rule,
     lookup_rule,

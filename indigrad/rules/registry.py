@@ -38,6 +38,17 @@ class Rule:
         weighted_sum: ``(module, inputs, G, coef) -> {param_name: param.shape}``, the sum
             ``Σ_i coef[i] · g_i`` without materialising the ``g_i``. Optional.
 
+        raw_layout: the rule receives ``inputs`` and ``G`` exactly as the module saw and
+            returned them (no batch dimension moved, no batch-size check), for layers
+            with a layout of their own (``batch_first=False`` attention and RNNs,
+            ``PackedSequence``, ``EmbeddingBag`` with offsets). It finds ``n`` itself.
+        subtree: the rule accounts for every trainable parameter in the module's subtree
+            (keys are dotted names relative to the module, e.g. ``"out_proj.weight"``),
+            for layers that use their children's parameters functionally, like
+            ``nn.MultiheadAttention``. Descendants are then not recorded separately.
+        supports: ``module -> bool``; when it returns False for a module (an option the
+            rule does not cover), that module goes to the generic rule instead.
+
     Every function only needs to return entries for the module's trainable parameters;
     extra entries for frozen parameters are ignored.
     """
@@ -45,6 +56,9 @@ class Rule:
     grads: GradsFn
     sq_norms: SqNormsFn | None = None
     weighted_sum: WeightedSumFn | None = None
+    raw_layout: bool = False
+    subtree: bool = False
+    supports: Callable[[nn.Module], bool] | None = None
 
 
 _RULES: dict[type[nn.Module], Rule] = {}
@@ -57,6 +71,9 @@ def register_rule(
     grads: GradsFn | None = None,
     sq_norms: SqNormsFn | None = None,
     weighted_sum: WeightedSumFn | None = None,
+    raw_layout: bool = False,
+    subtree: bool = False,
+    supports: Callable[[nn.Module], bool] | None = None,
 ) -> Rule:
     """Register the rule that handles modules of class ``cls`` (and subclasses that keep its
     ``forward``). Registering a class again replaces its rule.
@@ -81,7 +98,7 @@ def register_rule(
     if rule is None:
         if grads is None:
             raise TypeError("register_rule needs a Rule or at least grads=")
-        rule = Rule(grads=grads, sq_norms=sq_norms, weighted_sum=weighted_sum)
+        rule = Rule(grads, sq_norms, weighted_sum, raw_layout, subtree, supports)
     elif grads is not None or sq_norms is not None or weighted_sum is not None:
         raise TypeError("pass either a Rule or its functions as keywords, not both")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -105,12 +122,15 @@ def lookup_rule(module: nn.Module) -> Rule | None:
 
     A subclass matches its parent's rule only when it does not override ``forward``: a
     subclass that computes something else must not inherit the parent's math silently.
+    A rule whose ``supports(module)`` is False leaves the module to the generic rule.
     """
     cls = type(module)
     for base in cls.__mro__:
         rule = _RULES.get(base)
         if rule is not None:
-            if base is cls or cls.forward is getattr(base, "forward", None):
-                return rule
-            return None
+            if base is not cls and cls.forward is not getattr(base, "forward", None):
+                return None
+            if rule.supports is not None and not rule.supports(module):
+                return None
+            return rule
     return None

@@ -1,0 +1,1 @@
+"""Rules for this layer family (being written)."""

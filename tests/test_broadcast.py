@@ -1,0 +1,80 @@
+"""Layers called on tensors without the batch dimension (position embeddings of arange(T))."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import indigrad
+
+
+class TinyLM(nn.Module):
+    """Token + position embeddings, a Linear on shared learned queries, an LM head."""
+
+    def __init__(self, vocab=11, d=6, T_max=8, pos_shape="T"):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(T_max, d)
+        self.queries = nn.Parameter(torch.randn(T_max, d))
+        self.q_proj = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab)
+        self.pos_shape = pos_shape
+
+    def forward(self, ids):  # ids (n, T)
+        T = ids.shape[1]
+        pos_ids = torch.arange(T)
+        if self.pos_shape == "1T":
+            pos_ids = pos_ids[None]  # (1, T), as Hugging Face models do
+        h = self.tok(ids) + self.pos(pos_ids)  # (n, T, d) + (T, d) or (1, T, d)
+        h = torch.tanh(h * self.q_proj(self.queries[:T]))  # Linear on a batch-free input
+        return self.head(h)  # (n, T, vocab)
+
+
+def _losses(model):
+    def losses(ids, y):
+        return F.cross_entropy(model(ids).transpose(1, 2), y, reduction="none")  # (n, T)
+
+    return losses
+
+
+@pytest.mark.parametrize("pos_shape", ["T", "1T"])
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_position_embedding_on_arange(pos_shape, n):
+    torch.manual_seed(n)
+    model = TinyLM(pos_shape=pos_shape).double()
+    ids, y = torch.randint(0, 11, (n, 5)), torch.randint(0, 11, (n, 5))
+    indigrad.testing.check(model, _losses(model), ids, y)
+
+
+def test_ambiguous_batch_size_is_an_error():
+    model = TinyLM(pos_shape="T").double()
+    ids = torch.randint(0, 11, (5, 5))  # n == T: arange(T) looks like a batch
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"\(1, T\)"):
+        cap.norms(_losses(model)(ids, ids))
+
+
+class SharedThenSummed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(8, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):  # x (n, T, 4)
+        pos = self.pos(torch.arange(x.shape[1]))  # (T, 4), no batch dim
+        return self.fc(x) + pos.sum()  # a reduction of the shared output
+
+
+def test_shared_output_in_a_reduction_is_an_error():
+    model = SharedThenSummed().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="elementwise"):
+        cap.norms(model(x).sum((1, 2)))
+
+
+def test_outputs_are_unchanged_by_the_capture():
+    model = TinyLM().double()
+    ids = torch.randint(0, 11, (3, 5))
+    plain = model(ids)
+    with indigrad.capture(model):
+        captured = model(ids)
+    torch.testing.assert_close(captured, plain, rtol=0, atol=0)
