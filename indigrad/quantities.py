@@ -33,7 +33,7 @@ class _Entry:
         self.rule: Rule | None = lookup_rule(call.module)
         self._grads: dict[str, Tensor] | None = None
         if self.rule is not None:
-            bd = cap.batch_dim
+            bd = 0 if self.rule.raw_layout else cap.batch_dim  # raw: nothing is moved
             inputs = cap._positional(call)
             self.inputs = tuple(_batch_first(t, n, bd) for t in inputs)
             leaves = list(call.out_leaves)
