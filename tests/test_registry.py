@@ -82,3 +82,34 @@ def test_register_validates_its_arguments():
         indigrad.register_rule(Scale)
     with pytest.raises(TypeError, match="not both"):
         indigrad.register_rule(Scale, LINEAR, grads=lambda *a: {})
+
+
+@pytest.mark.parametrize("num_parameters", [1, 4])
+@pytest.mark.parametrize("shape", [(6, 4), (6, 4, 3), (6, 4, 3, 2)], ids=["2d", "3d", "4d"])
+def test_prelu(num_parameters, shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.PReLU(num_parameters, init=0.3)).double()
+    head = nn.Linear(4, 2).double()
+    x = torch.randn(shape, dtype=torch.float64)
+
+    def losses(x):
+        h = model(x).movedim(1, -1)  # (n, *, 4)
+        return head(h).sin().reshape(x.shape[0], -1).sum(1)
+
+    assert indigrad.lookup_rule(model[0]) is not None
+    indigrad.testing.check(model, losses, x)
+
+
+def test_rule_by_qualified_name():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    from indigrad.rules.linear import HF_CONV1D
+
+    assert indigrad.lookup_rule(Conv1D(3, 4)) is HF_CONV1D
+    assert "transformers.pytorch_utils.Conv1D" in indigrad.registered_rules()
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(6, 4), nn.Tanh(), Conv1D(3, 6)).double()
+    for shape in [(5, 4), (5, 7, 4)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        indigrad.testing.check(model, lambda x: model(x).square().flatten(1).sum(1), x)

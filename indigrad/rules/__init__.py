@@ -3,6 +3,7 @@
 Importing this package registers the built-in rules.
 """
 
+from . import activation as activation
 from . import attention as attention
 from . import conv as conv
 from . import embedding as embedding

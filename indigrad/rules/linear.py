@@ -82,3 +82,37 @@ def linear_weighted_sum(
 LINEAR = register_rule(
     nn.Linear, grads=linear_grads, sq_norms=linear_sq_norms, weighted_sum=linear_weighted_sum
 )
+
+
+# Hugging Face's ``Conv1D`` (GPT-2): ``Z = A W + b`` with ``W`` of shape (d_in, d_out), the
+# transpose of Linear's. Same math, the weight gradient laid out as (n, d_in, d_out).
+
+
+def conv1d_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
+    A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
+    n, T, d_in = A.shape
+    W = _alloc.empty((n, d_in, G.shape[2]), like=G)  # (n, d_in, d_out)
+    if T == 1:
+        torch.mul(A.transpose(1, 2), G, out=W)  # (n, d_in, 1) * (n, 1, d_out)
+    else:
+        torch.bmm(A.transpose(1, 2), G, out=W)  # (n, d_in, T) @ (n, T, d_out)
+    out = {"weight": W}
+    if module.bias is not None:
+        out["bias"] = G.sum(1)  # (n, d_out)
+    return out
+
+
+def conv1d_weighted_sum(
+    module: nn.Module, inputs: tuple[Any, ...], G: Tensor, coef: Tensor
+) -> dict[str, Tensor]:
+    out = linear_weighted_sum(module, inputs, G, coef)
+    out["weight"] = out["weight"].T.contiguous()  # (d_in, d_out)
+    return out
+
+
+HF_CONV1D = register_rule(
+    "transformers.pytorch_utils.Conv1D",
+    grads=conv1d_grads,
+    sq_norms=linear_sq_norms,  # ‖W‖ does not depend on the layout
+    weighted_sum=conv1d_weighted_sum,
+)

@@ -61,11 +61,11 @@ class Rule:
     supports: Callable[[nn.Module], bool] | None = None
 
 
-_RULES: dict[type[nn.Module], Rule] = {}
+_RULES: dict[type[nn.Module] | str, Rule] = {}
 
 
 def register_rule(
-    cls: type[nn.Module],
+    cls: type[nn.Module] | str,
     rule: Rule | None = None,
     *,
     grads: GradsFn | None = None,
@@ -77,6 +77,10 @@ def register_rule(
 ) -> Rule:
     """Register the rule that handles modules of class ``cls`` (and subclasses that keep its
     ``forward``). Registering a class again replaces its rule.
+
+    ``cls`` may also be the class's qualified name, ``"package.module.Class"``, for classes
+    of optional libraries (e.g. ``"transformers.pytorch_utils.Conv1D"``): the library need
+    not be installed or imported to register a rule for it.
 
     Pass either a :class:`Rule` or its functions as keywords.
 
@@ -101,19 +105,20 @@ def register_rule(
         rule = Rule(grads, sq_norms, weighted_sum, raw_layout, subtree, supports)
     elif grads is not None or sq_norms is not None or weighted_sum is not None:
         raise TypeError("pass either a Rule or its functions as keywords, not both")
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+    if not (isinstance(cls, str) or (isinstance(cls, type) and issubclass(cls, nn.Module))):
         raise TypeError(f"rules are registered for nn.Module subclasses, got {cls!r}")
     _RULES[cls] = rule
     return rule
 
 
-def unregister_rule(cls: type[nn.Module]) -> None:
-    """Remove the rule registered for exactly ``cls``."""
+def unregister_rule(cls: type[nn.Module] | str) -> None:
+    """Remove the rule registered for exactly ``cls`` (a class or a qualified name)."""
     del _RULES[cls]
 
 
-def registered_rules() -> dict[type[nn.Module], Rule]:
-    """The module classes that have a rule, in registration order (a copy)."""
+def registered_rules() -> dict[type[nn.Module] | str, Rule]:
+    """The module classes (or qualified class names) that have a rule, in registration
+    order (a copy)."""
     return dict(_RULES)
 
 
@@ -126,7 +131,7 @@ def lookup_rule(module: nn.Module) -> Rule | None:
     """
     cls = type(module)
     for base in cls.__mro__:
-        rule = _RULES.get(base)
+        rule = _RULES.get(base) or _RULES.get(f"{base.__module__}.{base.__qualname__}")
         if rule is not None:
             if base is not cls and cls.forward is not getattr(base, "forward", None):
                 return None

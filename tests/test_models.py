@@ -1,0 +1,160 @@
+"""Real models, built from configs (no weights downloaded), against the per-example loop.
+
+torchvision, transformers and peft are test extras; a missing one skips its tests unless
+INDIGRAD_REQUIRE_MODELS=1 (as in CI), where it fails.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import indigrad
+
+
+def _require(name):
+    if os.environ.get("INDIGRAD_REQUIRE_MODELS"):
+        return __import__(name)
+    return pytest.importorskip(name)
+
+
+def _randomise_running_stats(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def _nothing_left(model, before):
+    assert [
+        (k, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for k, m in model.named_modules()
+    ] == before
+
+
+def _hooks(model):
+    return [
+        (k, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for k, m in model.named_modules()
+    ]
+
+
+def _check(model, loss_fn, *batch):
+    before = _hooks(model)
+    indigrad.testing.check(model, loss_fn, *batch)
+    assert _hooks(model) == before
+
+
+def _ce(model):
+    return lambda x, y: F.cross_entropy(model(x), y, reduction="none")
+
+
+@pytest.mark.parametrize("norm", ["groupnorm", "batchnorm_eval"])
+def test_resnet18(norm):
+    tv = _require("torchvision")
+    torch.manual_seed(0)
+    if norm == "groupnorm":
+        model = tv.models.resnet18(num_classes=5, norm_layer=lambda c: nn.GroupNorm(4, c))
+    else:
+        model = tv.models.resnet18(num_classes=5)
+        _randomise_running_stats(model)
+        model.eval()
+    model = model.double()
+    x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 3, 4])
+    _check(model, _ce(model), x, y)
+
+
+def test_vision_transformer():
+    tv = _require("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.VisionTransformer(
+        image_size=16,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=16,
+        num_classes=3,
+    ).double()
+    x, y = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 2, 1])
+    _check(model.eval(), _ce(model), x, y)
+
+
+def _gpt2(**kw):
+    transformers = _require("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=50,
+        n_positions=16,
+        n_embd=8,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **kw,
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+def _lm_losses(model):
+    def losses(ids):
+        logits = model(input_ids=ids).logits  # (n, T, V)
+        return F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
+        )  # (n, T - 1): token losses, summed per sequence
+
+    return losses
+
+
+def test_gpt2_tied_embeddings():
+    model = _gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = torch.randint(0, 50, (3, 7))
+    _check(model, _lm_losses(model), ids)
+
+
+def test_bert_sequence_classification():
+    transformers = _require("transformers")
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).double()
+    ids, mask = torch.randint(0, 40, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    y = torch.tensor([0, 2, 1])
+
+    def losses(ids, mask, y):
+        return F.cross_entropy(
+            model(input_ids=ids, attention_mask=mask).logits, y, reduction="none"
+        )
+
+    _check(model, losses, ids, mask, y)
+
+
+def test_peft_lora_on_gpt2():
+    peft = _require("peft")
+    model = peft.get_peft_model(
+        _gpt2(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    ).double()
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in k for k in trainable)
+    ids = torch.randint(0, 50, (3, 7))
+    # make lora_B non-zero so that every adapter parameter gets a gradient
+    for k, p in model.named_parameters():
+        if "lora_B" in k:
+            torch.nn.init.normal_(p, std=0.1)
+    with indigrad.capture(model) as cap:
+        grads = cap.grads(_lm_losses(model)(ids))
+    assert list(grads) == trainable
+    _check(model, _lm_losses(model), ids)
