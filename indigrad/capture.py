@@ -11,7 +11,7 @@ and hands ``(module, inputs, G)`` to each layer's rule.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -61,6 +61,10 @@ class capture:
             captured, under its name in ``model.named_parameters()``.
         batch_dim: the dimension that indexes examples in the inputs and outputs of
             plain layers (0 by default; 1 for sequence-first models).
+        params: capture only these trainable parameters (names or the parameters
+            themselves), e.g. the last layer's: the backward then stops where they stop
+            needing gradients, and every quantity covers just them. The others are
+            treated as frozen for this capture.
 
     Each of :meth:`grads`, :meth:`norms` and :meth:`clip_` runs exactly one backward over
     the forward recorded since the previous one. To get several quantities from one
@@ -81,13 +85,20 @@ class capture:
         (torch.Size([16]), torch.Size([8, 4]))
     """
 
-    def __init__(self, model: nn.Module, *, batch_dim: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        batch_dim: int = 0,
+        params: Iterable[str | nn.Parameter] | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
         if batch_dim < 0:
             raise ValueError(f"batch_dim must be a non-negative dimension, got {batch_dim}")
         self.model = model
         self.batch_dim = batch_dim
+        self._only = None if params is None else _select(model, params)
         self._handles: list[Any] = []
         self._calls: list[_Call] = []
         self._active = False
@@ -102,7 +113,11 @@ class capture:
     def __enter__(self) -> capture:
         if self._active:
             raise RuntimeError("this capture is already active; create a new one per block")
-        self._params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self._params = {
+            n: p
+            for n, p in self.model.named_parameters()
+            if p.requires_grad and (self._only is None or n in self._only)
+        }
         self._names = {id(p): n for n, p in self._params.items()}
         try:
             self._handles.append(
@@ -118,7 +133,9 @@ class capture:
                 whole = rule is not None and rule.subtree
                 if whole:
                     skip = f"{name}." if name else ""
-                own = {n: p for n, p in module.named_parameters(recurse=whole) if p.requires_grad}
+                own = {
+                    n: p for n, p in module.named_parameters(recurse=whole) if id(p) in self._names
+                }
                 if own:
                     raw = rule is not None and rule.raw_layout
                     self._handles.append(
@@ -361,6 +378,23 @@ def _signature(cls: type) -> inspect.Signature:
         params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
         sig = _SIGNATURES[cls] = inspect.Signature(params)
     return sig
+
+
+def _select(model: nn.Module, params: Iterable[str | nn.Parameter]) -> set[str]:
+    named = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in named.items()}
+    chosen = set()
+    for p in params:
+        name = p if isinstance(p, str) else by_id.get(id(p))
+        if name is None or name not in named:
+            raise ValueError(
+                f"params: {p if isinstance(p, str) else 'a tensor'} is not a "
+                "parameter of the model (see model.named_parameters())"
+            )
+        if not named[name].requires_grad:
+            raise ValueError(f"params: {name!r} is frozen (requires_grad=False)")
+        chosen.add(name)
+    return chosen
 
 
 def _has_batch(t: Any, n: int, bd: int) -> bool:

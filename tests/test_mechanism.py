@@ -113,3 +113,50 @@ def test_linear_shapes(n, extra, d_in, d_out, bias, batch_dim):
         return out.sum(dims) if batch_dim else out.flatten(1).sum(1)
 
     indigrad.testing.check(layer, losses, x, batch_dim=batch_dim)
+
+
+@pytest.mark.parametrize("select", ["names", "tensors"])
+def test_params_subset(select):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 3))
+    model = model.double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    ref = indigrad.testing.loop_grads(
+        model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y
+    )
+    chosen = ["2.bias", "4.weight"]
+    params = chosen if select == "names" else [model[2].bias, model[4].weight]
+    reached = []  # the backward stops at layer 2's output: layer 1's is never reached
+
+    def watch(module, inputs, out):
+        out.register_hook(lambda g: reached.append(1))
+
+    handle = model[1].register_forward_hook(watch)
+    with indigrad.capture(model, params=params) as cap:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        per_example = cap.backward(losses)
+        grads, norms = per_example.grads(), per_example.norms()
+        per_example.clip_(0.1)
+    assert list(grads) == chosen
+    for k in chosen:
+        torch.testing.assert_close(grads[k], ref[k])
+    sub = {k: ref[k] for k in chosen}
+    torch.testing.assert_close(norms, indigrad.testing.norms_of(sub))
+    clipped = indigrad.testing.clipped_sum(sub, 0.1)
+    torch.testing.assert_close(model[4].weight.grad, clipped["4.weight"])
+    assert model[0].weight.grad is None and model[4].bias.grad is None
+    assert reached == []
+    F.cross_entropy(model(x), y).backward()
+    assert reached == [1]  # the hook itself works
+    handle.remove()
+
+
+def test_params_subset_errors():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="not a parameter"):
+        indigrad.capture(model, params=["9.weight"])
+    with pytest.raises(ValueError, match="not a parameter"):
+        indigrad.capture(model, params=[torch.nn.Parameter(torch.ones(1))])
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        indigrad.capture(model, params=["0.weight"])

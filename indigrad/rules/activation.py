@@ -19,7 +19,7 @@ def prelu_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[s
     x = inputs[0]  # (n, C, *) or (n,)
     contrib = x.clamp(max=0) * G  # (n, C, *)
     n = contrib.shape[0]
-    if module.weight.numel() == 1:
+    if module.weight.numel() == 1:  # type: ignore[operator]
         return {"weight": contrib.reshape(n, -1).sum(1, keepdim=True)}  # (n, 1)
     return {"weight": contrib.reshape(n, contrib.shape[1], -1).sum(2)}  # (n, C)
 
