@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_unflatten
 
+from ._precision import _exact, _param_dtype, _upcast
 from .rules import Rule, lookup_rule
 from .rules.generic import generic_grads
 
@@ -34,17 +35,18 @@ class _Entry:
         self._grads: dict[str, Tensor] | None = None
         if self.rule is not None:
             bd = 0 if self.rule.raw_layout else cap.batch_dim  # raw: nothing is moved
+            dtype = _param_dtype(call)
             inputs = cap._positional(call)
-            self.inputs = tuple(_batch_first(t, n, bd) for t in inputs)
+            self.inputs = tuple(_upcast(_batch_first(t, n, bd), dtype) for t in inputs)
             leaves = list(call.out_leaves)
             for i, g in zip(call.edge_index, call.grad_outputs, strict=True):
-                leaves[i] = None if g is None else _batch_first(g, n, bd)
+                leaves[i] = None if g is None else _upcast(_batch_first(g, n, bd), dtype)
             self.G: Any = tree_unflatten(leaves, call.out_spec)
 
     def _own(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v for k, v in values.items() if k in self.call.params}
 
-    @torch.no_grad()
+    @_exact
     def grads(self) -> dict[str, Tensor]:
         if self._grads is None:
             if self.rule is None:
@@ -54,13 +56,13 @@ class _Entry:
                 self._grads = self._own(self.rule.grads(self.call.module, self.inputs, self.G))
         return self._grads
 
-    @torch.no_grad()
+    @_exact
     def sq_norms(self) -> dict[str, Tensor]:
         if self._grads is None and self.rule is not None and self.rule.sq_norms is not None:
             return self._own(self.rule.sq_norms(self.call.module, self.inputs, self.G))
         return {k: _sq_norm(g) for k, g in self.grads().items()}
 
-    @torch.no_grad()
+    @_exact
     def weighted_sum(self, coef: Tensor) -> dict[str, Tensor]:
         if self._grads is None and self.rule is not None and self.rule.weighted_sum is not None:
             return self._own(self.rule.weighted_sum(self.call.module, self.inputs, self.G, coef))

@@ -23,6 +23,8 @@ from torch import Tensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._precision import _param_dtype, _upcast
+
 if TYPE_CHECKING:
     from ..capture import _Call
 
@@ -39,9 +41,12 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
     ]
     used = [k for k, g in enumerate(call.grad_outputs) if g is not None]
     out_index = [call.edge_index[k] for k in used]
-    cotangents = tuple(g for g in call.grad_outputs if g is not None)  # each (…, n at bd, …)
+    dtype = _param_dtype(call)
+    cotangents = tuple(
+        _upcast(g, dtype) for g in call.grad_outputs if g is not None
+    )  # each (…, n at bd, …)
     params = {k: p.detach() for k, p in call.params.items()}
-    fixed = [t.detach() if isinstance(t, Tensor) else t for t in in_leaves]
+    fixed = [_upcast(t.detach(), dtype) if isinstance(t, Tensor) else t for t in in_leaves]
 
     def one_example(xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]) -> dict[str, Tensor]:
         leaves = list(fixed)
