@@ -105,6 +105,7 @@ class capture:
         self._paused = False
         self._consumed = False
         self._n: int | None = None  # batch size of the model's current forward
+        self._ddp_sync: bool | None = None  # DDP's own gradient sync flag, while we hold it
         self._names: dict[int, str] = {}  # id(param) -> name, trainable only
         self._params: dict[str, nn.Parameter] = {}
 
@@ -146,6 +147,11 @@ class capture:
         except BaseException:
             self._remove()
             raise
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            # indigrad all-reduces the clipped sums itself; DDP's reducer must not wait
+            # for a weight-gradient backward that never comes (what `no_sync()` does).
+            self._ddp_sync = self.model.require_backward_grad_sync
+            self.model.require_backward_grad_sync = False
         self._active = True
         self._consumed = False
         return self
@@ -158,7 +164,17 @@ class capture:
     ) -> None:
         self._remove()
 
+    @property
+    def _process_group(self) -> Any:
+        """The process group to average clipped sums over, for a DDP model."""
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.process_group
+        return None
+
     def _remove(self) -> None:
+        if self._ddp_sync is not None:
+            setattr(self.model, "require_backward_grad_sync", self._ddp_sync)  # noqa: B010
+            self._ddp_sync = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -178,12 +194,21 @@ class capture:
 
     def _bn_check(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if module.training and not self._paused and torch.is_grad_enabled():
+            if self._paused or not torch.is_grad_enabled():
+                return
+            if module.training:
                 raise RuntimeError(
                     f"{type(module).__name__} {name!r} is in training mode: its batch "
                     "statistics mix the examples of a batch, so no per-example gradient "
                     "exists. Put it in eval mode (model.eval(), or module.eval() for the "
                     "norm layers only) or replace it with GroupNorm / LayerNorm."
+                )
+            if module.running_mean is None and module.running_var is None:
+                raise RuntimeError(
+                    f"{type(module).__name__} {name!r} has track_running_stats=False, so "
+                    "it normalises with batch statistics even in eval mode, which mixes "
+                    "the examples of a batch. Use track_running_stats=True (and eval mode) "
+                    "or replace it with GroupNorm / LayerNorm."
                 )
 
         return hook

@@ -98,6 +98,7 @@ class PerExample:
                 self._uses.setdefault(cap._names[id(p)], []).append((entry, local))
         self._grads: dict[str, Tensor] | None = None
         self._sq_norms: dict[str, Tensor] | None = None
+        self._group = cap._process_group
 
     def grads(self) -> dict[str, Tensor]:
         """``{name: (n, *param.shape)}`` for every captured parameter, in
@@ -142,7 +143,11 @@ class PerExample:
 
     def clip_(self, max_norm: float) -> Tensor:
         """Add ``Σ_i min(1, max_norm / ‖g_i‖) · g_i`` into each captured ``p.grad``
-        (creating it if ``None``). Returns the pre-clip norms ``(n,)``."""
+        (creating it if ``None``). Returns the pre-clip norms ``(n,)``.
+
+        Under ``DistributedDataParallel`` the clipped sums are all-reduced first, so that
+        every rank adds ``(1/world_size) · Σ`` over all ranks' examples (DDP's averaging
+        convention); the returned norms are this rank's."""
         if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm > 0):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
         norms = self.norms()
@@ -152,6 +157,8 @@ class PerExample:
             for local, ws in entry.weighted_sum(coef).items():
                 name = entry.cap._names[id(entry.call.params[local])]
                 sums[name] = ws if name not in sums else sums[name] + ws
+        if self._group is not None:
+            sums = _all_reduce_mean(sums, self._params, self._group)
         for name, p in self._params.items():
             total = sums.get(name)
             if p.grad is None:
@@ -159,6 +166,30 @@ class PerExample:
             elif total is not None:
                 p.grad.add_(total.to(p.grad.dtype))
         return norms
+
+
+def _all_reduce_mean(
+    sums: dict[str, Tensor], params: dict[str, nn.Parameter], group: Any
+) -> dict[str, Tensor]:
+    """Average each parameter's clipped sum over the ranks, one all-reduce per dtype."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    out = {}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, p in params.items():
+        by_dtype.setdefault(p.dtype, []).append(name)
+    for dtype, names in by_dtype.items():
+        parts = [
+            sums[k].to(dtype).reshape(-1) if k in sums else params[k].new_zeros(params[k].numel())
+            for k in names
+        ]
+        flat = torch.cat(parts)  # (Σ numel,)
+        dist.all_reduce(flat, group=group)
+        flat /= world
+        for k, chunk in zip(names, flat.split([params[k].numel() for k in names]), strict=True):
+            out[k] = chunk.view(params[k].shape)
+    return out
 
 
 def _batch_first(t: Any, n: int, bd: int) -> Any:

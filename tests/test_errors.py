@@ -59,8 +59,16 @@ def test_frozen_batchnorm_in_training_mode_still_mixes_examples():
         model(x)
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_without_running_stats_mixes_examples_in_eval_mode(affine):
+    norm = nn.BatchNorm1d(7, affine=affine, track_running_stats=False)
+    model = nn.Sequential(nn.Linear(5, 7), norm, nn.Linear(7, 3)).double().eval()
+    x, _ = _xy()
+    with indigrad.capture(model), pytest.raises(RuntimeError, match="track_running_stats"):
+        model(x)
+
+
 def test_batchnorm_in_eval_mode_is_accepted_by_capture():
-    # No BatchNorm rule yet: the generic rule handles it, which is exact in eval mode.
     model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)).double()
     model[1].running_mean.uniform_(-1, 1)
     model.eval()

@@ -72,3 +72,28 @@ def test_block_does_not_keep_the_graph_alive():
         del out
     gc.collect()
     assert ref() is None
+
+
+def test_a_thousand_steps_leave_nothing_alive():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _state(model)
+    caps, outputs = [], []
+    for step in range(1000):
+        x, y = torch.randn(4, 4), torch.randint(0, 2, (4,))
+        with indigrad.capture(model) as cap:
+            out = model(x)
+            cap.clip_(F.cross_entropy(out, y, reduction="none"), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0:
+            caps.append(weakref.ref(cap))
+            outputs.append(weakref.ref(out))
+    del cap, out
+    gc.collect()
+    assert all(r() is None for r in caps + outputs)
+    assert _state(model) == before

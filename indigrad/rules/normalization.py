@@ -1,1 +1,185 @@
-"""Rules for this layer family (being written)."""
+"""Normalisation layers: ``y = x̂ ⊙ γ + β``, ``x̂`` the input normalised per example.
+
+Every layer here scales and shifts a normalised input ``x̂`` by ``γ`` (``weight``) and
+``β`` (``bias``). The statistics behind ``x̂`` come from one example alone (LayerNorm,
+RMSNorm, GroupNorm, InstanceNorm) or are fixed running statistics (BatchNorm in eval
+mode, InstanceNorm in eval mode with ``track_running_stats``), so ``x̂`` does not depend
+on the parameters and each example's gradient is the last step by hand:
+
+    LayerNorm, RMSNorm       x (n, *, *S), γ and β of shape S; positions r: the * dims
+    GroupNorm, InstanceNorm, x (n, C, *), γ and β of shape (C,); positions r: the * dims
+    BatchNorm (eval)
+
+With ``x̂`` and ``G`` flattened to ``(n, R, P)`` (``P`` parameter entries, ``R`` positions
+sharing them):
+
+    grads        dγ_i = Σ_r x̂_ir ⊙ G_ir                   einsum("nrp,nrp->np")
+                 dβ_i = Σ_r G_ir                           einsum("nrp->np")
+    sq_norms     ‖dγ_i‖², ‖dβ_i‖² from those (n, P) sums, which are never bigger than x
+    weighted_sum Σ_i c_i dγ_i = Σ_(i,r) c_i x̂_ir ⊙ G_ir     einsum("n,nrp->p", c, x̂ ⊙ G)
+                 Σ_i c_i dβ_i = Σ_(i,r) c_i G_ir           einsum("n,nrp->p", c, G)
+
+``x̂`` is recomputed by the functional op the module's forward calls, with the same
+``eps`` and statistics but without ``γ`` and ``β``, so it carries the module's own numerics
+(biased variance, channels grouped, RMSNorm's ``eps=None`` meaning the machine epsilon of
+its computation type). It is computed in the output gradient's dtype, the dtype the
+module computed in, should the input arrive in a narrower one (autocast runs these
+layers in ``float32`` on ``bfloat16`` inputs).
+
+Where the statistics mix the examples of the batch no per-example gradient exists, and
+the rules raise: BatchNorm in training mode (the capture refuses it already), BatchNorm
+in eval mode without running statistics (``track_running_stats=False``: it then
+normalises by batch statistics), and a LayerNorm or RMSNorm whose ``normalized_shape``
+covers the batch dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from .registry import Rule, register_rule
+
+Normalise = Callable[[Any, Tensor], Tensor]  # (module, x) -> x̂
+Validate = Callable[[Any, Tensor], None]  # raises where the statistics mix examples
+
+
+def _layer_norm(module: Any, x: Tensor) -> Tensor:
+    return F.layer_norm(x, module.normalized_shape, None, None, module.eps)  # (n, *, *S)
+
+
+def _rms_norm(module: Any, x: Tensor) -> Tensor:
+    return F.rms_norm(x, module.normalized_shape, None, module.eps)  # (n, *, *S)
+
+
+def _group_norm(module: Any, x: Tensor) -> Tensor:
+    return F.group_norm(x, module.num_groups, None, None, module.eps)  # (n, C, *)
+
+
+def _instance_norm(module: Any, x: Tensor) -> Tensor:
+    if module.training or not module.track_running_stats:  # each example's own statistics
+        return F.instance_norm(x, None, None, None, None, True, 0.0, module.eps)  # (n, C, *)
+    rm, rv = module.running_mean, module.running_var  # (C,), (C,)
+    return F.instance_norm(x, rm, rv, None, None, False, 0.0, module.eps)  # (n, C, *)
+
+
+def _batch_norm(module: Any, x: Tensor) -> Tensor:
+    rm, rv = module.running_mean, module.running_var  # (C,), (C,)
+    return F.batch_norm(x, rm, rv, None, None, False, 0.0, module.eps)  # (n, C, *)
+
+
+def _running_stats(module: Any, x: Tensor) -> None:
+    _channels_second(module, x)
+    if module.training or module.running_mean is None or module.running_var is None:
+        why = (
+            "is in training mode"
+            if module.training
+            else "has no running statistics (track_running_stats=False), so even in eval "
+            "mode it normalises by the statistics of the batch"
+        )
+        raise RuntimeError(
+            f"{type(module).__name__} {why}: its batch statistics mix the examples of a "
+            "batch, so no per-example gradient exists. Use eval mode with running "
+            "statistics (track_running_stats=True), or replace it with GroupNorm / LayerNorm."
+        )
+
+
+def _trailing_only(module: Any, x: Tensor) -> None:
+    shape = tuple(module.normalized_shape)
+    if x.dim() <= len(shape) or tuple(x.shape[x.dim() - len(shape) :]) != shape:
+        raise RuntimeError(
+            f"{type(module).__name__} with normalized_shape {shape} got an input of shape "
+            f"{tuple(x.shape)} (batch dimension first): its statistics cover the batch "
+            "dimension and mix the examples, so no per-example gradient exists. Normalise "
+            "over the trailing feature dimensions only."
+        )
+
+
+def _channels_second(module: Any, x: Tensor) -> None:
+    C = _param_shape(module)[0]
+    if x.dim() < 2 or x.shape[1] != C:
+        raise RuntimeError(
+            f"{type(module).__name__} with {C} channels got an input of shape "
+            f"{tuple(x.shape)} (batch dimension first): its channels must come right "
+            "after the batch dimension"
+        )
+
+
+def _param_shape(module: Any) -> torch.Size:
+    p = module.weight if module.weight is not None else module.bias
+    return p.shape  # γ.shape == β.shape
+
+
+def _flat(module: Any, t: Tensor, params_last: bool) -> Tensor:
+    """``t`` (the input's shape, batch first) as ``(n, R, P)``: positions × parameter entries."""
+    n, shape = t.shape[0], _param_shape(module)
+    P = math.prod(shape)
+    if params_last:  # (n, *, *S)
+        return t.reshape(n, math.prod(t.shape[1 : t.dim() - len(shape)]), P)  # (n, R, P)
+    return t.reshape(n, P, math.prod(t.shape[2:])).transpose(1, 2)  # (n, R, C)
+
+
+def _inputs(
+    module: Any, inputs: tuple[Any, ...], G: Tensor, validate: Validate
+) -> tuple[Tensor, Tensor]:
+    x = inputs[0]  # the input, batch first
+    if x.shape != G.shape:
+        raise RuntimeError(
+            f"{type(module).__name__}: input {tuple(x.shape)} and output gradient "
+            f"{tuple(G.shape)} differ in shape"
+        )
+    validate(module, x)  # before any work: also when only the bias is trainable
+    return x.to(G.dtype), G
+
+
+def _trainable(p: nn.Parameter | None) -> bool:
+    return p is not None and p.requires_grad
+
+
+def _make_rule(
+    cls: type[nn.Module], normalise: Normalise, validate: Validate, params_last: bool
+) -> Rule:
+    def per_position(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
+        """``{name: (n, R, P)}`` for the trainable parameters, to be summed over ``R``."""
+        x, G = _inputs(module, inputs, G, validate)  # (n, *), (n, *)
+        Gf = _flat(module, G, params_last)  # (n, R, P)
+        out = {}
+        if _trainable(module.weight):
+            out["weight"] = _flat(module, normalise(module, x), params_last).mul_(Gf)  # x̂ ⊙ G
+        if _trainable(getattr(module, "bias", None)):
+            out["bias"] = Gf  # (n, R, P)
+        return out
+
+    def grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
+        shape = _param_shape(module)
+        parts = per_position(module, inputs, G)  # {name: (n, R, P)}
+        return {k: v.sum(1).reshape(v.shape[0], *shape) for k, v in parts.items()}  # (n, *shape)
+
+    def sq_norms(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
+        parts = per_position(module, inputs, G)  # {name: (n, R, P)}
+        return {k: v.sum(1).square().sum(1) for k, v in parts.items()}  # (n,)
+
+    def weighted_sum(
+        module: Any, inputs: tuple[Any, ...], G: Tensor, coef: Tensor
+    ) -> dict[str, Tensor]:
+        shape = _param_shape(module)
+        parts = per_position(module, inputs, G)  # {name: (n, R, P)}
+        c = coef.to(G.dtype)  # (n,)
+        return {k: torch.einsum("n,nrp->p", c, v).reshape(shape) for k, v in parts.items()}  # shape
+
+    return register_rule(cls, grads=grads, sq_norms=sq_norms, weighted_sum=weighted_sum)
+
+
+LAYER_NORM = _make_rule(nn.LayerNorm, _layer_norm, _trailing_only, params_last=True)
+RMS_NORM = _make_rule(nn.RMSNorm, _rms_norm, _trailing_only, params_last=True)
+GROUP_NORM = _make_rule(nn.GroupNorm, _group_norm, _channels_second, params_last=False)
+INSTANCE_NORM = _make_rule(_InstanceNorm, _instance_norm, _channels_second, params_last=False)
+BATCH_NORM = _make_rule(_BatchNorm, _batch_norm, _running_stats, params_last=False)
+SYNC_BATCH_NORM = register_rule(nn.SyncBatchNorm, BATCH_NORM)  # eval mode: F.batch_norm too
