@@ -87,7 +87,8 @@ def check(
     Each quantity is computed from its own forward inside its own capture, and once more
     all together from a single ``cap.backward``. ``clip_`` is checked on a clean ``.grad``
     (existing gradients are restored afterwards). ``max_norm`` defaults to the median
-    per-example norm, so that some examples are clipped and some are not. Tolerances are
+    per-example norm (1.0 if that is 0), so that some examples are clipped and some are
+    not. Tolerances are
     those of ``torch.testing.assert_close`` unless given; use float64 models for tight
     checks. The model should be deterministic (eval mode, or no dropout).
 
@@ -97,7 +98,8 @@ def check(
     ref = loop_grads(model, loss_fn, *batch, batch_dim=batch_dim)
     ref_norms = norms_of(ref)
     if max_norm is None:
-        max_norm = float(ref_norms.median()) if ref_norms.numel() else 1.0
+        median = float(ref_norms.median()) if ref_norms.numel() else 0.0
+        max_norm = median if median > 0 else 1.0
 
     def close(actual: Tensor, expected: Tensor, what: str) -> None:
         torch.testing.assert_close(

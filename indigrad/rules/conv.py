@@ -1,1 +1,244 @@
-"""Rules for this layer family (being written)."""
+"""``nn.Conv{1,2,3}d`` and ``nn.ConvTranspose{1,2,3}d``, batched inputs ``(n, C, *spatial)``.
+
+Both are written as one product per group ``g`` over positions ``P``:
+
+    dW_i[g] = L_i[g] R_i[g]ᵀ                                 einsum("ngap,ngbp->ngab")
+
+    Conv:           L = G                 (n, g, C_out/g, P)       P = output positions
+                    R = im2col(x padded)  (n, g, C_in/g·k, P)      weight (C_out, C_in/g, *k)
+    ConvTranspose:  L = x                 (n, g, C_in/g, P)        P = input positions
+                    R = im2col(G_full)    (n, g, C_out/g·k, P)     weight (C_in, C_out/g, *k)
+
+``im2col(t)[c·k, p] = t[c, p·stride + k·dilation]`` (per spatial dim) is a strided view of
+``t``, copied once. The conv sees its input padded exactly as the module pads it (zeros,
+"same", or ``F.pad`` with ``padding_mode``), then with padding 0. A transposed conv's output
+is its "full" output ``full[i·s + k·d] += x[i] W[k]`` cropped by ``padding`` on both sides and
+extended by ``output_padding`` at the end, so ``G_full`` is ``G`` padded by ``padding`` on the
+left and by ``padding - output_padding`` on the right (a crop when negative): the transposed
+conv's weight gradient is the conv's, with input and output gradient swapped.
+
+    grads        dW_i = L_i Rᵢᵀ per group (one bmm)         db_i = Σ_p G_ip    einsum("nop->no")
+    sq_norms     ‖dW_i‖² = Σ_g ⟨L_iᵀ L_i, R_iᵀ R_i⟩           (ghost, P×P Grams per group) when
+                 P (a + b) < a b, else materialise dW_i        (a, b = the two widths above)
+    weighted_sum Σ_i c_i dW_i: one weight gradient of the module (``convolution_backward``) with
+                 ``c ⊙ G`` as output gradient, as in the plain backward.
+
+Unbatched inputs ``(C, *spatial)`` are refused with an error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+from .. import _alloc
+from .registry import register_rule
+
+
+def _dims(module: _ConvNd) -> int:
+    return int(module.weight.dim()) - 2
+
+
+def _check(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> tuple[_ConvNd, Tensor, Tensor]:
+    conv = cast(_ConvNd, module)
+    x, d = inputs[0], _dims(conv)
+    name = type(module).__name__
+    if not isinstance(x, Tensor) or x.dim() != d + 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise RuntimeError(
+            f"{name}: indigrad needs a batched input (n, C, *spatial) with {d} spatial dims, "
+            f"got {shape}. For a single example, add the batch dimension: x.unsqueeze(0)."
+        )
+    if not isinstance(G, Tensor) or G.dim() != d + 2 or G.shape[0] != x.shape[0]:
+        shape = tuple(G.shape) if isinstance(G, Tensor) else type(G).__name__
+        raise RuntimeError(
+            f"{name}: output gradient {shape} does not match the input {tuple(x.shape)}"
+        )
+    return conv, x, G
+
+
+def _pad_list(module: _ConvNd) -> list[int]:
+    """The padding the forward applies, in ``F.pad`` order (last dim first, left then right)."""
+    if module.padding_mode != "zeros":
+        return list(module._reversed_padding_repeated_twice)  # what forward pads with
+    padding: Any = module.padding
+    if padding == "valid":
+        return [0, 0] * _dims(module)
+    if padding == "same":
+        out: list[int] = []
+        for dil, k in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
+            total = dil * (k - 1)
+            out += [total // 2, total - total // 2]  # the extra one on the right, as torch
+        return out
+    return [p for p in reversed(padding) for _ in range(2)]
+
+
+def _pad(module: _ConvNd, x: Tensor) -> Tensor:
+    """The conv's input as the module's convolution sees it (with padding 0)."""
+    pads = _pad_list(module)
+    if not any(pads):
+        return x
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, pads, mode=mode)  # (n, C_in, *padded)
+
+
+def _im2col(t: Tensor, module: _ConvNd, out: tuple[int, ...]) -> Tensor:
+    """``(n, C·k, P)`` with ``[c·k, p] = t[c, p·stride + k·dilation]`` (a strided view, copied)."""
+    n, C = t.shape[:2]
+    K: tuple[int, ...] = tuple(module.kernel_size)
+    st = t.stride()
+    for size, o, k, s, dil in zip(t.shape[2:], out, K, module.stride, module.dilation, strict=True):
+        # exactly the forward's output size: as_strided must not read past t
+        if o != (size - (k - 1) * dil - 1) // s + 1:
+            raise RuntimeError(
+                f"{type(module).__name__}: output {out} does not match the input "
+                f"{tuple(t.shape)} (padded) under this layer's options"
+            )
+    win = t.as_strided(
+        (n, C, *K, *out),
+        (
+            st[0],
+            st[1],
+            *(a * dil for a, dil in zip(st[2:], module.dilation, strict=True)),
+            *(a * s for a, s in zip(st[2:], module.stride, strict=True)),
+        ),
+        t.storage_offset(),
+    )  # (n, C, *k, *out)
+    return win.reshape(n, C * math.prod(K), math.prod(out))  # (n, C·k, P)
+
+
+def _full_pads(module: _ConvNd, x: Tensor, G: Tensor) -> tuple[list[int], list[int]]:
+    """For a transposed conv: ``F.pad`` widths turning ``G`` into ``G_full``, and the
+    output padding the forward used (also when it came from ``output_size``)."""
+    pads: list[int] = []
+    output_padding: list[int] = []
+    for i, o, k, s, dil, p in zip(
+        x.shape[2:],
+        G.shape[2:],
+        module.kernel_size,
+        module.stride,
+        module.dilation,
+        module.padding,
+        strict=True,
+    ):
+        full = (i - 1) * s + (k - 1) * dil + 1
+        if o < full - 2 * p:
+            raise RuntimeError(
+                f"{type(module).__name__}: output gradient {tuple(G.shape)} is too small "
+                f"for the input {tuple(x.shape)}"
+            )
+        pads = [p, full - p - o, *pads]  # F.pad order: last dim first
+        output_padding.append(o - (full - 2 * p))
+    return pads, output_padding
+
+
+def _factors(module: _ConvNd, x: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+    """``L (n·g, a, P)`` and ``R (n·g, b, P)`` with ``dW_i[g] = L R ᵀ``."""
+    n, g = x.shape[0], module.groups
+    if module.transposed:
+        pads, _ = _full_pads(module, x, G)
+        G_full = F.pad(G, pads)  # (n, C_out, *full)
+        R = _im2col(G_full, module, tuple(x.shape[2:]))  # (n, C_out·k, P)
+        L = x.reshape(n, x.shape[1], -1)  # (n, C_in, P)
+    else:
+        R = _im2col(_pad(module, x), module, tuple(G.shape[2:]))  # (n, C_in·k, P)
+        L = G.reshape(n, G.shape[1], -1)  # (n, C_out, P)
+    P = L.shape[2]
+    L = L.reshape(n * g, L.shape[1] // g, P)  # (n·g, a, P)
+    R = R.reshape(n * g, R.shape[1] // g, P)  # (n·g, b, P)
+    return L, R
+
+
+def _ghost(P: int, a: int, b: int) -> bool:
+    """Ghost norm (two P×P Grams, ≈ P²(a + b)) is cheaper than materialising (≈ P a b)."""
+    return P * (a + b) < a * b
+
+
+def conv_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
+    conv, x, G = _check(module, inputs, G)  # (n, C_in, *in), (n, C_out, *out)
+    n = x.shape[0]
+    out: dict[str, Tensor] = {}
+    if conv.weight.requires_grad:
+        L, R = _factors(conv, x, G)  # (n·g, a, P), (n·g, b, P)
+        W = _alloc.empty((n, *conv.weight.shape), like=L)  # (n, *weight.shape)
+        torch.bmm(L, R.transpose(1, 2), out=W.view(L.shape[0], L.shape[1], R.shape[1]))
+        out["weight"] = W
+    if conv.bias is not None:
+        out["bias"] = G.flatten(2).sum(2)  # (n, C_out)
+    return out
+
+
+def conv_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
+    conv, x, G = _check(module, inputs, G)  # (n, C_in, *in), (n, C_out, *out)
+    n = x.shape[0]
+    out: dict[str, Tensor] = {}
+    if conv.weight.requires_grad:
+        L, R = _factors(conv, x, G)  # (n·g, a, P), (n·g, b, P)
+        _, a, P = L.shape
+        if _ghost(P, a, R.shape[1]):
+            LL = torch.bmm(L.transpose(1, 2), L)  # (n·g, P, P)
+            RR = torch.bmm(R.transpose(1, 2), R)  # (n·g, P, P)
+            sq = (LL * RR).sum((1, 2))  # (n·g,)
+        else:
+            sq = torch.bmm(L, R.transpose(1, 2)).square().sum((1, 2))  # (n·g,)
+        out["weight"] = sq.view(n, -1).sum(1)  # (n,): Σ over groups
+    if conv.bias is not None and conv.bias.requires_grad:
+        out["bias"] = G.flatten(2).sum(2).square().sum(1)  # (n,)
+    return out
+
+
+def conv_weighted_sum(
+    module: nn.Module, inputs: tuple[Any, ...], G: Tensor, coef: Tensor
+) -> dict[str, Tensor]:
+    conv, x, G = _check(module, inputs, G)  # (n, C_in, *in), (n, C_out, *out)
+    Gc = G * coef.to(G.dtype).view(-1, *[1] * (G.dim() - 1))  # (n, C_out, *out)
+    d = _dims(conv)
+    output_padding = [0] * d
+    if conv.transposed:
+        padding = list(conv.padding)
+        _, output_padding = _full_pads(conv, x, G)
+    elif conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        padding = list(conv.padding)  # symmetric: the conv pads, as in the forward
+    else:
+        padding = [0] * d
+        x = _pad(conv, x)  # (n, C_in, *padded)
+    has_bias = conv.bias is not None and conv.bias.requires_grad
+    _, dW, db = torch.ops.aten.convolution_backward(
+        Gc,
+        x,
+        conv.weight,
+        [conv.out_channels] if has_bias else None,
+        list(conv.stride),
+        padding,
+        list(conv.dilation),
+        conv.transposed,
+        output_padding,
+        conv.groups,
+        [False, bool(conv.weight.requires_grad), has_bias],
+    )  # dW (*weight.shape), db (C_out,)
+    out: dict[str, Tensor] = {}
+    if dW is not None:
+        out["weight"] = dW
+    if has_bias:
+        out["bias"] = db
+    return out
+
+
+CONV = {
+    cls: register_rule(
+        cls, grads=conv_grads, sq_norms=conv_sq_norms, weighted_sum=conv_weighted_sum
+    )
+    for cls in (
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+    )
+}
