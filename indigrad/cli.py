@@ -26,26 +26,59 @@ def _demo(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from . import bench
 
-    sizes = [int(s) for s in args.sizes.split("-")]
-    if len(sizes) < 3:
-        raise SystemExit("--sizes needs at least input-hidden-output, e.g. 784-512-256-10")
-    problem = bench.mlp_problem(sizes[0], sizes[1:-1], sizes[-1], args.batch, args.device)
+    if args.sizes:
+        sizes = [int(s) for s in args.sizes.split("-")]
+        if len(sizes) < 3:
+            raise SystemExit("--sizes needs at least input-hidden-output, e.g. 784-512-256-10")
+        problems = {
+            "mlp": lambda: bench.mlp_problem(
+                sizes[0], sizes[1:-1], sizes[-1], args.batch or 256, args.device
+            )
+        }
+    else:
+        available = bench.zoo(args.device)
+        names = args.problems.split(",") if args.problems else list(available)
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise SystemExit(f"unknown problems {unknown}; choose from {list(available)}")
+        problems = {n: available[n] for n in names}
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in bench.METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(bench.METHODS)}")
 
-    def progress(msg: str) -> None:
-        if not args.no_progress:
-            print(f"\r{problem.name}: {msg}", end="", file=sys.stderr, flush=True)
+    report: dict[str, object] = {"torch": torch_version(), "device": args.device, "problems": {}}
+    for key, make in problems.items():
+        try:
+            problem = make()
+        except ImportError as err:
+            print(f"{key}: skipped ({err})\n")
+            continue
 
-    results = bench.run(problem, methods, repeats=args.repeats, progress=progress)
-    if not args.no_progress:
-        print(file=sys.stderr)
-    print(bench.table(problem, results))
+        def progress(msg: str, name: str = problem.name) -> None:
+            if not args.no_progress:
+                print(f"\r\033[K{name}: {msg}", end="", file=sys.stderr, flush=True)
+
+        results = bench.run(problem, methods, repeats=args.repeats, progress=progress)
+        if not args.no_progress:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+        print(bench.table(problem, results) + "\n", flush=True)
+        report["problems"][problem.name] = results  # type: ignore[index]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"problem": problem.name, "results": results}, f, indent=2)
+            json.dump(report, f, indent=2)
+
+
+def torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -69,11 +102,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo.set_defaults(run=_demo)
 
     bench = sub.add_parser("bench", help="time indigrad against plain training and peers")
-    bench.add_argument("--sizes", default="784-512-256-10", help="MLP layer sizes")
-    bench.add_argument("--batch", type=int, default=256)
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--repeats", type=int, default=30)
-    bench.add_argument("--methods", default="plain,grads,norms,clipped,torch.func,loop")
+    bench.add_argument(
+        "--problems", help="comma-separated problems of the zoo (default: all of them)"
+    )
+    bench.add_argument("--sizes", help="a custom MLP instead, e.g. 784-512-256-10")
+    bench.add_argument("--batch", type=int, help="batch size of the custom MLP (256)")
+    bench.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    bench.add_argument("--repeats", type=int, default=20)
+    bench.add_argument(
+        "--methods",
+        default="plain,grads,norms,clipped,torch.func,opacus,opacus-ew,opacus-ghost,"
+        "backpack,backpack-norms",
+        help="comma-separated; also: loop",
+    )
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=_bench)

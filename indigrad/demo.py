@@ -6,6 +6,7 @@ Everything runs on the CPU from data that ships inside scikit-learn; nothing is 
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,14 +104,18 @@ def timing(
     tqdm = _need("tqdm").tqdm
     problem = bench.Problem(
         f"digits MLP 64-128-64-10, n={batch_size}",
-        model,
+        lambda: copy.deepcopy(model),
         data.x_train[:batch_size],
         data.y_train[:batch_size],
         lambda out, y: F.cross_entropy(out, y, reduction="none"),
     )
     methods = ["plain", "grads", "norms", "clipped", "loop", "torch.func"]
     bar = tqdm(total=repeats, desc="timing", disable=not progress)
-    results = bench.run(problem, methods, repeats=repeats, progress=lambda _: bar.update(1))
+    def progress(message: str) -> None:
+        if message.startswith("round"):
+            bar.update(1)
+
+    results = bench.run(problem, methods, repeats=repeats, progress=progress)
     bar.close()
     return problem, results
 

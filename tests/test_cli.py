@@ -56,6 +56,8 @@ def test_bench_command_writes_json(tmp_path):
             "4",
             "--repeats",
             "2",
+            "--methods",
+            "plain,grads,norms,clipped,torch.func",
             "--no-progress",
             "--json",
             str(path),
@@ -66,5 +68,18 @@ def test_bench_command_writes_json(tmp_path):
         check=True,
     )
     assert "MLP 8-8-2, n=4" in result.stdout
-    results = json.loads(path.read_text())["results"]
+    results = json.loads(path.read_text())["problems"]["MLP 8-8-2, n=4"]
     assert results["plain"]["ratio"] == 1.0 and results["grads"]["seconds"] > 0
+    assert set(results) == {"plain", "grads", "norms", "clipped", "torch.func"}
+
+
+def test_bench_zoo_runs_every_method_or_reports_its_failure():
+    from indigrad import bench
+
+    problem = bench.mlp_problem(6, [5], 3, batch=4)
+    results = bench.run(problem, list(bench.METHODS), repeats=1, warmup=1)
+    assert set(results) == set(bench.METHODS)
+    for method in ["plain", "grads", "norms", "clipped", "loop", "torch.func"]:
+        assert "seconds" in results[method], results[method]
+    for r in results.values():
+        assert ("seconds" in r) != ("error" in r)

@@ -1,0 +1,133 @@
+"""Whole-step timing of indigrad against plain training and peer libraries, in one
+process, as ratios to the plain step (``indigrad bench``, ``benchmarks/``).
+
+Every method times what a user runs per batch: the forward, the backward work, and (for
+steps) ``optimizer.step()``. Methods are timed round-robin, one step each per round, and
+the median is reported, so that a drift of the machine affects them all alike. On CUDA
+each step ends with a synchronisation, and its memory is the peak allocated during the
+step above what was allocated before it.
+
+Example (tiny, so it runs in a doctest):
+    >>> import indigrad.bench as bench
+    >>> problem = bench.mlp_problem(8, [8], 2, batch=4)
+    >>> results = bench.run(problem, ["plain", "norms"], repeats=2, warmup=1)
+    >>> sorted(results), results["plain"]["ratio"]
+    (['norms', 'plain'], 1.0)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .methods import METHODS
+from .problems import MLP, Problem, cnn_problem, gpt_problem, mlp_problem, resnet18_problem, zoo
+
+__all__ = [
+    "METHODS",
+    "MLP",
+    "Problem",
+    "cnn_problem",
+    "gpt_problem",
+    "mlp_problem",
+    "resnet18_problem",
+    "run",
+    "table",
+    "zoo",
+]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(
+    problem: Problem,
+    methods: Sequence[str],
+    repeats: int = 20,
+    warmup: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Median seconds per step of each method on ``problem``, and the ratio to ``plain``
+    (timed too if not asked for). The per-example loop is slow by design and runs in
+    every tenth round only. A method that raises is reported with its error."""
+    order = ["plain", *[m for m in methods if m != "plain"]]
+    device = problem.device
+    cuda = device.type == "cuda"
+    steps: dict[str, Callable[[], None]] = {}
+    errors: dict[str, str] = {}
+    times: dict[str, list[float]] = {m: [] for m in order}
+    memory: dict[str, int] = {}
+
+    def timed(method: str) -> float:
+        if cuda:
+            _sync(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        steps[method]()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if cuda:
+            used = torch.cuda.max_memory_allocated(device) - before
+            memory[method] = max(memory.get(method, 0), used)
+        return elapsed
+
+    for method in order:
+        if progress is not None:
+            progress(f"{method}: warm-up")
+        try:
+            steps[method] = METHODS[method](problem)
+            for _ in range(warmup):
+                timed(method)
+        except Exception as err:  # a method that crashes is reported, not hidden
+            errors[method] = f"{type(err).__name__}: {err}".split("\n")[0]
+            steps.pop(method, None)
+    for r in range(repeats):
+        if progress is not None:
+            progress(f"round {r + 1}/{repeats}")
+        for method in steps:
+            if method == "loop" and r % 10:
+                continue
+            times[method].append(timed(method))
+    results: dict[str, dict[str, Any]] = {}
+    for method in order:
+        if method in errors:
+            results[method] = {"error": errors[method]}
+            continue
+        results[method] = {
+            "seconds": statistics.median(times[method]),
+            "repeats": len(times[method]),
+        }
+        if method in memory:
+            results[method]["step_bytes"] = memory[method]
+    base = results["plain"]
+    for res in results.values():
+        if "seconds" in res and "seconds" in base:
+            res["ratio"] = res["seconds"] / base["seconds"]
+        if "step_bytes" in res and base.get("step_bytes"):
+            res["memory_ratio"] = res["step_bytes"] / base["step_bytes"]
+    if "plain" not in methods:
+        results.pop("plain")
+    return results
+
+
+def table(problem: Problem, results: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table of ``run``'s results."""
+    lines = [f"{problem.name} on {problem.device.type}, torch {torch.__version__}"]
+    memory = any("memory_ratio" in r for r in results.values())
+    lines.append(f"{'method':<15} {'ms/step':>10} {'× plain':>9}" + ("  memory" if memory else ""))
+    for method, r in results.items():
+        if "error" in r:
+            lines.append(f"{method:<15} {'fails':>10}   {r['error'][:70]}")
+            continue
+        line = f"{method:<15} {r['seconds'] * 1e3:>10.2f} {r['ratio']:>8.2f}×"
+        if "memory_ratio" in r:
+            line += f"  {r['memory_ratio']:>5.2f}×"
+        lines.append(line)
+    return "\n".join(lines)
