@@ -72,10 +72,15 @@ def linear_weighted_sum(
     module: nn.Module, inputs: tuple[Any, ...], G: Tensor, coef: Tensor
 ) -> dict[str, Tensor]:
     A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
-    Gc = G * coef.to(G.dtype)[:, None, None]  # (n, T, d_out)
-    out = {"weight": Gc.flatten(0, 1).T @ A.flatten(0, 1)}  # (d_out, d_in)
-    if module.bias is not None:
-        out["bias"] = Gc.sum((0, 1))  # (d_out,)
+    c = coef.to(G.dtype)[:, None, None]  # (n, 1, 1)
+    out = {}
+    if module.weight.requires_grad:  # scale whichever side is smaller
+        if A.shape[2] <= G.shape[2]:
+            out["weight"] = G.flatten(0, 1).T @ (A * c).flatten(0, 1)  # (d_out, d_in)
+        else:
+            out["weight"] = (G * c).flatten(0, 1).T @ A.flatten(0, 1)  # (d_out, d_in)
+    if module.bias is not None and module.bias.requires_grad:
+        out["bias"] = torch.einsum("n,nto->o", c[:, 0, 0], G)  # (d_out,)
     return out
 
 
@@ -106,7 +111,8 @@ def conv1d_weighted_sum(
     module: nn.Module, inputs: tuple[Any, ...], G: Tensor, coef: Tensor
 ) -> dict[str, Tensor]:
     out = linear_weighted_sum(module, inputs, G, coef)
-    out["weight"] = out["weight"].T.contiguous()  # (d_in, d_out)
+    if "weight" in out:
+        out["weight"] = out["weight"].T.contiguous()  # (d_in, d_out)
     return out
 
 
