@@ -9,6 +9,7 @@
 torch.Size([8])
 """
 
+from . import dp as dp
 from . import testing as testing
 from .capture import capture
 from .quantities import PerExample
@@ -21,6 +22,7 @@ __all__ = [
     "Rule",
     "__version__",
     "capture",
+    "dp",
     "lookup_rule",
     "register_rule",
     "registered_rules",

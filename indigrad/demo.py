@@ -111,11 +111,11 @@ def timing(
     )
     methods = ["plain", "grads", "norms", "clipped", "loop", "torch.func"]
     bar = tqdm(total=repeats, desc="timing", disable=not progress)
-    def progress(message: str) -> None:
+    def tick(message: str) -> None:
         if message.startswith("round"):
             bar.update(1)
 
-    results = bench.run(problem, methods, repeats=repeats, progress=progress)
+    results = bench.run(problem, methods, repeats=repeats, progress=tick)
     bar.close()
     return problem, results
 
