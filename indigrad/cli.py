@@ -12,6 +12,8 @@ def _demo(args: argparse.Namespace) -> None:
     from . import demo
 
     demo.main(
+        epsilons=tuple(float(e) for e in args.epsilons.split(",") if e),
+        delta=args.delta,
         epochs=args.epochs,
         batch_size=args.batch_size,
         max_norm=args.max_norm,
@@ -87,13 +89,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser(
-        "demo", help="train an MLP on scikit-learn's digits with per-example clipping"
-    )
+    demo = sub.add_parser("demo", help="DP-SGD on scikit-learn's digits, then timings")
+    demo.add_argument("--epsilons", default="3,8", help="target ε of each private run")
+    demo.add_argument("--delta", type=float, default=1e-5)
     demo.add_argument("--epochs", type=int, default=30)
-    demo.add_argument("--batch-size", type=int, default=64)
-    demo.add_argument("--max-norm", type=float, default=1.0)
-    demo.add_argument("--lr", type=float, default=0.5)
+    demo.add_argument("--batch-size", type=int, default=64, help="expected batch size")
+    demo.add_argument("--max-norm", type=float, default=0.3)
+    demo.add_argument("--lr", type=float, default=2.0)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--repeats", type=int, default=30, help="timing rounds")
     demo.add_argument("--plot", default="indigrad-demo.png", help="where to write the plot")

@@ -1,5 +1,6 @@
-"""``indigrad demo``: train an MLP on scikit-learn's digits with per-example clipping, then
-time plain training against indigrad's quantities and a per-example loop.
+"""``indigrad demo``: DP-SGD on scikit-learn's digits (Poisson sampling, per-example
+clipping, calibrated Gaussian noise, accounting), then timing of plain training against
+indigrad's quantities, a per-example loop and torch.func.
 
 Everything runs on the CPU from data that ships inside scikit-learn; nothing is downloaded.
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import bench
+from . import bench, dp
 from .bench import MLP
 from .capture import capture
 
@@ -59,41 +60,60 @@ def accuracy(model: torch.nn.Module, x: Tensor, y: Tensor) -> float:
 
 def train(
     data: Digits,
+    target_epsilon: float | None,
     epochs: int,
     batch_size: int,
     max_norm: float,
     lr: float,
+    delta: float,
     seed: int,
     progress: bool = True,
-) -> tuple[MLP, dict[str, list[Any]]]:
-    """SGD on the summed clipped per-example gradients, divided by the batch size."""
+) -> tuple[MLP, dict[str, Any]]:
+    """DP-SGD on digits: Poisson-sampled batches, per-example clipping with
+    :meth:`capture.clip_`, Gaussian noise calibrated to ``target_epsilon`` at ``delta``
+    (no noise for ``None``), SGD. Records each epoch's ε so far, test accuracy and the
+    per-example gradient norms."""
     tqdm = _need("tqdm").tqdm
     torch.manual_seed(seed)
-    model = MLP(64, [128, 64], 10)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    history: dict[str, list[Any]] = {"test_accuracy": [], "norms": [], "clipped_fraction": []}
+    model = MLP(64, [64], 10)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     n = len(data.y_train)
-    steps = epochs * -(-n // batch_size)
-    bar = tqdm(total=steps, desc="training with per-example clipping", disable=not progress)
-    for _ in range(epochs):
-        perm = torch.randperm(n)
+    q = batch_size / n
+    per_epoch = max(1, round(1 / q))
+    steps = epochs * per_epoch
+    sigma = 0.0
+    if target_epsilon is not None:
+        sigma = dp.calibrate_noise_multiplier(
+            target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=steps
+        )
+    noise = dp.GaussianNoise(sigma, max_norm, expected_batch_size=q * n, seed=seed)
+    sampler = iter(dp.PoissonSampler(n, q, steps=steps, seed=seed))
+    history: dict[str, Any] = {"sigma": sigma, "epsilon": [], "test_accuracy": [], "norms": []}
+    label = "no noise" if target_epsilon is None else f"DP-SGD to ε = {target_epsilon:g}"
+    bar = tqdm(total=steps, desc=f"{label:<20}", disable=not progress)
+    for epoch in range(1, epochs + 1):
         epoch_norms = []
-        for idx in perm.split(batch_size):
+        for _ in range(per_epoch):
+            idx = torch.tensor(next(sampler), dtype=torch.long)  # Poisson: the size varies
             x, y = data.x_train[idx], data.y_train[idx]
             with capture(model) as cap:
                 norms = cap.clip_(F.cross_entropy(model(x), y, reduction="none"), max_norm)
-            for p in model.parameters():
-                assert p.grad is not None
-                p.grad /= len(idx)
+            noise.add_(model)  # (clipped sum + N(0, σ²C²)) / (q·N)
             opt.step()
             opt.zero_grad(set_to_none=True)
             epoch_norms.append(norms)
             bar.update(1)
-        norms = torch.cat(epoch_norms)
-        history["norms"].append(norms)
-        history["clipped_fraction"].append(float((norms > max_norm).float().mean()))
+        eps = (
+            float("inf")
+            if target_epsilon is None
+            else dp.compute_epsilon(
+                sample_rate=q, noise_multiplier=sigma, steps=epoch * per_epoch, delta=delta
+            )
+        )
+        history["epsilon"].append(eps)
         history["test_accuracy"].append(accuracy(model, data.x_test, data.y_test))
-        bar.set_postfix(test_acc=f"{history['test_accuracy'][-1]:.3f}")
+        history["norms"].append(torch.cat(epoch_norms))
+        bar.set_postfix(test_acc=f"{history['test_accuracy'][-1]:.3f}", eps=f"{eps:.2f}")
     bar.close()
     return model, history
 
@@ -103,7 +123,7 @@ def timing(
 ) -> tuple[bench.Problem, dict[str, dict[str, Any]]]:
     tqdm = _need("tqdm").tqdm
     problem = bench.Problem(
-        f"digits MLP 64-128-64-10, n={batch_size}",
+        f"digits MLP 64-64-10, n={batch_size}",
         lambda: copy.deepcopy(model),
         data.x_train[:batch_size],
         data.y_train[:batch_size],
@@ -111,6 +131,7 @@ def timing(
     )
     methods = ["plain", "grads", "norms", "clipped", "loop", "torch.func"]
     bar = tqdm(total=repeats, desc="timing", disable=not progress)
+
     def tick(message: str) -> None:
         if message.startswith("round"):
             bar.update(1)
@@ -126,41 +147,47 @@ def _quantiles(norms: Tensor) -> str:
     return "  ".join(f"{k} {float(v):.3f}" for k, v in zip(names, q, strict=True))
 
 
-def plot(history: dict[str, list[Any]], max_norm: float, path: Path) -> None:
+def plot(runs: dict[str, dict[str, Any]], max_norm: float, path: Path) -> None:
+    """Test accuracy against ε for each run, and the per-example norms of the last one."""
     matplotlib = _need("matplotlib")
     matplotlib.use("Agg")
     plt = _need("matplotlib.pyplot")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    first, last = history["norms"][0], history["norms"][-1]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, h in runs.items():
+        if label == "no noise":
+            ax1.axhline(h["test_accuracy"][-1], color="gray", ls=":", label="no noise")
+        else:
+            ax1.plot(h["epsilon"], h["test_accuracy"], marker=".", label=label)
+    ax1.set_xlabel("ε spent so far (δ = 1e-5), one point per epoch")
+    ax1.set_ylabel("test accuracy")
+    ax1.set_ylim(0, 1.02)
+    ax1.legend(loc="lower right")
+    last = runs[list(runs)[-1]]
+    first_norms, last_norms = last["norms"][0], last["norms"][-1]
+    both = torch.cat([first_norms, last_norms])
     bins = torch.logspace(
-        float(torch.log10(torch.cat([first, last]).min().clamp(min=1e-6))),
-        float(torch.log10(torch.cat([first, last]).max())),
-        40,
+        float(torch.log10(both.min().clamp(min=1e-4))), float(torch.log10(both.max())), 40
     ).numpy()
-    ax1.hist(first.numpy(), bins=bins, alpha=0.6, label="first epoch")
-    ax1.hist(last.numpy(), bins=bins, alpha=0.6, label="last epoch")
-    ax1.axvline(max_norm, color="k", linestyle="--", label=f"max_norm = {max_norm}")
-    ax1.set_xscale("log")
-    ax1.set_xlabel("per-example gradient norm ‖g_i‖")
-    ax1.set_ylabel("examples")
-    ax1.legend()
-    epochs = range(1, len(history["test_accuracy"]) + 1)
-    ax2.plot(epochs, history["test_accuracy"], marker="o", label="test accuracy")
-    ax2.plot(epochs, history["clipped_fraction"], marker=".", label="fraction clipped")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylim(0, 1.02)
+    ax2.hist(first_norms.numpy(), bins=bins, alpha=0.6, label="first epoch")
+    ax2.hist(last_norms.numpy(), bins=bins, alpha=0.6, label="last epoch")
+    ax2.axvline(max_norm, color="k", ls="--", label=f"max_norm C = {max_norm}")
+    ax2.set_xscale("log")
+    ax2.set_xlabel(f"per-example gradient norm ‖g_i‖ ({list(runs)[-1]})")
+    ax2.set_ylabel("examples")
     ax2.legend()
-    fig.suptitle("indigrad demo: MLP on digits with per-example clipping")
+    fig.suptitle("indigrad demo: DP-SGD on scikit-learn's digits")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def main(
+    epsilons: tuple[float, ...] = (3.0, 8.0),
     epochs: int = 30,
     batch_size: int = 64,
-    max_norm: float = 1.0,
-    lr: float = 0.5,
+    max_norm: float = 0.3,
+    lr: float = 2.0,
+    delta: float = 1e-5,
     seed: int = 0,
     repeats: int = 30,
     plot_path: str | None = "indigrad-demo.png",
@@ -168,21 +195,37 @@ def main(
 ) -> dict[str, Any]:
     """Run the demo and print its report; returns the figures it printed."""
     data = load_digits(seed)
-    print(f"digits: {len(data.y_train)} train / {len(data.y_test)} test images (8×8, 10 classes)")
-    start = time.perf_counter()
-    model, history = train(data, epochs, batch_size, max_norm, lr, seed, progress)
-    elapsed = time.perf_counter() - start
+    n = len(data.y_train)
+    print(f"digits: {n} train / {len(data.y_test)} test images (8×8, 10 classes)")
     print(
-        f"\ntrained {epochs} epochs in {elapsed:.1f} s: test accuracy "
-        f"{history['test_accuracy'][-1]:.3f} (batch {batch_size}, max_norm {max_norm})"
+        f"MLP 64-64-10, Poisson sampling q = {batch_size}/{n}, {epochs} epochs, "
+        f"max_norm {max_norm}, SGD lr {lr}, δ = {delta:g}\n"
     )
-    print("\nper-example gradient norms (before clipping)")
-    for label, norms, frac in [
-        ("first epoch", history["norms"][0], history["clipped_fraction"][0]),
-        ("last epoch ", history["norms"][-1], history["clipped_fraction"][-1]),
-    ]:
-        print(f"  {label}  {_quantiles(norms)}   clipped {frac:.0%}")
+    runs: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    model = None
+    for target in [None, *epsilons]:
+        label = "no noise" if target is None else f"ε = {target:g}"
+        model, runs[label] = train(
+            data, target, epochs, batch_size, max_norm, lr, delta, seed, progress
+        )
+    elapsed = time.perf_counter() - start
+    print(f"\n{len(runs)} trainings in {elapsed:.1f} s")
+    print(
+        f"\n{'run':<12} {'σ':>6} {'ε (δ = ' + format(delta, 'g') + ')':>14} {'test accuracy':>14}"
+    )
+    for label, h in runs.items():
+        eps = "∞" if label == "no noise" else f"{h['epsilon'][-1]:.2f}"
+        sigma = "-" if label == "no noise" else f"{h['sigma']:.2f}"
+        print(f"{label:<12} {sigma:>6} {eps:>14} {h['test_accuracy'][-1]:>14.3f}")
 
+    last = runs[list(runs)[-1]]
+    print(f"\nper-example gradient norms before clipping ({list(runs)[-1]})")
+    for which, norms in [("first epoch", last["norms"][0]), ("last epoch ", last["norms"][-1])]:
+        frac = float((norms > max_norm).float().mean())
+        print(f"  {which}  {_quantiles(norms)}   clipped {frac:.0%}")
+
+    assert model is not None
     problem, results = timing(model, data, batch_size, repeats, progress)
     print()
     print(bench.table(problem, results))
@@ -192,6 +235,6 @@ def main(
         "backward per example; torch.func = vmap(grad)."
     )
     if plot_path:
-        plot(history, max_norm, Path(plot_path))
+        plot(runs, max_norm, Path(plot_path))
         print(f"\nplot written to {plot_path}")
-    return {"history": history, "timing": results}
+    return {"runs": runs, "timing": results}

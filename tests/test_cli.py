@@ -9,8 +9,13 @@ from indigrad import demo
 
 def test_demo_trains_and_reports(tmp_path, capsys):
     plot = tmp_path / "demo.png"
-    out = demo.main(epochs=2, repeats=2, plot_path=str(plot), progress=False)
-    assert out["history"]["test_accuracy"][-1] > 0.8
+    out = demo.main(epsilons=(3.0,), epochs=3, repeats=2, plot_path=str(plot), progress=False)
+    runs = out["runs"]
+    assert list(runs) == ["no noise", "ε = 3"]
+    assert runs["no noise"]["test_accuracy"][-1] > 0.8
+    eps = runs["ε = 3"]["epsilon"]
+    assert eps == sorted(eps) and 2.9 < eps[-1] <= 3.0  # σ calibrated to the target
+    assert runs["ε = 3"]["test_accuracy"][-1] > 0.3  # better than chance after 3 epochs
     assert plot.stat().st_size > 10_000
     printed = capsys.readouterr().out
     for method in ["plain", "grads", "norms", "clipped", "loop", "torch.func"]:
@@ -26,6 +31,8 @@ def test_python_m_indigrad_demo(tmp_path):
             "-m",
             "indigrad",
             "demo",
+            "--epsilons",
+            "8",
             "--epochs",
             "1",
             "--repeats",
