@@ -90,3 +90,20 @@ def test_bench_zoo_runs_every_method_or_reports_its_failure():
         assert "seconds" in results[method], results[method]
     for r in results.values():
         assert ("seconds" in r) != ("error" in r)
+
+
+def test_example_dp_finetune_transformer_runs():
+    import importlib.util
+    from pathlib import Path
+
+    pytest = __import__("pytest")
+    pytest.importorskip("transformers")
+    path = Path(__file__).parents[1] / "examples" / "dp_finetune_transformer.py"
+    spec = importlib.util.spec_from_file_location("dp_finetune_transformer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(
+        ["--epochs", "1", "--batch", "16", "--micro-batch", "4", "--private-examples", "64",
+         "--pretrain-steps", "2"]
+    )  # fmt: skip
+    assert 7.9 < out["epsilon"] <= 8.0 and out["loss"] > 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 Method = Literal["rdp", "pld"]
@@ -90,7 +91,8 @@ def compute_epsilon(
     if steps == 0:
         return 0.0
     accountant.compose(_event(sample_rate, noise_multiplier, int(steps)))
-    return float(accountant.get_epsilon(delta))
+    with _quiet_absl():
+        return float(accountant.get_epsilon(delta))
 
 
 def calibrate_noise_multiplier(
@@ -139,12 +141,7 @@ def calibrate_noise_multiplier(
     if steps == 0:
         return 0.0
     factory = _accountant_factory(method, pld_discretization)
-    # The search probes small σ for which the RDP accountant logs (through absl) that it
-    # drops some orders; that concerns trial values, not the answer, so keep it quiet.
-    log = logging.getLogger("absl")
-    level = log.level
-    log.setLevel(max(level, logging.ERROR))
-    try:
+    with _quiet_absl():
         sigma = _dpa().calibrate_dp_mechanism(
             factory,
             lambda s: _event(sample_rate, s, int(steps)),
@@ -152,6 +149,18 @@ def calibrate_noise_multiplier(
             delta,
             tol=tol,
         )
+    return float(sigma)
+
+
+@contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """For small σ the RDP accountant logs (through absl) that it drops some Rényi orders
+    whose computation does not converge. Dropping orders only makes the bound looser, never
+    invalid, so these warnings are silenced."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(max(level, logging.ERROR))
+    try:
+        yield
     finally:
         log.setLevel(level)
-    return float(sigma)
