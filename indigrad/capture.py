@@ -43,6 +43,7 @@ class _Call:
     boundary: list[Any]  # autograd nodes of the tensor inputs, at call time
     versions: list[tuple[Tensor, int]]  # tensor inputs and their version counters at call time
     broadcast: bool = False  # called without the batch dimension; outputs expanded to it
+    training: bool = True  # the module's mode at call time
     grad_outputs: list[Tensor | None] = field(default_factory=list)
 
     @property
@@ -281,6 +282,7 @@ class capture:
                     boundary=boundary,
                     versions=versions,
                     broadcast=broadcast,
+                    training=module.training,
                 )
             )
             self._consumed = False
@@ -331,6 +333,12 @@ class capture:
             )
         calls = _check_accounted(losses.grad_fn, calls, self._names)
         for call in calls:
+            if call.module.training != call.training:
+                raise RuntimeError(
+                    f"{call.label} was switched to {'training' if call.module.training else 'eval'}"
+                    " mode between the forward and the backward; its rule would compute for "
+                    "the wrong mode. Switch modes before the forward."
+                )
             for t, version in call.versions:
                 if t._version != version:
                     raise RuntimeError(

@@ -43,8 +43,24 @@ class _Entry:
                 leaves[i] = None if g is None else _upcast(_batch_first(g, n, bd), dtype)
             self.G: Any = tree_unflatten(leaves, call.out_spec)
 
-    def _own(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: v for k, v in values.items() if k in self.call.params}
+    def _own(self, values: dict[str, Tensor], what: str) -> dict[str, Tensor]:
+        """The rule's results for the call's trainable parameters, shape-checked: a rule
+        that finds the wrong number of examples must not broadcast silently."""
+        own = {k: v for k, v in values.items() if k in self.call.params}
+        for k, v in own.items():
+            shape = tuple(self.call.params[k].shape)
+            expected = {"grads": (self.n, *shape), "sq_norms": (self.n,), "weighted_sum": shape}
+            if tuple(v.shape) != expected[what]:
+                raise RuntimeError(
+                    f"the rule for {self.call.label} returned {what}[{k!r}] of shape "
+                    f"{tuple(v.shape)}, expected {expected[what]} for {self.n} examples"
+                )
+        missing = set(self.call.params) - set(own)
+        if missing:
+            raise RuntimeError(
+                f"the rule for {self.call.label} returned no {what} for {sorted(missing)}"
+            )
+        return own
 
     @_exact
     def grads(self) -> dict[str, Tensor]:
@@ -53,19 +69,24 @@ class _Entry:
                 with self.cap._pause():
                     self._grads = generic_grads(self.call, self.n, self.cap.batch_dim)
             else:
-                self._grads = self._own(self.rule.grads(self.call.module, self.inputs, self.G))
+                self._grads = self._own(
+                    self.rule.grads(self.call.module, self.inputs, self.G), "grads"
+                )
         return self._grads
 
     @_exact
     def sq_norms(self) -> dict[str, Tensor]:
         if self._grads is None and self.rule is not None and self.rule.sq_norms is not None:
-            return self._own(self.rule.sq_norms(self.call.module, self.inputs, self.G))
+            return self._own(self.rule.sq_norms(self.call.module, self.inputs, self.G), "sq_norms")
         return {k: _sq_norm(g) for k, g in self.grads().items()}
 
     @_exact
     def weighted_sum(self, coef: Tensor) -> dict[str, Tensor]:
         if self._grads is None and self.rule is not None and self.rule.weighted_sum is not None:
-            return self._own(self.rule.weighted_sum(self.call.module, self.inputs, self.G, coef))
+            return self._own(
+                self.rule.weighted_sum(self.call.module, self.inputs, self.G, coef),
+                "weighted_sum",
+            )
         return {k: torch.tensordot(coef.to(g.dtype), g, dims=1) for k, g in self.grads().items()}
 
 

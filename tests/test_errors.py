@@ -204,3 +204,34 @@ def test_not_a_module_and_bad_batch_dim():
         indigrad.capture(lambda x: x)
     with pytest.raises(ValueError, match="batch_dim"):
         indigrad.capture(BY_NAME["seed_mlp"].model(), batch_dim=-1)
+
+
+def test_mode_switched_between_forward_and_backward():
+    model, (x, y) = _model(), _xy()
+    with indigrad.capture(model) as cap:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        model.eval()
+        with pytest.raises(RuntimeError, match="switched to eval mode"):
+            cap.norms(losses)
+
+
+@pytest.mark.parametrize("what", ["grads", "norms", "clip_"])
+def test_a_rule_returning_the_wrong_number_of_examples(what):
+    def one_row(module, inputs, G):  # forgets the batch: (1, d)
+        return {"s": (inputs[0] * G).sum(0, keepdim=True), "shift": G.sum(0, keepdim=True)}
+
+    def sq(module, inputs, G):
+        return {"s": G[:1, 0] ** 2, "shift": G[:1, 0] ** 2}
+
+    indigrad.register_rule(Scale, grads=one_row, sq_norms=sq)
+    try:
+        model = nn.Sequential(nn.Linear(5, 4), Scale(4), nn.Linear(4, 3)).double()
+        x, y = _xy()
+        with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="expected"):
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            if what == "clip_":
+                cap.clip_(losses, 1.0)
+            else:
+                getattr(cap, what)(losses)
+    finally:
+        indigrad.unregister_rule(Scale)
