@@ -321,7 +321,10 @@ def test_batchnorm_eval_without_running_stats_is_refused(norm, shape, what):
     # In eval mode without running statistics BatchNorm normalises by batch statistics.
     model = nn.Sequential(norm).double().eval()
     x = torch.randn(6, *shape, dtype=torch.float64)
-    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"mix(es)? the examples"):
+    with (
+        indigrad.capture(model) as cap,
+        pytest.raises(RuntimeError, match=r"mix(es)? the examples"),
+    ):
         if what == "clip_":
             cap.clip_(_losses(model, x), max_norm=1.0)
         else:
