@@ -37,7 +37,7 @@ class _Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     out_spec: TreeSpec
-    out_leaves: list[Any]  # non-tensor leaves as they were; tensors replaced by None
+    out_leaves: list[Any]  # output leaves; those with an edge replaced by None
     edge_index: list[int]  # which output leaves have an edge
     edges: list[GradientEdge]
     boundary: list[Any]  # autograd nodes of the tensor inputs, at call time
@@ -276,7 +276,9 @@ class capture:
                     args=args,
                     kwargs=kwargs,
                     out_spec=spec,
-                    out_leaves=[None if isinstance(t, Tensor) else t for t in leaves],
+                    # differentiable outputs are replaced by their gradients later; the rest
+                    # (a PackedSequence's batch_sizes, say) stay as they were
+                    out_leaves=[None if i in edge_index else t for i, t in enumerate(leaves)],
                     edge_index=edge_index,
                     edges=[get_gradient_edge(leaves[i]) for i in edge_index],
                     boundary=boundary,

@@ -65,7 +65,10 @@ class _Entry:
     @_exact
     def grads(self) -> dict[str, Tensor]:
         if self._grads is None:
-            if self.rule is None:
+            if self.n == 0:  # an empty batch (Poisson sampling): no rule needs to run
+                params = self.call.params.items()
+                self._grads = {k: p.new_zeros((0, *p.shape)) for k, p in params}
+            elif self.rule is None:
                 with self.cap._pause():
                     self._grads = generic_grads(self.call, self.n, self.cap.batch_dim)
             else:
@@ -76,13 +79,17 @@ class _Entry:
 
     @_exact
     def sq_norms(self) -> dict[str, Tensor]:
-        if self._grads is None and self.rule is not None and self.rule.sq_norms is not None:
+        fast = self.rule is not None and self.rule.sq_norms is not None
+        if self._grads is None and fast and self.n > 0:
+            assert self.rule is not None and self.rule.sq_norms is not None
             return self._own(self.rule.sq_norms(self.call.module, self.inputs, self.G), "sq_norms")
         return {k: _sq_norm(g) for k, g in self.grads().items()}
 
     @_exact
     def weighted_sum(self, coef: Tensor) -> dict[str, Tensor]:
-        if self._grads is None and self.rule is not None and self.rule.weighted_sum is not None:
+        fast = self.rule is not None and self.rule.weighted_sum is not None
+        if self._grads is None and fast and self.n > 0:
+            assert self.rule is not None and self.rule.weighted_sum is not None
             return self._own(
                 self.rule.weighted_sum(self.call.module, self.inputs, self.G, coef),
                 "weighted_sum",

@@ -1,1 +1,303 @@
-"""Rules for this layer family (being written)."""
+"""``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: a recurrence over ``T`` steps per layer and direction.
+
+Layer ``l`` in one direction (suffix ``_l{l}``, plus ``_reverse`` for the backward one) reads
+the step input ``x_t`` (n, d_in) and its previous state ``h_{t-1}`` (n, H_out) through two
+Linear maps at every step (``k`` gates of size ``H``: 1 for RNN, 4 for LSTM, 3 for GRU):
+
+    gi_t = x_t W_ihᵀ + b_ih                                   (n, k·H)
+    gh_t = h_{t-1} W_hhᵀ + b_hh                               (n, k·H)
+    RNN   h_t = act(gi_t + gh_t)                              act = tanh or relu
+    LSTM  i, f, g, o = σ, σ, tanh, σ of the chunks of gi_t + gh_t
+          c_t = f c_{t-1} + i g,   m_t = o tanh(c_t),   h_t = m_t
+          proj_size P:   h_t = r_t = m_t W_hrᵀ                (n, P), a third Linear map
+    GRU   r, z = σ(gi_t + gh_t) on the first two thirds
+          n_t = tanh(gi_n + r ⊙ gh_n),   h_t = (1 - z) n_t + z h_{t-1}
+          (b_hn sits inside r ⊙ (W_hn h + b_hn): it belongs to gh_t, not gi_t)
+
+With ``dgi, dgh, dr`` the gradients of ⟨outputs, G⟩ (output sequence, h_n, c_n) with respect
+to every step's ``gi_t, gh_t, r_t``, each weight is a Linear with ``T`` extra dims, so
+``grads``, ``sq_norms`` (Goodfellow / ghost / materialised, by cost) and ``weighted_sum`` are
+those of ``linear.py``:
+
+    weight_ih   dW_i = Σ_t dgi_it ⊗ x_it                      einsum("ntg,ntd->ngd")
+    weight_hh   dW_i = Σ_t dgh_it ⊗ h_i,t-1                   einsum("ntg,nth->ngh")
+    weight_hr   dW_i = Σ_t dr_it ⊗ m_it                       einsum("ntp,nth->nph")
+    bias_ih     db_i = Σ_t dgi_it                             (RNN, LSTM: dgi = dgh)
+    bias_hh     db_i = Σ_t dgh_it
+
+The step gradients come from recomputing the recurrence step by step with grad enabled,
+from the detached inputs and the module's weights, and ONE ``torch.autograd.grad`` of
+⟨recomputed outputs, G⟩ (G of the output sequence, h_n and c_n, where one arrived) to every
+step's ``gi_t, gh_t, r_t``. A recurrence never mixes examples, so they are per example. Each
+of grads / sq_norms / weighted_sum recomputes (a rule keeps no state between calls).
+
+Layouts: ``batch_first`` both ways; ``h0`` (``(h0, c0)`` for LSTM) given or zero. A
+``PackedSequence`` input is padded in the original example order; an example's steps past
+its length leave its state unchanged (the reverse direction starts at its last valid step)
+and get zero ``G``. Dropout between layers in training mode draws masks that cannot be
+reproduced: an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from .linear import linear_grads, linear_sq_norms, linear_weighted_sum
+from .registry import register_rule
+
+_MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
+
+
+@dataclass
+class _Unrolled:
+    """The recomputed recurrence, batch first, in the original example order."""
+
+    out: Tensor  # (n, T, D·H_out), zero past each example's length
+    h_n: Tensor  # (L·D, n, H_out)
+    c_n: Tensor | None  # (L·D, n, H), LSTM only
+    steps: dict[str, list[Tensor]]  # "gi_l0", "gh_l0", "r_l0", …: T × (n, ·), in time order
+    values: dict[str, Tensor]  # "x_l0", "h_l0", "m_l0", …: the Linear inputs, (n, T, ·)
+
+
+@dataclass
+class _Piece:
+    """One Linear map of a layer and direction, shaped for ``linear.py``: ``weight`` and
+    ``bias`` are read there; ``names`` are their names in the module."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    names: tuple[str, str | None]
+    step: str  # key in _Unrolled.steps of the gradient at its output
+    value: str  # key in _Unrolled.values of its input
+
+
+def _check(module: nn.Module, inputs: tuple[Any, ...]) -> nn.RNNBase:
+    rnn = cast(nn.RNNBase, module)
+    if rnn.mode not in _MODES:
+        raise NotImplementedError(f"{type(module).__name__}: unknown RNN mode {rnn.mode!r}")
+    if rnn.training and rnn.dropout > 0 and rnn.num_layers > 1:
+        raise RuntimeError(
+            f"{type(module).__name__} has dropout={rnn.dropout} between its layers and is in "
+            "training mode: its random masks cannot be reproduced, so no per-example "
+            "gradient can be computed. Put it in eval mode, or set dropout=0 and apply "
+            "nn.Dropout between single-layer RNNs instead."
+        )
+    x = inputs[0]
+    if not isinstance(x, PackedSequence) and x.dim() != 3:
+        raise RuntimeError(
+            f"{type(module).__name__} got an unbatched input of shape {tuple(x.shape)}: "
+            "give it a batch dimension of size 1 (dim 1, or dim 0 with batch_first=True)"
+        )
+    return rnn
+
+
+def _suffix(layer: int, direction: int) -> str:
+    return f"_l{layer}" + ("_reverse" if direction else "")
+
+
+def _unroll(module: nn.Module, inputs: tuple[Any, ...]) -> _Unrolled:
+    """Recompute the module's forward step by step with grad enabled (a graph from every
+    step's ``gi_t``, ``gh_t``, ``r_t`` to the outputs)."""
+    rnn = _check(module, inputs)
+    x, hx = inputs[0], inputs[1] if len(inputs) > 1 else None
+    keep: Tensor | None = None
+    if isinstance(x, PackedSequence):
+        x, lengths = pad_packed_sequence(x, batch_first=True)  # (n, T, d_in), (n,) on CPU
+        T = x.shape[1]
+        keep = (torch.arange(T)[None, :] < lengths[:, None]).to(x.device)[:, :, None]  # (n, T, 1)
+    elif not rnn.batch_first:
+        x = x.transpose(0, 1)  # (n, T, d_in)
+    x = x.detach()  # (n, T, d_in)
+    n, T = x.shape[0], x.shape[1]
+    L, D, H, mode = rnn.num_layers, 2 if rnn.bidirectional else 1, rnn.hidden_size, rnn.mode
+    H_out = rnn.proj_size or H
+    lstm = mode == "LSTM"
+    if hx is None:
+        h0 = x.new_zeros(L * D, n, H_out)  # (L·D, n, H_out)
+        c0 = x.new_zeros(L * D, n, H) if lstm else None  # (L·D, n, H)
+    elif lstm:
+        h0, c0 = hx[0].detach(), hx[1].detach()  # (L·D, n, H_out), (L·D, n, H)
+    else:
+        h0, c0 = hx.detach(), None  # (L·D, n, H_out)
+    steps: dict[str, list[Tensor]] = {}
+    values: dict[str, Tensor] = {}
+    h_final: list[Tensor] = []  # L·D × (n, H_out)
+    c_final: list[Tensor] = []  # L·D × (n, H), LSTM only
+    layer_in = x  # (n, T, d_in)
+    with torch.enable_grad():
+        for layer in range(L):
+            outs = []
+            for direction in range(D):
+                s = _suffix(layer, direction)
+                # detached weights that require grad: the graph exists, no weight grad is taken
+                W_ih = getattr(rnn, f"weight_ih{s}").detach().requires_grad_()  # (k·H, d_in)
+                W_hh = getattr(rnn, f"weight_hh{s}").detach().requires_grad_()  # (k·H, H_out)
+                b_ih = getattr(rnn, f"bias_ih{s}").detach() if rnn.bias else None  # (k·H,)
+                b_hh = getattr(rnn, f"bias_hh{s}").detach() if rnn.bias else None  # (k·H,)
+                W_hr = getattr(rnn, f"weight_hr{s}").detach() if rnn.proj_size else None  # (P, H)
+                gi = list(F.linear(layer_in, W_ih, b_ih).unbind(1))  # T × (n, k·H)
+                h = h0[layer * D + direction]  # (n, H_out)
+                c = None if c0 is None else c0[layer * D + direction]  # (n, H)
+                hs, prev, gh, m, r = ([h] * T for _ in range(5))  # T × (n, ·), filled below
+                for t in range(T) if direction == 0 else range(T - 1, -1, -1):
+                    prev[t] = h  # (n, H_out)
+                    gh[t] = F.linear(h, W_hh, b_hh)  # (n, k·H)
+                    if mode == "GRU":
+                        gi_r, gi_z, gi_n = gi[t].chunk(3, 1)  # 3 × (n, H)
+                        gh_r, gh_z, gh_n = gh[t].chunk(3, 1)  # 3 × (n, H)
+                        rg, zg = torch.sigmoid(gi_r + gh_r), torch.sigmoid(gi_z + gh_z)  # (n, H)
+                        cand = torch.tanh(gi_n + rg * gh_n)  # (n, H)
+                        new = cand + zg * (h - cand)  # (n, H)
+                    elif lstm:
+                        assert c is not None
+                        ig, fg, gg, og = (gi[t] + gh[t]).chunk(4, 1)  # 4 × (n, H)
+                        c_new = torch.sigmoid(fg) * c + torch.sigmoid(ig) * torch.tanh(gg)  # (n, H)
+                        new = m[t] = torch.sigmoid(og) * torch.tanh(c_new)  # (n, H)
+                        if W_hr is not None:
+                            new = r[t] = F.linear(m[t], W_hr)  # (n, P)
+                        c = c_new if keep is None else torch.where(keep[:, t], c_new, c)  # (n, H)
+                    else:
+                        act = torch.tanh if mode == "RNN_TANH" else torch.relu
+                        new = act(gi[t] + gh[t])  # (n, H)
+                    if keep is not None:
+                        new = torch.where(keep[:, t], new, h)  # (n, H_out), held past the length
+                    h = hs[t] = new  # (n, H_out)
+                h_final.append(h)  # (n, H_out)
+                if c is not None:
+                    c_final.append(c)  # (n, H)
+                outs.append(torch.stack(hs, 1))  # (n, T, H_out)
+                steps[f"gi{s}"], steps[f"gh{s}"], steps[f"r{s}"] = gi, gh, r
+                values[f"x{s}"] = layer_in.detach()  # (n, T, d_in)
+                values[f"h{s}"] = torch.stack(prev, 1).detach()  # (n, T, H_out)
+                if W_hr is not None:
+                    values[f"m{s}"] = torch.stack(m, 1).detach()  # (n, T, H)
+            layer_in = torch.cat(outs, 2)  # (n, T, D·H_out)
+        out = layer_in if keep is None else layer_in * keep  # (n, T, D·H_out)
+        h_n = torch.stack(h_final)  # (L·D, n, H_out)
+        c_n = torch.stack(c_final) if c_final else None  # (L·D, n, H)
+    return _Unrolled(out=out, h_n=h_n, c_n=c_n, steps=steps, values=values)
+
+
+def _packed_data(g: Any) -> Tensor | None:
+    """The gradient of a PackedSequence output's ``data`` (n_packed, ·), however the
+    output structure came back: a PackedSequence, its leaves, or the data alone."""
+    if g is None or isinstance(g, Tensor):
+        return g
+    return cast(Tensor | None, g[0])  # PackedSequence or (data, batch_sizes, …)
+
+
+def _inner(rnn: nn.RNNBase, inputs: tuple[Any, ...], G: Any, u: _Unrolled) -> Tensor | None:
+    """⟨outputs, G⟩ over the recomputed outputs that received a gradient (None if none did).
+    ``G`` is ``(G_output, G_h_n)``, or ``(G_output, (G_h_n, G_c_n))`` for LSTM."""
+    g_out, g_state = G
+    x = inputs[0]
+    if isinstance(x, PackedSequence):
+        g_data = _packed_data(g_out)  # (n_packed, D·H_out)
+        g_out = None
+        if g_data is not None:
+            packed = PackedSequence(g_data, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+            T = u.out.shape[1]
+            g_out = pad_packed_sequence(packed, batch_first=True, total_length=T)[0]  # (n, T, ·)
+    elif g_out is not None and not rnn.batch_first:
+        g_out = g_out.transpose(0, 1)  # (n, T, D·H_out)
+    if rnn.mode == "LSTM":
+        g_h, g_c = (None, None) if g_state is None else g_state  # (L·D, n, H_out), (L·D, n, H)
+    else:
+        g_h, g_c = g_state, None  # (L·D, n, H_out)
+    inner = None
+    for o, g in ((u.out, g_out), (u.h_n, g_h), (u.c_n, g_c)):
+        if o is not None and g is not None:
+            term = (o * g.to(o.dtype)).sum()  # ()
+            inner = term if inner is None else inner + term  # ()
+    return inner
+
+
+def _pieces(
+    module: nn.Module, inputs: tuple[Any, ...], G: Any
+) -> list[tuple[_Piece, Tensor, Tensor]]:
+    """``(piece, A (n, T, d_in), G (n, T, d_out))`` for every Linear map with a trainable
+    parameter."""
+    rnn = _check(module, inputs)
+    pieces = []
+    for layer in range(rnn.num_layers):
+        for direction in range(2 if rnn.bidirectional else 1):
+            s = _suffix(layer, direction)
+            maps = [("ih", "gi" if rnn.mode == "GRU" else "gh", "x"), ("hh", "gh", "h")]
+            for kind, step, value in maps:
+                w, b = f"weight_{kind}{s}", f"bias_{kind}{s}"
+                bias = getattr(rnn, b) if rnn.bias else None
+                pieces.append(_Piece(getattr(rnn, w), bias, (w, b), f"{step}{s}", f"{value}{s}"))
+            if rnn.proj_size:
+                w = f"weight_hr{s}"
+                pieces.append(_Piece(getattr(rnn, w), None, (w, None), f"r{s}", f"m{s}"))
+    for p in pieces:
+        if p.bias is not None and not p.bias.requires_grad:
+            p.bias = None  # skip its work
+    pieces = [p for p in pieces if p.weight.requires_grad or p.bias is not None]
+    if not pieces:
+        return []
+    u = _unroll(module, inputs)
+    keys = list(dict.fromkeys(p.step for p in pieces))  # each step gradient once
+    targets = [t for k in keys for t in u.steps[k]]  # T per key
+    with torch.enable_grad():
+        inner = _inner(rnn, inputs, G, u)  # ⟨outputs, G⟩, ()
+        if inner is None:  # no gradient reached the outputs
+            grads: tuple[Tensor, ...] = tuple(torch.zeros_like(t) for t in targets)
+        else:
+            grads = torch.autograd.grad(inner, targets, allow_unused=True, materialize_grads=True)
+    T = u.out.shape[1]
+    d = {k: torch.stack(grads[i * T : (i + 1) * T], 1) for i, k in enumerate(keys)}  # (n, T, ·)
+    return [(p, u.values[p.value], d[p.step]) for p in pieces]
+
+
+def _named(piece: _Piece, result: dict[str, Tensor]) -> dict[str, Tensor]:
+    weight, bias = piece.names
+    out = {weight: result["weight"]} if "weight" in result else {}
+    if bias is not None and "bias" in result:
+        out[bias] = result["bias"]
+    return out
+
+
+def _as_linear(piece: _Piece) -> nn.Module:
+    return cast(nn.Module, piece)  # linear.py reads .weight and .bias only
+
+
+def rnn_grads(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for piece, A, Gp in _pieces(module, inputs, G):  # (n, T, d_in), (n, T, d_out)
+        out |= _named(piece, linear_grads(_as_linear(piece), (A,), Gp))
+    return out
+
+
+def rnn_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for piece, A, Gp in _pieces(module, inputs, G):  # (n, T, d_in), (n, T, d_out)
+        out |= _named(piece, linear_sq_norms(_as_linear(piece), (A,), Gp))
+    return out
+
+
+def rnn_weighted_sum(
+    module: nn.Module, inputs: tuple[Any, ...], G: Any, coef: Tensor
+) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for piece, A, Gp in _pieces(module, inputs, G):  # (n, T, d_in), (n, T, d_out)
+        out |= _named(piece, linear_weighted_sum(_as_linear(piece), (A,), Gp, coef))
+    return out
+
+
+RNN, LSTM, GRU = (
+    register_rule(
+        cls,
+        grads=rnn_grads,
+        sq_norms=rnn_sq_norms,
+        weighted_sum=rnn_weighted_sum,
+        raw_layout=True,
+    )
+    for cls in (nn.RNN, nn.LSTM, nn.GRU)
+)
