@@ -39,21 +39,37 @@ def _tokens(n):
     return torch.randint(0, 10, (n, 5))
 
 
+def _conv2d():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(16, 3))
+
+
+def _conv_transpose1d():
+    return nn.Sequential(nn.ConvTranspose1d(3, 2, 3, stride=2), nn.Flatten(), nn.Linear(42, 3))
+
+
+def _embedding_layernorm():
+    return nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Flatten(), nn.Linear(20, 3))
+
+
+def _instance_rms_prelu():
+    norm = nn.InstanceNorm1d(3, affine=True)
+    return nn.Sequential(norm, nn.PReLU(3), nn.Flatten(), nn.RMSNorm(15), nn.Linear(15, 3))
+
+
+def _lstm():
+    return Seq2One(nn.LSTM(4, 6, num_layers=2, batch_first=True, bidirectional=True))
+
+
 CASES = {
-    "conv2d": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(16, 3)),
-               lambda n: torch.randn(n, 3, 4, 4)),
-    "conv_transpose1d": (lambda: nn.Sequential(nn.ConvTranspose1d(3, 2, 3, stride=2), nn.Flatten(), nn.Linear(42, 3)),
-                         lambda n: torch.randn(n, 3, 10)),
-    "embedding_layernorm": (lambda: nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Flatten(), nn.Linear(20, 3)),
-                            _tokens),
+    "conv2d": (_conv2d, lambda n: torch.randn(n, 3, 4, 4)),
+    "conv_transpose1d": (_conv_transpose1d, lambda n: torch.randn(n, 3, 10)),
+    "embedding_layernorm": (_embedding_layernorm, _tokens),
     "embedding_bag": (Bag, _tokens),
     "attention": (Attend, lambda n: torch.randn(n, 5, 4)),
-    "lstm": (lambda: Seq2One(nn.LSTM(4, 6, num_layers=2, batch_first=True, bidirectional=True)),
-             lambda n: torch.randn(n, 5, 4)),
+    "lstm": (_lstm, lambda n: torch.randn(n, 5, 4)),
     "gru": (lambda: Seq2One(nn.GRU(4, 6, batch_first=True)), lambda n: torch.randn(n, 5, 4)),
-    "instance_rms_prelu": (lambda: nn.Sequential(nn.InstanceNorm1d(3, affine=True), nn.PReLU(3), nn.Flatten(), nn.RMSNorm(15), nn.Linear(15, 3)),
-                           lambda n: torch.randn(n, 3, 5)),
-}  # fmt: skip
+    "instance_rms_prelu": (_instance_rms_prelu, lambda n: torch.randn(n, 3, 5)),
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
