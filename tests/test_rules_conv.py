@@ -15,14 +15,7 @@ from torch import Tensor, nn
 import indigrad
 from indigrad.rules import conv
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: intra-op threads only add latency on a busy machine (4x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,13 +19,7 @@ N, T, D_IN, H, K = 4, 5, 3, 4, 3
 SORTED, UNSORTED = [5, 4, 2, 1], [2, 5, 1, 4]  # lengths for enforce_sorted True / False
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared 2-core machine, intra-op threads only add waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass(frozen=True)
