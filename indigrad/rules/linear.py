@@ -35,15 +35,20 @@ def _flat(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> tuple[Tensor
     return A, G
 
 
+def _outer(L: Tensor, R: Tensor) -> Tensor:
+    """Per example ``Σ_t L_t ⊗ R_t``: (n, T, a), (n, T, b) -> (n, a, b), in a fresh buffer."""
+    n, T, a = L.shape
+    W = _alloc.empty((n, a, R.shape[2]), like=R)  # (n, a, b)
+    if T == 1:
+        torch.mul(L.transpose(1, 2), R, out=W)  # (n, a, 1) * (n, 1, b)
+    else:
+        torch.bmm(L.transpose(1, 2), R, out=W)  # (n, a, T) @ (n, T, b)
+    return W
+
+
 def linear_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
     A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
-    n, T, d_in = A.shape
-    W = _alloc.empty((n, G.shape[2], d_in), like=G)  # (n, d_out, d_in)
-    if T == 1:
-        torch.mul(G.transpose(1, 2), A, out=W)  # (n, d_out, 1) * (n, 1, d_in)
-    else:
-        torch.bmm(G.transpose(1, 2), A, out=W)  # (n, d_out, T) @ (n, T, d_in)
-    out = {"weight": W}
+    out = {"weight": _outer(G, A)}  # (n, d_out, d_in)
     if module.bias is not None:
         out["bias"] = G.sum(1)  # (n, d_out)
     return out
@@ -95,13 +100,7 @@ LINEAR = register_rule(
 
 def conv1d_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
     A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
-    n, T, d_in = A.shape
-    W = _alloc.empty((n, d_in, G.shape[2]), like=G)  # (n, d_in, d_out)
-    if T == 1:
-        torch.mul(A.transpose(1, 2), G, out=W)  # (n, d_in, 1) * (n, 1, d_out)
-    else:
-        torch.bmm(A.transpose(1, 2), G, out=W)  # (n, d_in, T) @ (n, T, d_out)
-    out = {"weight": W}
+    out = {"weight": _outer(A, G)}  # (n, d_in, d_out)
     if module.bias is not None:
         out["bias"] = G.sum(1)  # (n, d_out)
     return out
