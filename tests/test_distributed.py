@@ -1,15 +1,15 @@
 """DistributedDataParallel on 2 gloo processes (CPU): several clipped steps equal one
 process on the union batch, with DDP's averaging convention."""
 
-import socket
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_processes
 from torch import nn
 
 import indigrad
@@ -43,9 +43,13 @@ def _step(model, x, y, opt):
     return norms, grads
 
 
-def _worker(rank, port, out):
+def _worker(rank, out):
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+        "gloo",
+        init_method=f"file://{out}/rendezvous",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
     )
     try:
         ddp = nn.parallel.DistributedDataParallel(_model())
@@ -64,15 +68,9 @@ def _worker(rank, port, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_equals_one_process_on_the_union_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    run_processes(_worker, (str(tmp_path),), WORLD)
     single = _model()
     opt = torch.optim.SGD(single.parameters(), lr=LR)
     expected = [_step(single, x, y, opt) for x, y in _batches()]

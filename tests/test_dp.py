@@ -7,14 +7,13 @@ correct sampler leaves with probability ~2e-9) and say their tolerance where the
 import importlib.util
 import math
 import os
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_processes
 
 import indigrad
 from indigrad.dp import (
@@ -333,19 +332,7 @@ def _rank_main(rank, world, out, sigma, C, B):
 
 def test_two_processes_share_one_processs_noise(tmp_path):
     world, sigma, C, B = 2, 1.5, 0.8, 6.0
-    ctx = mp.start_processes(
-        _rank_main,
-        args=(world, str(tmp_path), sigma, C, B),
-        nprocs=world,
-        join=False,
-        start_method="spawn",  # fork deadlocks gloo in a parent that has used torch threads
-    )
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the two gloo processes did not finish within 180 s")
+    run_processes(_rank_main, (world, str(tmp_path), sigma, C, B), world)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in range(world))
     for k in r0:  # every rank ends with the identical noised gradient
         torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0)
