@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-_ACCUMULATE = torch._C._functions.AccumulateGrad  # type: ignore[attr-defined]
+# typed in some torch releases and not in others: looked up by name
+_ACCUMULATE = getattr(torch._C._functions, "AccumulateGrad")  # noqa: B009
 
 
 def _check_accounted(root: Any, calls: list[Any], trainable: dict[int, str]) -> list[Any]:
