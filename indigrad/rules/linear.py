@@ -85,7 +85,7 @@ def linear_weighted_sum(
         else:
             out["weight"] = (G * c).flatten(0, 1).T @ A.flatten(0, 1)  # (d_out, d_in)
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = torch.einsum("n,nto->o", c[:, 0, 0], G)  # (d_out,)
+        out["bias"] = c[:, 0, 0] @ G.sum(1)  # (n,) @ (n, d_out) -> (d_out,)
     return out
 
 
