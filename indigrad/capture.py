@@ -367,8 +367,9 @@ class capture:
                         f"shape {tuple(g.shape)} whose batch dimension {bd} does not have "
                         f"{n} examples. Pass one loss per example, shape (n,) or (n, ...) "
                         "(not flattened token losses); pass capture(model, batch_dim=...) "
-                        "for sequence-first models. A layer applied to a tensor without a "
-                        "batch dimension (e.g. an embedding of arange(T)) is not supported yet."
+                        "for sequence-first models. Layers called on tensors without the batch "
+                        "dimension are expanded to the batch only inside a call of the captured "
+                        "model itself (not of one of its submodules)."
                     )
             reached.append(call)
         return PerExample(self, reached, n)
