@@ -69,6 +69,9 @@ def _bench(args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    if args.plot and report["problems"]:
+        bench.plot(report["problems"], args.plot)  # type: ignore[arg-type]
+        print(f"plot written to {args.plot}")
 
 
 def torch_version() -> str:
@@ -118,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="comma-separated; also: loop",
     )
     bench.add_argument("--json", help="also write the results to this JSON file")
+    bench.add_argument("--plot", help="also write a bar chart of the ratios to this PNG file")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=_bench)
 

@@ -67,6 +67,8 @@ def test_bench_command_writes_json(tmp_path):
             "--no-progress",
             "--json",
             str(path),
+            "--plot",
+            str(tmp_path / "bench.png"),
         ],
         capture_output=True,
         text=True,
@@ -77,6 +79,7 @@ def test_bench_command_writes_json(tmp_path):
     results = json.loads(path.read_text())["problems"]["MLP 8-8-2, n=4"]
     assert results["plain"]["ratio"] == 1.0 and results["grads"]["seconds"] > 0
     assert set(results) == {"plain", "grads", "norms", "clipped", "torch.func"}
+    assert (tmp_path / "bench.png").stat().st_size > 5_000
 
 
 def test_bench_zoo_runs_every_method_or_reports_its_failure():

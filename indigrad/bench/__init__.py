@@ -34,6 +34,7 @@ __all__ = [
     "cnn_problem",
     "gpt_problem",
     "mlp_problem",
+    "plot",
     "resnet18_problem",
     "run",
     "table",
@@ -131,3 +132,33 @@ def table(problem: Problem, results: dict[str, dict[str, Any]]) -> str:
             line += f"  {r['memory_ratio']:>5.2f}×"
         lines.append(line)
     return "\n".join(lines)
+
+
+def plot(report: dict[str, dict[str, dict[str, Any]]], path: str) -> None:
+    """A bar chart of the ratios to plain: one group per problem, one bar per method
+    (log scale; a method that failed is marked ✗)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = list(report)
+    methods = [m for m in dict.fromkeys(m for r in report.values() for m in r) if m != "plain"]
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(problems)), 4.5))
+    for j, method in enumerate(methods):
+        for i, problem in enumerate(problems):
+            r = report[problem].get(method, {})
+            x = i + (j - (len(methods) - 1) / 2) * width
+            if "ratio" in r:
+                ax.bar(x, r["ratio"], width, color=f"C{j % 10}", label=method if i == 0 else None)
+            elif "error" in r:
+                ax.text(x, 1, "✗", ha="center", va="bottom", color=f"C{j % 10}")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(problems)), problems, fontsize=8)
+    ax.set_ylabel("time per step / plain step")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
