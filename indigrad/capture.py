@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from ._batch import has_batch
 from ._graph import _boundary, _check_accounted
 from .quantities import PerExample
 from .rules import lookup_rule
@@ -252,8 +253,8 @@ class capture:
                 not raw
                 and n is not None
                 and any(isinstance(t, Tensor) for t in in_leaves)
-                and not any(_has_batch(leaves[i], n, bd) for i in edge_index)
-                and not any(_has_batch(t, n, bd) for t in in_leaves)
+                and not any(has_batch(leaves[i], n, bd) for i in edge_index)
+                and not any(has_batch(t, n, bd) for t in in_leaves)
             )
             if broadcast:
                 # A call on tensors without the batch dimension (a position embedding of
@@ -361,7 +362,7 @@ class capture:
             for g in call.grad_outputs:
                 if rule is not None and rule.raw_layout:
                     break  # the rule checks its own layout
-                if g is not None and (g.dim() <= bd or g.shape[bd] != n):
+                if g is not None and not has_batch(g, n, bd):
                     raise RuntimeError(
                         f"the losses have {n} rows, but {call.label} produced an output of "
                         f"shape {tuple(g.shape)} whose batch dimension {bd} does not have "
@@ -431,10 +432,6 @@ def _select(model: nn.Module, params: Iterable[str | nn.Parameter]) -> set[str]:
             raise ValueError(f"params: {name!r} is frozen (requires_grad=False)")
         chosen.add(name)
     return chosen
-
-
-def _has_batch(t: Any, n: int, bd: int) -> bool:
-    return isinstance(t, Tensor) and t.dim() > bd and t.shape[bd] == n
 
 
 def _expand(t: Tensor, n: int, bd: int) -> Tensor:

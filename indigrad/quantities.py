@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_unflatten
 
+from ._batch import has_batch
 from ._precision import _exact, _param_dtype, _upcast
 from .rules import Rule, lookup_rule
 from .rules.generic import generic_grads
@@ -221,7 +222,7 @@ def _all_reduce_mean(
 
 
 def _batch_first(t: Any, n: int, bd: int) -> Any:
-    if bd == 0 or not isinstance(t, Tensor) or t.dim() <= bd or t.shape[bd] != n:
+    if bd == 0 or not has_batch(t, n, bd):
         return t
     return t.movedim(bd, 0)
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._batch import has_batch
 from .capture import capture
 
 __all__ = ["check", "clipped_sum", "loop_grads", "norms_of"]
@@ -50,7 +51,7 @@ def loop_grads(
     n = _batch_size(batch, batch_dim)
     rows: dict[str, list[Tensor]] = {k: [] for k in params}
     for i in range(n):
-        example = [t.narrow(batch_dim, i, 1) if _is_batched(t, n, batch_dim) else t for t in batch]
+        example = [t.narrow(batch_dim, i, 1) if has_batch(t, n, batch_dim) else t for t in batch]
         loss = loss_fn(*example).sum()
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for (k, p), g in zip(params.items(), grads, strict=True):
@@ -142,10 +143,6 @@ def check(
     close(together[0], ref_norms, "norms (from cap.backward)")
     for k in ref:
         close(together[1][k], ref[k], f"grads[{k!r}] (from cap.backward)")
-
-
-def _is_batched(t: Any, n: int, batch_dim: int) -> bool:
-    return isinstance(t, Tensor) and t.dim() > batch_dim and t.shape[batch_dim] == n
 
 
 def _batch_size(batch: tuple[Any, ...], batch_dim: int) -> int:

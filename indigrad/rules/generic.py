@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._batch import has_batch
 from .._precision import _param_dtype, _upcast
 
 if TYPE_CHECKING:
@@ -34,11 +35,7 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
     trainable parameters for one recorded call."""
     module = call.module
     in_leaves, in_spec = tree_flatten((call.args, call.kwargs))
-    batched = [
-        i
-        for i, t in enumerate(in_leaves)
-        if isinstance(t, Tensor) and t.dim() > bd and t.shape[bd] == n
-    ]
+    batched = [i for i, t in enumerate(in_leaves) if has_batch(t, n, bd)]
     used = [k for k, g in enumerate(call.grad_outputs) if g is not None]
     out_index = [call.edge_index[k] for k in used]
     dtype = _param_dtype(call)
