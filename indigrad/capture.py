@@ -25,7 +25,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from ._batch import has_batch
 from ._graph import _boundary, _check_accounted
 from .quantities import PerExample
-from .rules import lookup_rule
+from .rules import Rule, lookup_rule
 
 
 @dataclass(eq=False)
@@ -45,6 +45,7 @@ class _Call:
     versions: list[tuple[Tensor, int]]  # tensor inputs and their version counters at call time
     broadcast: bool = False  # called without the batch dimension; outputs expanded to it
     training: bool = True  # the module's mode at call time
+    rule: Rule | None = None  # its rule, looked up once when the capture began; None: generic
     grad_outputs: list[Tensor | None] = field(default_factory=list)
 
     @property
@@ -140,10 +141,9 @@ class capture:
                     n: p for n, p in module.named_parameters(recurse=whole) if id(p) in self._names
                 }
                 if own:
-                    raw = rule is not None and rule.raw_layout
                     self._handles.append(
                         module.register_forward_hook(
-                            self._recorder(name, own, raw), with_kwargs=True
+                            self._recorder(name, own, rule), with_kwargs=True
                         )
                     )
         except BaseException:
@@ -225,8 +225,9 @@ class capture:
                 self._n = t.shape[self.batch_dim]
                 return
 
-    def _recorder(self, name: str, own: dict[str, nn.Parameter], raw: bool) -> Any:
+    def _recorder(self, name: str, own: dict[str, nn.Parameter], rule: Rule | None) -> Any:
         bd = self.batch_dim
+        raw = rule is not None and rule.raw_layout
 
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -286,6 +287,7 @@ class capture:
                     versions=versions,
                     broadcast=broadcast,
                     training=module.training,
+                    rule=rule,
                 )
             )
             self._consumed = False
@@ -358,9 +360,8 @@ class capture:
             pos += len(call.edges)
             if all(g is None for g in call.grad_outputs):
                 continue
-            rule = lookup_rule(call.module)
             for g in call.grad_outputs:
-                if rule is not None and rule.raw_layout:
+                if call.rule is not None and call.rule.raw_layout:
                     break  # the rule checks its own layout
                 if g is not None and not has_batch(g, n, bd):
                     raise RuntimeError(

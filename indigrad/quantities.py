@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_unflatten
 
 from ._batch import has_batch
 from ._precision import _exact, _param_dtype, _upcast
-from .rules import Rule, lookup_rule
+from .rules import Rule
 from .rules.generic import generic_grads
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class _Entry:
         self.cap = cap
         self.call = call
         self.n = n
-        self.rule: Rule | None = lookup_rule(call.module)
+        self.rule: Rule | None = call.rule
         self._grads: dict[str, Tensor] | None = None
         if self.rule is not None:
             bd = 0 if self.rule.raw_layout else cap.batch_dim  # raw: nothing is moved
