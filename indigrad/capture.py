@@ -391,7 +391,7 @@ class capture:
         """Add ``Σ_i min(1, max_norm / ‖g_i‖) · g_i`` into each trainable ``p.grad``
         (creating it if ``None``), like ``.backward()`` accumulates. Returns the pre-clip
         norms ``(n,)``."""
-        return self.backward(losses).clip_(max_norm)
+        return self.backward(losses)._clip(max_norm, release=True)
 
     # -- helpers used by PerExample -----------------------------------------------------
 

@@ -78,10 +78,19 @@ class _Entry:
                 )
         return self._grads
 
+    def _fast(self, clipping: bool) -> bool:
+        """Whether to use the rule's fast paths rather than materialise the gradients."""
+        rule = self.rule
+        if self._grads is not None or rule is None or rule.sq_norms is None or self.n == 0:
+            return False
+        if clipping and rule.weighted_sum is None:
+            return False  # the gradients are needed anyway; take the norms from them
+        choose = rule.materialise
+        return choose is None or not choose(self.call.module, self.inputs, self.G, clipping)
+
     @_exact
-    def sq_norms(self) -> dict[str, Tensor]:
-        fast = self.rule is not None and self.rule.sq_norms is not None
-        if self._grads is None and fast and self.n > 0:
+    def sq_norms(self, clipping: bool = False) -> dict[str, Tensor]:
+        if self._fast(clipping):
             assert self.rule is not None and self.rule.sq_norms is not None
             return self._own(self.rule.sq_norms(self.call.module, self.inputs, self.G), "sq_norms")
         return {k: _sq_norm(g) for k, g in self.grads().items()}
@@ -96,6 +105,12 @@ class _Entry:
                 "weighted_sum",
             )
         return {k: torch.tensordot(coef.to(g.dtype), g, dims=1) for k, g in self.grads().items()}
+
+    def release(self) -> None:
+        """Drop what this call holds (inputs, output gradients, gradients) once used."""
+        self._grads = None
+        self.inputs, self.G = (), None
+        self.call.args, self.call.kwargs, self.call.grad_outputs = (), {}, []
 
 
 class PerExample:
@@ -145,6 +160,9 @@ class PerExample:
 
     def sq_norms(self) -> dict[str, Tensor]:
         """``{name: (n,)}``: each parameter's per-example squared gradient norm."""
+        return self._sq(clipping=False)
+
+    def _sq(self, clipping: bool) -> dict[str, Tensor]:
         if self._sq_norms is None:
             out = {}
             per_call: dict[int, dict[str, Tensor]] = {}
@@ -155,7 +173,7 @@ class PerExample:
                 elif uses:
                     entry, local = uses[0]
                     if id(entry) not in per_call:
-                        per_call[id(entry)] = entry.sq_norms()
+                        per_call[id(entry)] = entry.sq_norms(clipping)
                     out[name] = per_call[id(entry)][local]
                 else:
                     out[name] = p.new_zeros(self.n)
@@ -164,7 +182,10 @@ class PerExample:
 
     def norms(self) -> Tensor:
         """``(n,)``: ``‖∇θ losses[i]‖₂`` over all captured parameters together."""
-        sq = list(self.sq_norms().values())
+        return self._norms(clipping=False)
+
+    def _norms(self, clipping: bool) -> Tensor:
+        sq = list(self._sq(clipping).values())
         if not sq:
             raise RuntimeError("the model has no trainable parameters")
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq) else torch.float32
@@ -177,15 +198,24 @@ class PerExample:
         Under ``DistributedDataParallel`` the clipped sums are all-reduced first, so that
         every rank adds ``(1/world_size) · Σ`` over all ranks' examples (DDP's averaging
         convention); the returned norms are this rank's."""
+        return self._clip(max_norm, release=False)
+
+    def _clip(self, max_norm: float, release: bool) -> Tensor:
+        """:meth:`clip_`; with ``release``, each call's tensors are dropped as soon as its
+        weighted sum is taken (for :meth:`capture.clip_`, where nothing else follows)."""
         if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm > 0):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
-        norms = self.norms()
+        norms = self._norms(clipping=True)
         coef = (max_norm / norms).clamp(max=1.0)  # (n,); a zero norm gives inf -> 1
         sums: dict[str, Tensor] = {}
+        if release:
+            self._grads = self._sq_norms = None
         for entry in self._entries:
             for local, ws in entry.weighted_sum(coef).items():
                 name = entry.cap._names[id(entry.call.params[local])]
                 sums[name] = ws if name not in sums else sums[name] + ws
+            if release:
+                entry.release()
         if self._group is not None:
             sums = _all_reduce_mean(sums, self._params, self._group)
         for name, p in self._params.items():

@@ -23,6 +23,10 @@ conv's weight gradient is the conv's, with input and output gradient swapped.
     weighted_sum Σ_i c_i dW_i: one weight gradient of the module (``convolution_backward``) with
                  ``c ⊙ G`` as output gradient, as in the plain backward.
 
+For a clipped sum where the ghost form does not pay, ``dW_i`` is materialised once and both
+the norm and the weighted sum are taken from it (``Σ_i c_i dW_i`` is then a cheap
+contraction over the examples instead of a second pass over the positions).
+
 Unbatched inputs ``(C, *spatial)`` are refused with an error.
 """
 
@@ -159,6 +163,21 @@ def _ghost(P: int, a: int, b: int) -> bool:
     return P * (a + b) < a * b
 
 
+def _widths(conv: _ConvNd, x: Tensor, G: Tensor) -> tuple[int, int, int]:
+    """``P, a, b`` of :func:`_factors` without building the factors."""
+    g, k = conv.groups, math.prod(conv.kernel_size)
+    if conv.transposed:
+        return math.prod(x.shape[2:]), x.shape[1] // g, G.shape[1] // g * k
+    return math.prod(G.shape[2:]), G.shape[1] // g, x.shape[1] // g * k
+
+
+def conv_materialise(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, clipping: bool) -> bool:
+    if not clipping:
+        return False
+    conv, x, G = _check(module, inputs, G)
+    return not _ghost(*_widths(conv, x, G))
+
+
 def conv_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
     conv, x, G = _check(module, inputs, G)  # (n, C_in, *in), (n, C_out, *out)
     n = x.shape[0]
@@ -231,7 +250,11 @@ def conv_weighted_sum(
 
 CONV = {
     cls: register_rule(
-        cls, grads=conv_grads, sq_norms=conv_sq_norms, weighted_sum=conv_weighted_sum
+        cls,
+        grads=conv_grads,
+        sq_norms=conv_sq_norms,
+        weighted_sum=conv_weighted_sum,
+        materialise=conv_materialise,
     )
     for cls in (
         nn.Conv1d,

@@ -8,6 +8,10 @@ With the extra dims flattened to ``T`` (tokens, positions; ``T = 1`` without any
                  T > 1:  ‖dW_i‖² = ⟨A_i A_iᵀ, G_i G_iᵀ⟩      (ghost, T×T Grams) when
                          T (d_in + d_out) < d_in d_out, else materialise dW_i
     weighted_sum Σ_i c_i dW_i = (c ⊙ G)ᵀ A over all (i, t)  einsum("n,nto,nti->oi")
+
+For a clipped sum with T > 1 where the ghost form does not pay (the per-example gradient
+is no bigger than the layer's A and G), ``dW_i`` is materialised once and both the norm
+and the weighted sum are taken from it: one batched product instead of two.
 """
 
 from __future__ import annotations
@@ -54,6 +58,19 @@ def linear_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[
     return out
 
 
+def _ghost(T: int, d_in: int, d_out: int) -> bool:
+    """The T×T Grams (≈ T² (d_in + d_out)) cost less than materialising (≈ T d_in d_out)."""
+    return T * (d_in + d_out) < d_in * d_out
+
+
+def linear_materialise(
+    module: nn.Module, inputs: tuple[Any, ...], G: Tensor, clipping: bool
+) -> bool:
+    A = inputs[0]  # (n, *, d_in)
+    T = math.prod(A.shape[1:-1])
+    return clipping and T > 1 and not _ghost(T, A.shape[-1], G.shape[-1])
+
+
 def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
     A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
     _n, T, d_in = A.shape
@@ -62,7 +79,7 @@ def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
     if module.weight.requires_grad:
         if T == 1:
             out["weight"] = G.square().sum((1, 2)) * A.square().sum((1, 2))  # (n,)
-        elif T * (d_in + d_out) < d_in * d_out:  # ghost: two (n, T, T) Grams
+        elif _ghost(T, d_in, d_out):  # two (n, T, T) Grams
             AA = torch.bmm(A, A.transpose(1, 2))  # (n, T, T)
             GG = torch.bmm(G, G.transpose(1, 2))  # (n, T, T)
             out["weight"] = (AA * GG).sum((1, 2))  # (n,)
@@ -90,7 +107,11 @@ def linear_weighted_sum(
 
 
 LINEAR = register_rule(
-    nn.Linear, grads=linear_grads, sq_norms=linear_sq_norms, weighted_sum=linear_weighted_sum
+    nn.Linear,
+    grads=linear_grads,
+    sq_norms=linear_sq_norms,
+    weighted_sum=linear_weighted_sum,
+    materialise=linear_materialise,
 )
 
 
@@ -120,4 +141,5 @@ HF_CONV1D = register_rule(
     grads=conv1d_grads,
     sq_norms=linear_sq_norms,  # ‖W‖ does not depend on the layout
     weighted_sum=conv1d_weighted_sum,
+    materialise=linear_materialise,
 )

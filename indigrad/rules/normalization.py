@@ -15,9 +15,9 @@ sharing them):
 
     grads        dγ_i = Σ_r x̂_ir ⊙ G_ir                   einsum("nrp,nrp->np")
                  dβ_i = Σ_r G_ir                           einsum("nrp->np")
-    sq_norms     ‖dγ_i‖², ‖dβ_i‖² from those (n, P) sums, which are never bigger than x
-    weighted_sum Σ_i c_i dγ_i = Σ_(i,r) c_i x̂_ir ⊙ G_ir     einsum("n,nrp->p", c, x̂ ⊙ G)
-                 Σ_i c_i dβ_i = Σ_(i,r) c_i G_ir           einsum("n,nrp->p", c, G)
+The per-example gradients ``(n, P)`` are never bigger than ``x``, so the rules have no
+fast paths: indigrad materialises them once and takes both the norms and the weighted sum
+``Σ_i c_i dγ_i`` from them, which computes ``x̂`` once per call.
 
 ``x̂`` is recomputed by the functional op the module's forward calls, with the same
 ``eps`` and statistics but without ``γ`` and ``β``, so it carries the module's own numerics
@@ -146,35 +146,19 @@ def _trainable(p: nn.Parameter | None) -> bool:
 def _make_rule(
     cls: type[nn.Module], normalise: Normalise, validate: Validate, params_last: bool
 ) -> Rule:
-    def per_position(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
-        """``{name: (n, R, P)}`` for the trainable parameters, to be summed over ``R``."""
+    def grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
         x, G = _inputs(module, inputs, G, validate)  # (n, *), (n, *)
+        shape = _param_shape(module)
         Gf = _flat(module, G, params_last)  # (n, R, P)
         out = {}
         if _trainable(module.weight):
-            out["weight"] = _flat(module, normalise(module, x), params_last).mul_(Gf)  # x̂ ⊙ G
+            xhat_G = _flat(module, normalise(module, x), params_last).mul_(Gf)  # (n, R, P)
+            out["weight"] = xhat_G.sum(1).reshape(G.shape[0], *shape)  # (n, *shape)
         if _trainable(getattr(module, "bias", None)):
-            out["bias"] = Gf  # (n, R, P)
+            out["bias"] = Gf.sum(1).reshape(G.shape[0], *shape)  # (n, *shape)
         return out
 
-    def grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
-        shape = _param_shape(module)
-        parts = per_position(module, inputs, G)  # {name: (n, R, P)}
-        return {k: v.sum(1).reshape(v.shape[0], *shape) for k, v in parts.items()}  # (n, *shape)
-
-    def sq_norms(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
-        parts = per_position(module, inputs, G)  # {name: (n, R, P)}
-        return {k: v.sum(1).square().sum(1) for k, v in parts.items()}  # (n,)
-
-    def weighted_sum(
-        module: Any, inputs: tuple[Any, ...], G: Tensor, coef: Tensor
-    ) -> dict[str, Tensor]:
-        shape = _param_shape(module)
-        parts = per_position(module, inputs, G)  # {name: (n, R, P)}
-        c = coef.to(G.dtype)  # (n,)
-        return {k: torch.einsum("n,nrp->p", c, v).reshape(shape) for k, v in parts.items()}  # shape
-
-    return register_rule(cls, grads=grads, sq_norms=sq_norms, weighted_sum=weighted_sum)
+    return register_rule(cls, grads=grads)
 
 
 LAYER_NORM = _make_rule(nn.LayerNorm, _layer_norm, _trailing_only, params_last=True)

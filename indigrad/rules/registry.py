@@ -10,7 +10,8 @@ A rule is three small functions of ``(module, inputs, G)``:
   with tensors replaced by their gradients.
 
 ``grads`` is required; ``sq_norms`` and ``weighted_sum`` are optional fast paths. When
-missing they are derived from ``grads`` (see ``indigrad.rules.derive``).
+missing, or when the rule's ``materialise`` says so for a call, indigrad materialises the
+per-example gradients once and derives both from them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 GradsFn = Callable[[nn.Module, tuple[Any, ...], Any], dict[str, Tensor]]
 SqNormsFn = Callable[[nn.Module, tuple[Any, ...], Any], dict[str, Tensor]]
 WeightedSumFn = Callable[[nn.Module, tuple[Any, ...], Any, Tensor], dict[str, Tensor]]
+MaterialiseFn = Callable[[nn.Module, tuple[Any, ...], Any, bool], bool]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ class Rule:
             ``nn.MultiheadAttention``. Descendants are then not recorded separately.
         supports: ``module -> bool``; when it returns False for a module (an option the
             rule does not cover), that module goes to the generic rule instead.
+        materialise: ``(module, inputs, G, clipping) -> bool``, the per-call cost choice:
+            True when materialising the per-example gradients once (and taking the norms
+            and the weighted sum from them) is cheaper than ``sq_norms`` and
+            ``weighted_sum``. ``clipping`` says whether the weighted sum will be asked
+            for too (a clipped sum) or only the norms. Without it the fast paths are used.
 
     Every function only needs to return entries for the module's trainable parameters;
     extra entries for frozen parameters are ignored.
@@ -59,6 +66,7 @@ class Rule:
     raw_layout: bool = False
     subtree: bool = False
     supports: Callable[[nn.Module], bool] | None = None
+    materialise: MaterialiseFn | None = None
 
 
 _RULES: dict[type[nn.Module] | str, Rule] = {}
@@ -74,6 +82,7 @@ def register_rule(
     raw_layout: bool = False,
     subtree: bool = False,
     supports: Callable[[nn.Module], bool] | None = None,
+    materialise: MaterialiseFn | None = None,
 ) -> Rule:
     """Register the rule that handles modules of class ``cls`` (and subclasses that keep its
     ``forward``). Registering a class again replaces its rule.
@@ -102,8 +111,8 @@ def register_rule(
     if rule is None:
         if grads is None:
             raise TypeError("register_rule needs a Rule or at least grads=")
-        rule = Rule(grads, sq_norms, weighted_sum, raw_layout, subtree, supports)
-    elif grads is not None or sq_norms is not None or weighted_sum is not None:
+        rule = Rule(grads, sq_norms, weighted_sum, raw_layout, subtree, supports, materialise)
+    elif any(f is not None for f in (grads, sq_norms, weighted_sum, materialise)):
         raise TypeError("pass either a Rule or its functions as keywords, not both")
     if not (isinstance(cls, str) or (isinstance(cls, type) and issubclass(cls, nn.Module))):
         raise TypeError(f"rules are registered for nn.Module subclasses, got {cls!r}")
