@@ -110,7 +110,8 @@ class _Entry:
         """Drop what this call holds (inputs, output gradients, gradients) once used."""
         self._grads = None
         self.inputs, self.G = (), None
-        self.call.args, self.call.kwargs, self.call.grad_outputs = (), {}, []
+        call = self.call
+        call.args, call.kwargs, call.grad_outputs, call.versions = (), {}, [], []
 
 
 class PerExample:
@@ -258,7 +259,9 @@ def _batch_first(t: Any, n: int, bd: int) -> Any:
 
 
 def _sq_norm(g: Tensor) -> Tensor:
-    return g.flatten(1).square().sum(1) if g.dim() > 1 else g.square()  # (n,)
+    if g.dim() == 1:
+        return g.square()  # (n,)
+    return torch.linalg.vector_norm(g.flatten(1), dim=1).square()  # (n,), no (n, P) temporary
 
 
 def _sum(values: Any) -> Tensor:

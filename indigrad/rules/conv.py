@@ -23,9 +23,9 @@ conv's weight gradient is the conv's, with input and output gradient swapped.
     weighted_sum Σ_i c_i dW_i: one weight gradient of the module (``convolution_backward``) with
                  ``c ⊙ G`` as output gradient, as in the plain backward.
 
-For a clipped sum where the ghost form does not pay, ``dW_i`` is materialised once and both
-the norm and the weighted sum are taken from it (``Σ_i c_i dW_i`` is then a cheap
-contraction over the examples instead of a second pass over the positions).
+For a clipped sum, ``dW_i`` may instead be materialised once and both the norm and the
+weighted sum taken from it (``Σ_i c_i dW_i`` is then a contraction over the examples), by
+the cost choice of ``_cost.materialise_to_clip``.
 
 Unbatched inputs ``(C, *spatial)`` are refused with an error.
 """
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .. import _alloc
+from . import _cost
 from .registry import register_rule
 
 
@@ -113,7 +114,9 @@ def _im2col(t: Tensor, module: _ConvNd, out: tuple[int, ...]) -> Tensor:
         ),
         t.storage_offset(),
     )  # (n, C, *k, *out)
-    return win.reshape(n, C * math.prod(K), math.prod(out))  # (n, C·k, P)
+    cols = _alloc.empty((n, C * math.prod(K), math.prod(out)), like=t)  # (n, C·k, P)
+    cols.view(win.shape).copy_(win)
+    return cols
 
 
 def _full_pads(module: _ConvNd, x: Tensor, G: Tensor) -> tuple[list[int], list[int]]:
@@ -159,8 +162,12 @@ def _factors(module: _ConvNd, x: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _ghost(P: int, a: int, b: int) -> bool:
-    """Ghost norm (two P×P Grams, ≈ P²(a + b)) is cheaper than materialising (≈ P a b)."""
-    return P * (a + b) < a * b
+    """For the norms alone: two P×P Grams (≈ P²(a + b)) cost less than materialising (≈ P a b)."""
+    return _cost.ghost_norm(P, a, b)
+
+
+def _materialise_to_clip(P: int, a: int, b: int, device: torch.device) -> bool:
+    return _cost.materialise_to_clip(P, a, b, device)
 
 
 def _widths(conv: _ConvNd, x: Tensor, G: Tensor) -> tuple[int, int, int]:
@@ -175,7 +182,7 @@ def conv_materialise(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, clip
     if not clipping:
         return False
     conv, x, G = _check(module, inputs, G)
-    return not _ghost(*_widths(conv, x, G))
+    return _materialise_to_clip(*_widths(conv, x, G), G.device)
 
 
 def conv_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:

@@ -9,9 +9,8 @@ With the extra dims flattened to ``T`` (tokens, positions; ``T = 1`` without any
                          T (d_in + d_out) < d_in d_out, else materialise dW_i
     weighted_sum Σ_i c_i dW_i = (c ⊙ G)ᵀ A over all (i, t)  einsum("n,nto,nti->oi")
 
-For a clipped sum with T > 1 where the ghost form does not pay (the per-example gradient
-is no bigger than the layer's A and G), ``dW_i`` is materialised once and both the norm
-and the weighted sum are taken from it: one batched product instead of two.
+For a clipped sum with T > 1, ``dW_i`` may instead be materialised once and both the norm
+and the weighted sum taken from it, by the cost choice of ``_cost.materialise_to_clip``.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _alloc
+from . import _cost
 from .registry import register_rule
 
 
@@ -58,17 +58,12 @@ def linear_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[
     return out
 
 
-def _ghost(T: int, d_in: int, d_out: int) -> bool:
-    """The T×T Grams (≈ T² (d_in + d_out)) cost less than materialising (≈ T d_in d_out)."""
-    return T * (d_in + d_out) < d_in * d_out
-
-
 def linear_materialise(
     module: nn.Module, inputs: tuple[Any, ...], G: Tensor, clipping: bool
 ) -> bool:
     A = inputs[0]  # (n, *, d_in)
     T = math.prod(A.shape[1:-1])
-    return clipping and T > 1 and not _ghost(T, A.shape[-1], G.shape[-1])
+    return clipping and T > 1 and _cost.materialise_to_clip(T, G.shape[-1], A.shape[-1], G.device)
 
 
 def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
@@ -79,7 +74,7 @@ def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
     if module.weight.requires_grad:
         if T == 1:
             out["weight"] = G.square().sum((1, 2)) * A.square().sum((1, 2))  # (n,)
-        elif _ghost(T, d_in, d_out):  # two (n, T, T) Grams
+        elif _cost.ghost_norm(T, d_out, d_in):  # two (n, T, T) Grams
             AA = torch.bmm(A, A.transpose(1, 2))  # (n, T, T)
             GG = torch.bmm(G, G.transpose(1, 2))  # (n, T, T)
             out["weight"] = (AA * GG).sum((1, 2))  # (n,)

@@ -1,0 +1,123 @@
+"""The per-call cost choice: ghost forms or materialised per-example gradients.
+
+Both paths must give the reference's norms and clipped sums; the choice itself must follow
+the documented cost model; a materialising call must compute its gradients once; and
+``cap.clip_`` must let go of each call's tensors once its sum is taken.
+"""
+
+import dataclasses
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zoo import BY_NAME
+
+import indigrad
+from indigrad.rules import _cost, linear, registry
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("materialise", [True, False], ids=["materialise", "fast"])
+@pytest.mark.parametrize("name", ["linear_3d_ghost", "linear_3d_materialise", "linear_4d"])
+def test_both_paths_match_the_reference(name, materialise, monkeypatch):
+    monkeypatch.setattr(_cost, "materialise_to_clip", lambda T, a, b, device: materialise)
+    model, loss_fn, x, y = BY_NAME[name].build()
+    indigrad.testing.check(model, loss_fn, x, y)
+
+
+def test_cnn_both_paths_match_the_reference(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.ReLU(),
+        nn.Conv2d(6, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(3),
+    ).double()  # fmt: skip
+    x = torch.randn(5, 3, 7, 7, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    model(x)  # materialise the lazy layer
+
+    def loss_fn(x, y):
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    for materialise in (True, False):
+        monkeypatch.setattr(_cost, "materialise_to_clip", lambda *_, m=materialise: m)
+        indigrad.testing.check(model, loss_fn, x, y)
+
+
+@pytest.mark.parametrize(
+    "T,a,b,device,expected",
+    [
+        (64, 384, 128, CPU, True),  # a small GPT layer: Grams ≈ 43 a b, passes ≈ 20 a b
+        (64, 3072, 768, CPU, False),  # a GPT-2 MLP layer: Grams ≈ 7 a b
+        (64, 384, 128, CUDA, False),  # passes cost more multiply-adds on a GPU
+        (8, 4, 4, CUDA, True),  # the Grams cost more than materialising even for norms
+        (2, 1024, 1024, CPU, False),  # few tokens: the Grams are cheap
+        (512, 4096, 4096, CPU, False),  # cheaper, but dW_i would be 4× bigger than A and G
+    ],
+)
+def test_the_choice_follows_the_cost_model(T, a, b, device, expected):
+    assert _cost.materialise_to_clip(T, a, b, device) is expected
+
+
+def _counting(rule, counts):
+    def wrap(name, fn):
+        def counted(*args):
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*args)
+
+        return counted
+
+    fns = {f: getattr(rule, f) for f in ("grads", "sq_norms", "weighted_sum")}
+    return dataclasses.replace(rule, **{f: wrap(f, fn) for f, fn in fns.items()})
+
+
+@pytest.mark.parametrize("materialise", [True, False], ids=["materialise", "fast"])
+def test_a_materialising_call_computes_its_gradients_once(materialise, monkeypatch):
+    counts: dict[str, int] = {}
+    monkeypatch.setitem(registry._RULES, nn.Linear, _counting(linear.LINEAR, counts))
+    monkeypatch.setattr(_cost, "materialise_to_clip", lambda T, a, b, device: materialise)
+    model = nn.Linear(4, 3)
+    x = torch.randn(5, 6, 4)
+    with indigrad.capture(model) as cap:
+        cap.clip_(model(x).square().sum((1, 2)), max_norm=1.0)
+    if materialise:
+        assert counts == {"grads": 1}
+    else:
+        assert counts == {"sq_norms": 1, "weighted_sum": 1}
+    # the norms alone never materialise where the ghost form is cheaper
+    counts.clear()
+    with indigrad.capture(model) as cap:
+        cap.norms(model(torch.randn(5, 2, 4)).square().sum((1, 2)))
+    assert counts == {"sq_norms": 1}
+
+
+def test_clip_releases_each_calls_tensors_once_its_sum_is_taken(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 2))
+    refs: list[weakref.ref] = []
+    model[2].register_forward_hook(lambda m, args, out: refs.append(weakref.ref(args[0])))
+    alive_at_last_sum = []
+    real = linear.LINEAR.weighted_sum
+
+    def weighted_sum(module, inputs, G, coef):
+        if module is model[4]:
+            gc.collect()
+            alive_at_last_sum.append(refs[0]() is not None)
+        return real(module, inputs, G, coef)
+
+    rule = dataclasses.replace(linear.LINEAR, weighted_sum=weighted_sum)
+    monkeypatch.setitem(registry._RULES, nn.Linear, rule)
+    with indigrad.capture(model) as cap:
+        cap.clip_(model(torch.randn(3, 4)).square().sum(1), max_norm=1.0)
+    # the middle layer's input was only held by the capture, and dropped after its sum
+    assert alive_at_last_sum == [False]
+    # ... while a PerExample kept by the caller keeps everything for later questions
+    refs.clear()
+    alive_at_last_sum.clear()
+    with indigrad.capture(model) as cap:
+        per_example = cap.backward(model(torch.randn(3, 4)).square().sum(1))
+        per_example.clip_(1.0)
+        assert per_example.grads()["2.weight"].shape == (3, 5, 5)
+    assert alive_at_last_sum == [True]
