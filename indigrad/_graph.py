@@ -134,8 +134,9 @@ def _boundary(leaves: Iterable[Any]) -> list[Any]:
     """Autograd nodes of the tensor inputs of a call, taken at call time."""
     from torch.autograd.graph import get_gradient_edge
 
-    return [
-        get_gradient_edge(t).node
-        for t in leaves
-        if isinstance(t, torch.Tensor) and t.requires_grad and not isinstance(t, nn.Parameter)
-    ]
+    nodes = []
+    for t in leaves:
+        if isinstance(t, torch.Tensor) and t.requires_grad and not isinstance(t, nn.Parameter):
+            fn = t.grad_fn  # a leaf's node is its gradient accumulator, which takes longer
+            nodes.append(fn if fn is not None else get_gradient_edge(t).node)
+    return nodes

@@ -42,28 +42,32 @@ class _Entry:
             leaves = list(call.out_leaves)
             for i, g in zip(call.edge_index, call.grad_outputs, strict=True):
                 leaves[i] = None if g is None else _upcast(_batch_first(g, n, bd), dtype)
-            self.G: Any = tree_unflatten(leaves, call.out_spec)
+            spec = call.out_spec
+            self.G: Any = leaves[0] if spec.is_leaf() else tree_unflatten(leaves, spec)
 
     def _own(self, values: dict[str, Tensor], what: str) -> dict[str, Tensor]:
         """The rule's results for the call's trainable parameters, shape-checked: a rule
         that finds the wrong number of examples must not broadcast silently."""
-        own = {k: v for k, v in values.items() if k in self.call.params}
-        for k, v in own.items():
-            shape = tuple(self.call.params[k].shape)
-            expected = {"grads": (self.n, *shape), "sq_norms": (self.n,), "weighted_sum": shape}
-            if tuple(v.shape) != expected[what]:
+        params = self.call.params
+        own = {}
+        for k, p in params.items():
+            v = values.get(k)
+            if v is None:
+                missing = sorted(set(params) - set(values))
+                label = self.call.label
+                raise RuntimeError(f"the rule for {label} returned no {what} for {missing}")
+            if what == "grads":
+                expected: tuple[int, ...] = (self.n, *p.shape)
+            else:
+                expected = (self.n,) if what == "sq_norms" else tuple(p.shape)
+            if v.shape != expected:
                 raise RuntimeError(
                     f"the rule for {self.call.label} returned {what}[{k!r}] of shape "
-                    f"{tuple(v.shape)}, expected {expected[what]} for {self.n} examples"
+                    f"{tuple(v.shape)}, expected {expected} for {self.n} examples"
                 )
-        missing = set(self.call.params) - set(own)
-        if missing:
-            raise RuntimeError(
-                f"the rule for {self.call.label} returned no {what} for {sorted(missing)}"
-            )
+            own[k] = v
         return own
 
-    @_exact
     def grads(self) -> dict[str, Tensor]:
         if self._grads is None:
             if self.n == 0:  # an empty batch (Poisson sampling): no rule needs to run
@@ -88,14 +92,12 @@ class _Entry:
         choose = rule.materialise
         return choose is None or not choose(self.call.module, self.inputs, self.G, clipping)
 
-    @_exact
     def sq_norms(self, clipping: bool = False) -> dict[str, Tensor]:
         if self._fast(clipping):
             assert self.rule is not None and self.rule.sq_norms is not None
             return self._own(self.rule.sq_norms(self.call.module, self.inputs, self.G), "sq_norms")
         return {k: _sq_norm(g) for k, g in self.grads().items()}
 
-    @_exact
     def weighted_sum(self, coef: Tensor) -> dict[str, Tensor]:
         fast = self.rule is not None and self.rule.weighted_sum is not None
         if self._grads is None and fast and self.n > 0:
@@ -145,6 +147,7 @@ class PerExample:
         self._sq_norms: dict[str, Tensor] | None = None
         self._group = cap._process_group
 
+    @_exact
     def grads(self) -> dict[str, Tensor]:
         """``{name: (n, *param.shape)}`` for every captured parameter, in
         ``named_parameters()`` order; zeros for parameters the losses do not reach."""
@@ -163,6 +166,7 @@ class PerExample:
         """``{name: (n,)}``: each parameter's per-example squared gradient norm."""
         return self._sq(clipping=False)
 
+    @_exact
     def _sq(self, clipping: bool) -> dict[str, Tensor]:
         if self._sq_norms is None:
             out = {}
@@ -190,7 +194,7 @@ class PerExample:
         if not sq:
             raise RuntimeError("the model has no trainable parameters")
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq) else torch.float32
-        return _sum(s.to(dtype) for s in sq).sqrt()
+        return _sum(_as(s, dtype) for s in sq).sqrt()
 
     def clip_(self, max_norm: float) -> Tensor:
         """Add ``Σ_i min(1, max_norm / ‖g_i‖) · g_i`` into each captured ``p.grad``
@@ -201,6 +205,7 @@ class PerExample:
         convention); the returned norms are this rank's."""
         return self._clip(max_norm, release=False)
 
+    @_exact
     def _clip(self, max_norm: float, release: bool) -> Tensor:
         """:meth:`clip_`; with ``release``, each call's tensors are dropped as soon as its
         weighted sum is taken (for :meth:`capture.clip_`, where nothing else follows)."""
@@ -222,9 +227,9 @@ class PerExample:
         for name, p in self._params.items():
             total = sums.get(name)
             if p.grad is None:
-                p.grad = torch.zeros_like(p) if total is None else total.to(p.dtype).clone()
+                p.grad = torch.zeros_like(p) if total is None else _owned(_as(total, p.dtype))
             elif total is not None:
-                p.grad.add_(total.to(p.grad.dtype))
+                p.grad.add_(_as(total, p.grad.dtype))
         return norms
 
 
@@ -250,6 +255,16 @@ def _all_reduce_mean(
         for k, chunk in zip(names, flat.split([params[k].numel() for k in names]), strict=True):
             out[k] = chunk.view(params[k].shape)
     return out
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # skips the dispatch of a no-op .to
+
+
+def _owned(t: Tensor) -> Tensor:
+    """``t`` as a ``.grad`` of its own: sums are fresh tensors (rules return new ones), so
+    only a view (of the all-reduced buffer) is copied, sparing a copy of every gradient."""
+    return t.clone() if t._base is not None else t
 
 
 def _batch_first(t: Any, n: int, bd: int) -> Any:

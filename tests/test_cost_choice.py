@@ -62,6 +62,11 @@ def test_the_choice_follows_the_cost_model(T, a, b, device, expected):
     assert _cost.materialise_to_clip(T, a, b, device) is expected
 
 
+def _replace_rule(monkeypatch, cls, rule):
+    monkeypatch.setitem(registry._RULES, cls, rule)
+    monkeypatch.setattr(registry, "_BY_CLASS", {})  # lookups cached during the test only
+
+
 def _counting(rule, counts):
     def wrap(name, fn):
         def counted(*args):
@@ -77,7 +82,7 @@ def _counting(rule, counts):
 @pytest.mark.parametrize("materialise", [True, False], ids=["materialise", "fast"])
 def test_a_materialising_call_computes_its_gradients_once(materialise, monkeypatch):
     counts: dict[str, int] = {}
-    monkeypatch.setitem(registry._RULES, nn.Linear, _counting(linear.LINEAR, counts))
+    _replace_rule(monkeypatch, nn.Linear, _counting(linear.LINEAR, counts))
     monkeypatch.setattr(_cost, "materialise_to_clip", lambda T, a, b, device: materialise)
     model = nn.Linear(4, 3)
     x = torch.randn(5, 6, 4)
@@ -108,7 +113,7 @@ def test_clip_releases_each_calls_tensors_once_its_sum_is_taken(monkeypatch):
         return real(module, inputs, G, coef)
 
     rule = dataclasses.replace(linear.LINEAR, weighted_sum=weighted_sum)
-    monkeypatch.setitem(registry._RULES, nn.Linear, rule)
+    _replace_rule(monkeypatch, nn.Linear, rule)
     with indigrad.capture(model) as cap:
         cap.clip_(model(torch.randn(3, 4)).square().sum(1), max_norm=1.0)
     # the middle layer's input was only held by the capture, and dropped after its sum

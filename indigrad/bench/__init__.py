@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,23 +80,27 @@ def run(
             memory[method] = max(memory.get(method, 0), used)
         return elapsed
 
-    for method in order:
-        if progress is not None:
-            progress(f"{method}: warm-up")
-        try:
-            steps[method] = METHODS[method](problem)
-            for _ in range(warmup):
-                timed(method)
-        except Exception as err:  # a method that crashes is reported, not hidden
-            errors[method] = f"{type(err).__name__}: {err}".split("\n")[0]
-            steps.pop(method, None)
-    for r in range(repeats):
-        if progress is not None:
-            progress(f"round {r + 1}/{repeats}")
-        for method in steps:
-            if method == "loop" and r % 10:
-                continue
-            times[method].append(timed(method))
+    with warnings.catch_warnings():
+        # peers warn on every step (Opacus' backward hooks, say); indigrad's own still show
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("default", module=r"indigrad(?!\.bench)")
+        for method in order:
+            if progress is not None:
+                progress(f"{method}: warm-up")
+            try:
+                steps[method] = METHODS[method](problem)
+                for _ in range(warmup):
+                    timed(method)
+            except Exception as err:  # a method that crashes is reported, not hidden
+                errors[method] = f"{type(err).__name__}: {err}".split("\n")[0]
+                steps.pop(method, None)
+        for r in range(repeats):
+            if progress is not None:
+                progress(f"round {r + 1}/{repeats}")
+            for method in steps:
+                if method == "loop" and r % 10:
+                    continue
+                times[method].append(timed(method))
     results: dict[str, dict[str, Any]] = {}
     for method in order:
         if method in errors:

@@ -66,22 +66,37 @@ def linear_materialise(
     return clipping and T > 1 and _cost.materialise_to_clip(T, G.shape[-1], A.shape[-1], G.device)
 
 
+def _sq_rows(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(t, dim=1).square()  # (n,): no (n, d) temporary
+
+
 def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    weight = module.weight.requires_grad
+    bias = module.bias is not None and module.bias.requires_grad
+    if inputs[0].dim() == 2:  # T = 1, the plain MLP: few ops, as these layers are cheap
+        _flat(module, inputs, G)  # checks the shapes
+        gg = _sq_rows(G)  # (n,) ‖G_i‖²
+        if weight:
+            out["weight"] = gg * _sq_rows(inputs[0])  # (n,) ‖G_i‖² ‖A_i‖²
+        if bias:
+            out["bias"] = gg  # (n,)
+        return out
     A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
     _n, T, d_in = A.shape
     d_out = G.shape[2]
-    out: dict[str, Tensor] = {}
-    if module.weight.requires_grad:
+    if weight:
         if T == 1:
-            out["weight"] = G.square().sum((1, 2)) * A.square().sum((1, 2))  # (n,)
+            out["weight"] = _sq_rows(G[:, 0]) * _sq_rows(A[:, 0])  # (n,)
         elif _cost.ghost_norm(T, d_out, d_in):  # two (n, T, T) Grams
             AA = torch.bmm(A, A.transpose(1, 2))  # (n, T, T)
             GG = torch.bmm(G, G.transpose(1, 2))  # (n, T, T)
             out["weight"] = (AA * GG).sum((1, 2))  # (n,)
         else:
-            out["weight"] = torch.bmm(G.transpose(1, 2), A).square().sum((1, 2))  # (n,)
-    if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = G.sum(1).square().sum(1)  # (n,)
+            W = torch.bmm(G.transpose(1, 2), A)  # (n, d_out, d_in)
+            out["weight"] = torch.linalg.vector_norm(W, dim=(1, 2)).square()  # (n,)
+    if bias:
+        out["bias"] = _sq_rows(G.sum(1))  # (n,)
     return out
 
 
@@ -89,15 +104,22 @@ def linear_weighted_sum(
     module: nn.Module, inputs: tuple[Any, ...], G: Tensor, coef: Tensor
 ) -> dict[str, Tensor]:
     A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
-    c = coef.to(G.dtype)[:, None, None]  # (n, 1, 1)
+    n, T, d_in = A.shape
+    d_out = G.shape[2]
+    c = coef if coef.dtype == G.dtype else coef.to(G.dtype)  # (n,)
+    A2, G2 = A.reshape(n * T, d_in), G.reshape(n * T, d_out)  # (n·T, d_in), (n·T, d_out)
+
+    def scaled(X: Tensor, X2: Tensor) -> Tensor:  # c_i X_it as an (n·T, d) matrix
+        return X2 * c.view(n, 1) if T == 1 else (X * c.view(n, 1, 1)).reshape(n * T, -1)
+
     out = {}
     if module.weight.requires_grad:  # scale whichever side is smaller
-        if A.shape[2] <= G.shape[2]:
-            out["weight"] = G.flatten(0, 1).T @ (A * c).flatten(0, 1)  # (d_out, d_in)
+        if d_in <= d_out:
+            out["weight"] = G2.T @ scaled(A, A2)  # (d_out, d_in)
         else:
-            out["weight"] = (G * c).flatten(0, 1).T @ A.flatten(0, 1)  # (d_out, d_in)
+            out["weight"] = scaled(G, G2).T @ A2  # (d_out, d_in)
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = c[:, 0, 0] @ G.sum(1)  # (n,) @ (n, d_out) -> (d_out,)
+        out["bias"] = c @ (G2 if T == 1 else G.sum(1))  # (n,) @ (n, d_out) -> (d_out,)
     return out
 
 

@@ -57,7 +57,8 @@ class Rule:
             for too (a clipped sum) or only the norms. Without it the fast paths are used.
 
     Every function only needs to return entries for the module's trainable parameters;
-    extra entries for frozen parameters are ignored.
+    extra entries for frozen parameters are ignored. Results must be new tensors, not
+    views of the inputs or of state the rule keeps: a weighted sum may become ``p.grad``.
     """
 
     grads: GradsFn
@@ -70,6 +71,7 @@ class Rule:
 
 
 _RULES: dict[type[nn.Module] | str, Rule] = {}
+_BY_CLASS: dict[type[nn.Module], Rule | None] = {}  # lookups by module class, until the next change
 
 
 def register_rule(
@@ -117,12 +119,14 @@ def register_rule(
     if not (isinstance(cls, str) or (isinstance(cls, type) and issubclass(cls, nn.Module))):
         raise TypeError(f"rules are registered for nn.Module subclasses, got {cls!r}")
     _RULES[cls] = rule
+    _BY_CLASS.clear()
     return rule
 
 
 def unregister_rule(cls: type[nn.Module] | str) -> None:
     """Remove the rule registered for exactly ``cls`` (a class or a qualified name)."""
     del _RULES[cls]
+    _BY_CLASS.clear()
 
 
 def registered_rules() -> dict[type[nn.Module] | str, Rule]:
@@ -139,12 +143,19 @@ def lookup_rule(module: nn.Module) -> Rule | None:
     A rule whose ``supports(module)`` is False leaves the module to the generic rule.
     """
     cls = type(module)
+    if cls not in _BY_CLASS:
+        _BY_CLASS[cls] = _class_rule(cls)
+    rule = _BY_CLASS[cls]
+    if rule is not None and rule.supports is not None and not rule.supports(module):
+        return None
+    return rule
+
+
+def _class_rule(cls: type[nn.Module]) -> Rule | None:
     for base in cls.__mro__:
         rule = _RULES.get(base) or _RULES.get(f"{base.__module__}.{base.__qualname__}")
         if rule is not None:
             if base is not cls and cls.forward is not getattr(base, "forward", None):
-                return None
-            if rule.supports is not None and not rule.supports(module):
                 return None
             return rule
     return None
