@@ -79,6 +79,9 @@ def test_bench_command_writes_json(tmp_path):
     results = json.loads(path.read_text())["problems"]["MLP 8-8-2, n=4"]
     assert results["plain"]["ratio"] == 1.0 and results["grads"]["seconds"] > 0
     assert set(results) == {"plain", "grads", "norms", "clipped", "torch.func"}
+    if sys.platform.startswith("linux"):  # CPU: fresh memory touched per step, per method
+        assert "faults/step" in result.stdout
+        assert all(r["page_faults"] >= 0 for r in results.values())
     assert (tmp_path / "bench.png").stat().st_size > 5_000
 
 
