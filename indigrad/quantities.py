@@ -224,11 +224,15 @@ class PerExample:
                 entry.release()
         if self._group is not None:
             sums = _all_reduce_mean(sums, self._params, self._group)
+        taken: set[int] = set()  # storages already made a .grad: never share one
         for name, p in self._params.items():
             total = sums.get(name)
-            if p.grad is None:
-                p.grad = torch.zeros_like(p) if total is None else _owned(_as(total, p.dtype))
-            elif total is not None:
+            if total is None:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            elif p.grad is None:
+                p.grad = _owned(_as(total, p.dtype), taken)
+            else:
                 p.grad.add_(_as(total, p.grad.dtype))
         return norms
 
@@ -261,10 +265,15 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)  # skips the dispatch of a no-op .to
 
 
-def _owned(t: Tensor) -> Tensor:
-    """``t`` as a ``.grad`` of its own: sums are fresh tensors (rules return new ones), so
-    only a view (of the all-reduced buffer) is copied, sparing a copy of every gradient."""
-    return t.clone() if t._base is not None else t
+def _owned(t: Tensor, taken: set[int]) -> Tensor:
+    """``t`` as a ``.grad`` of its own. Sums are fresh tensors (rules return new ones), so
+    only a view (of the all-reduced buffer) or a storage given to another parameter is
+    copied, sparing a copy of every gradient."""
+    ptr = t.untyped_storage().data_ptr()
+    if t._base is not None or ptr in taken:
+        return t.clone()
+    taken.add(ptr)
+    return t
 
 
 def _batch_first(t: Any, n: int, bd: int) -> Any:

@@ -100,3 +100,38 @@ def test_empty_batch(name):
         if p.requires_grad:
             assert grads[k].shape == (0, *p.shape)
             assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_grads_never_share_storage_even_if_a_rule_returns_one_tensor_twice():
+    class TwoScales(torch.nn.Module):  # y = x ⊙ a + x ⊙ b: both gradients are x ⊙ G
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.ones(3))
+            self.b = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.a + x * self.b
+
+    def grads(module, inputs, G):
+        g = inputs[0] * G  # (n, 3)
+        return {"a": g, "b": g.clone()}
+
+    def weighted_sum(module, inputs, G, coef):
+        ws = coef @ (inputs[0] * G)  # (3,)
+        return {"a": ws, "b": ws}  # one tensor for both: legitimate, and must not alias
+
+    def sq_norms(module, inputs, G):
+        sq = (inputs[0] * G).square().sum(1)  # (n,)
+        return {"a": sq, "b": sq}
+
+    indigrad.register_rule(TwoScales, grads=grads, sq_norms=sq_norms, weighted_sum=weighted_sum)
+    try:
+        model = TwoScales()
+        with indigrad.capture(model) as cap:
+            cap.clip_(model(torch.randn(4, 3)).sum(1), max_norm=1.0)
+        assert model.a.grad.data_ptr() != model.b.grad.data_ptr()
+        before = model.b.grad.clone()
+        model.a.grad.add_(1.0)
+        torch.testing.assert_close(model.b.grad, before)
+    finally:
+        indigrad.unregister_rule(TwoScales)
