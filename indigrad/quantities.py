@@ -108,9 +108,11 @@ class _Entry:
             )
         return {k: torch.tensordot(coef.to(g.dtype), g, dims=1) for k, g in self.grads().items()}
 
-    def release(self) -> None:
-        """Drop what this call holds (inputs, output gradients, gradients) once used."""
-        self._grads = None
+    def release(self, keep_grads: bool = False) -> None:
+        """Drop what this call holds (inputs, output gradients and, unless ``keep_grads``,
+        materialised gradients) once it is no longer needed."""
+        if not keep_grads:
+            self._grads = None
         self.inputs, self.G = (), None
         call = self.call
         call.args, call.kwargs, call.grad_outputs, call.versions = (), {}, [], []
@@ -167,7 +169,10 @@ class PerExample:
         return self._sq(clipping=False)
 
     @_exact
-    def _sq(self, clipping: bool) -> dict[str, Tensor]:
+    def _sq(self, clipping: bool, release: bool = False) -> dict[str, Tensor]:
+        """With ``release`` (a clipped sum, nothing asked later), a call whose gradients
+        were materialised drops its inputs and output gradient at once: its sum comes
+        from the gradients, and the peak memory is lower."""
         if self._sq_norms is None:
             out = {}
             per_call: dict[int, dict[str, Tensor]] = {}
@@ -179,9 +184,15 @@ class PerExample:
                     entry, local = uses[0]
                     if id(entry) not in per_call:
                         per_call[id(entry)] = entry.sq_norms(clipping)
+                        if release and entry._grads is not None:
+                            entry.release(keep_grads=True)
                     out[name] = per_call[id(entry)][local]
                 else:
                     out[name] = p.new_zeros(self.n)
+            if release:
+                for entry in self._entries:
+                    if entry._grads is not None:
+                        entry.release(keep_grads=True)
             self._sq_norms = out
         return self._sq_norms
 
@@ -189,8 +200,8 @@ class PerExample:
         """``(n,)``: ``‖∇θ losses[i]‖₂`` over all captured parameters together."""
         return self._norms(clipping=False)
 
-    def _norms(self, clipping: bool) -> Tensor:
-        sq = list(self._sq(clipping).values())
+    def _norms(self, clipping: bool, release: bool = False) -> Tensor:
+        sq = list(self._sq(clipping, release).values())
         if not sq:
             raise RuntimeError("the model has no trainable parameters")
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq) else torch.float32
@@ -211,7 +222,7 @@ class PerExample:
         weighted sum is taken (for :meth:`capture.clip_`, where nothing else follows)."""
         if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm > 0):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
-        norms = self._norms(clipping=True)
+        norms = self._norms(clipping=True, release=release)
         coef = (max_norm / norms).clamp(max=1.0)  # (n,); a zero norm gives inf -> 1
         sums: dict[str, Tensor] = {}
         if release:

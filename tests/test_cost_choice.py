@@ -16,6 +16,7 @@ from torch import nn
 from zoo import BY_NAME
 
 import indigrad
+from indigrad import quantities
 from indigrad.rules import _cost, linear, registry
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -126,3 +127,26 @@ def test_clip_releases_each_calls_tensors_once_its_sum_is_taken(monkeypatch):
         per_example.clip_(1.0)
         assert per_example.grads()["2.weight"].shape == (3, 5, 5)
     assert alive_at_last_sum == [True]
+
+
+@pytest.mark.parametrize("materialise", [True, False], ids=["materialise", "fast"])
+def test_materialised_calls_drop_their_inputs_before_the_sums(materialise, monkeypatch):
+    monkeypatch.setattr(_cost, "materialise_to_clip", lambda *_: materialise)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 2))
+    refs: list[weakref.ref] = []
+    model[2].register_forward_hook(lambda m, args, out: refs.append(weakref.ref(args[0])))
+    alive_when_summing = []
+    real = quantities._Entry.weighted_sum
+
+    def weighted_sum(entry, coef):  # the sums start once every norm is known
+        gc.collect()
+        alive_when_summing.append(refs[0]() is not None)
+        return real(entry, coef)
+
+    monkeypatch.setattr(quantities._Entry, "weighted_sum", weighted_sum)
+    x = torch.randn(3, 2, 4)  # T = 2 tokens: the cost choice applies
+    with indigrad.capture(model) as cap:
+        cap.clip_(model(x).square().sum((1, 2)), max_norm=1.0)
+    # materialised: the middle layer's input is gone before the first sum; ghost and
+    # weighted matmul: it is needed until its own sum (the second)
+    assert alive_when_summing == ([False] * 3 if materialise else [True, True, False])
