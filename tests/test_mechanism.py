@@ -77,7 +77,9 @@ def test_linear_norm_paths_agree_with_materialised(T, d_in, d_out):
 def test_linear_ghost_and_materialised_branches_are_both_taken(monkeypatch):
     bmm_shapes = []
     real = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda a, b: bmm_shapes.append(b.shape[-1]) or real(a, b))
+    monkeypatch.setattr(
+        torch, "bmm", lambda a, b, **kw: bmm_shapes.append(b.shape[-1]) or real(a, b, **kw)
+    )
     layer = nn.Linear(16, 16).double()
     linear.linear_sq_norms(layer, (torch.randn(2, 3, 16).double(),), torch.randn(2, 3, 16).double())
     assert bmm_shapes == [3, 3]  # two T×T Grams

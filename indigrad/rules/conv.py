@@ -211,7 +211,9 @@ def conv_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict
             RR = torch.bmm(R.transpose(1, 2), R)  # (n·g, P, P)
             sq = (LL * RR).sum((1, 2))  # (n·g,)
         else:
-            sq = torch.bmm(L, R.transpose(1, 2)).square().sum((1, 2))  # (n·g,)
+            W = _alloc.empty((L.shape[0], a, R.shape[1]), like=L)  # (n·g, a, b)
+            torch.bmm(L, R.transpose(1, 2), out=W)
+            sq = torch.linalg.vector_norm(W, dim=(1, 2)).square()  # (n·g,)
         out["weight"] = sq.view(n, -1).sum(1)  # (n,): Σ over groups
     if conv.bias is not None and conv.bias.requires_grad:
         out["bias"] = G.flatten(2).sum(2).square().sum(1)  # (n,)

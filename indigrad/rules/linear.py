@@ -93,7 +93,7 @@ def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
             GG = torch.bmm(G, G.transpose(1, 2))  # (n, T, T)
             out["weight"] = (AA * GG).sum((1, 2))  # (n,)
         else:
-            W = torch.bmm(G.transpose(1, 2), A)  # (n, d_out, d_in)
+            W = _outer(G, A)  # (n, d_out, d_in)
             out["weight"] = torch.linalg.vector_norm(W, dim=(1, 2)).square()  # (n,)
     if bias:
         out["bias"] = _sq_rows(G.sum(1))  # (n,)
