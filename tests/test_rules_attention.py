@@ -368,7 +368,7 @@ def test_fast_sq_norms_and_weighted_sum_agree_with_grads(name, T, monkeypatch):
         grads = attention.attention_grads(mha, inputs, G)
         branches = []  # ghost: bmm(A, Aᵀ) on one tensor; materialised: bmm(Gᵀ, A)
         real = torch.bmm
-        spy = lambda a, b: branches.append(a.data_ptr() == b.data_ptr()) or real(a, b)  # noqa: E731
+        spy = lambda a, b, **kw: branches.append(a.data_ptr() == b.data_ptr()) or real(a, b, **kw)  # noqa: E731
         monkeypatch.setattr(torch, "bmm", spy)
         fast = attention.attention_sq_norms(mha, inputs, G)
         monkeypatch.undo()

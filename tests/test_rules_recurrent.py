@@ -287,7 +287,9 @@ def test_ghost_and_materialised_branches_are_both_taken(monkeypatch):
     monkeypatch.setattr(recurrent, "linear_sq_norms", spy)
     bmm = []
     real_bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda a, b: bmm.append(b.shape[-1]) or real_bmm(a, b))
+    monkeypatch.setattr(
+        torch, "bmm", lambda a, b, **kw: bmm.append(b.shape[-1]) or real_bmm(a, b, **kw)
+    )
     torch.manual_seed(0)
     for lstm, steps, expected in [
         (nn.LSTM(16, 16), 2, "ghost"),  # T (d_in + d_out) = 2 · 80 < 16 · 64
