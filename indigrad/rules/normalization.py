@@ -15,6 +15,7 @@ sharing them):
 
     grads        dγ_i = Σ_r x̂_ir ⊙ G_ir                   einsum("nrp,nrp->np")
                  dβ_i = Σ_r G_ir                           einsum("nrp->np")
+
 The per-example gradients ``(n, P)`` are never bigger than ``x``, so the rules have no
 fast paths: indigrad materialises them once and takes both the norms and the weighted sum
 ``Σ_i c_i dγ_i`` from them, which computes ``x̂`` once per call.
