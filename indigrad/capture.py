@@ -137,7 +137,9 @@ class capture:
                 whole = rule is not None and rule.subtree
                 if whole:
                     skip = f"{name}." if name else ""
-                own = _own_params(module, whole, self._names)
+                own = {
+                    n: p for n, p in module.named_parameters(recurse=whole) if id(p) in self._names
+                }
                 if own:
                     self._handles.append(
                         module.register_forward_hook(
@@ -418,18 +420,6 @@ def _signature(cls: type) -> inspect.Signature:
         params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
         sig = _SIGNATURES[cls] = inspect.Signature(params)
     return sig
-
-
-def _own_params(module: nn.Module, whole: bool, captured: dict[int, str]) -> dict[str, Any]:
-    """The module's captured parameters by local name: its own, or its subtree's."""
-    if whole:
-        return {n: p for n, p in module.named_parameters() if id(p) in captured}
-    own, seen = {}, set()
-    for n, p in module._parameters.items():  # named_parameters(recurse=False), faster
-        if p is not None and id(p) in captured and id(p) not in seen:
-            own[n] = p
-            seen.add(id(p))
-    return own
 
 
 def _select(model: nn.Module, params: Iterable[str | nn.Parameter]) -> set[str]:

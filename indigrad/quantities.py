@@ -106,7 +106,7 @@ class _Entry:
                 self.rule.weighted_sum(self.call.module, self.inputs, self.G, coef),
                 "weighted_sum",
             )
-        return {k: torch.tensordot(coef.to(g.dtype), g, dims=1) for k, g in self.grads().items()}
+        return {k: torch.tensordot(_as(coef, g.dtype), g, dims=1) for k, g in self.grads().items()}
 
     def release(self, keep_grads: bool = False) -> None:
         """Drop what this call holds (inputs, output gradients and, unless ``keep_grads``,
