@@ -202,6 +202,16 @@ def test_fast_paths_agree_with_materialised(conf, monkeypatch):
         torch.testing.assert_close(grads[k].sum(0), p.grad)
 
 
+@pytest.mark.parametrize("conf", CONFS, ids=lambda c: c.name)
+def test_cost_widths_match_the_factors(conf):
+    # the cost choice reads P, a, b from the shapes; the factors are what the rules build
+    layer = conf.layer().double()
+    x = torch.randn(conf.x_shape, dtype=torch.float64)
+    G = torch.randn_like(layer(x).detach())  # (n, C_out, *out)
+    L, R = conv._factors(layer, x, G)  # (n·g, a, P), (n·g, b, P)
+    assert conv._widths(layer, x, G) == (L.shape[2], L.shape[1], R.shape[1])
+
+
 def test_ghost_and_materialised_branches_are_both_taken(monkeypatch):
     taken = []
     real = conv._ghost
