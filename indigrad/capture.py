@@ -137,9 +137,7 @@ class capture:
                 whole = rule is not None and rule.subtree
                 if whole:
                     skip = f"{name}." if name else ""
-                own = {
-                    n: p for n, p in module.named_parameters(recurse=whole) if id(p) in self._names
-                }
+                own = _own_params(module, whole, self._names)
                 if own:
                     self._handles.append(
                         module.register_forward_hook(
@@ -407,6 +405,21 @@ class capture:
         bound = sig.bind(*call.args, **call.kwargs)
         bound.apply_defaults()
         return tuple(bound.arguments.values())
+
+
+def _own_params(module: nn.Module, whole: bool, trainable: dict[int, str]) -> dict[str, Any]:
+    """The captured parameters a call of ``module`` owns: its own (as ``named_parameters``
+    without recursion gives them, read straight from the module's dict, which is cheaper
+    on every step), or all of its subtree's when its rule covers the subtree."""
+    if whole:
+        return {n: p for n, p in module.named_parameters() if id(p) in trainable}
+    own: dict[str, Any] = {}
+    seen: set[int] = set()
+    for n, p in module._parameters.items():
+        if p is not None and id(p) in trainable and id(p) not in seen:  # first name wins
+            seen.add(id(p))
+            own[n] = p
+    return own
 
 
 _TENSOR_SPEC = tree_flatten(torch.empty(0))[1]

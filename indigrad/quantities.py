@@ -106,7 +106,7 @@ class _Entry:
                 self.rule.weighted_sum(self.call.module, self.inputs, self.G, coef),
                 "weighted_sum",
             )
-        return {k: torch.tensordot(_as(coef, g.dtype), g, dims=1) for k, g in self.grads().items()}
+        return {k: _contract(coef, g) for k, g in self.grads().items()}
 
     def release(self, keep_grads: bool = False) -> None:
         """Drop what this call holds (inputs, output gradients and, unless ``keep_grads``,
@@ -205,7 +205,7 @@ class PerExample:
         if not sq:
             raise RuntimeError("the model has no trainable parameters")
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq) else torch.float32
-        return _sum(_as(s, dtype) for s in sq).sqrt()
+        return torch.stack([_as(s, dtype) for s in sq]).sum(0).sqrt()  # one sum, not P adds
 
     def clip_(self, max_norm: float) -> Tensor:
         """Add ``Σ_i min(1, max_norm / ‖g_i‖) · g_i`` into each captured ``p.grad``
@@ -291,6 +291,14 @@ def _batch_first(t: Any, n: int, bd: int) -> Any:
     if bd == 0 or not has_batch(t, n, bd):
         return t
     return t.movedim(bd, 0)
+
+
+def _contract(coef: Tensor, g: Tensor) -> Tensor:
+    """``Σ_i coef_i g_i`` for ``g`` (n, *shape): one matrix-vector product."""
+    P = math.prod(g.shape[1:])
+    out = g.new_empty(g.shape[1:])  # (*shape,): not a view, so it becomes a .grad uncopied
+    torch.mm(_as(coef, g.dtype)[None], g.reshape(g.shape[0], P), out=out.view(1, P))  # (1, P)
+    return out
 
 
 def _sq_norm(g: Tensor) -> Tensor:

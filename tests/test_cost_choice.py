@@ -25,7 +25,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 @pytest.mark.parametrize("materialise", [True, False], ids=["materialise", "fast"])
 @pytest.mark.parametrize("name", ["linear_3d_ghost", "linear_3d_materialise", "linear_4d"])
 def test_both_paths_match_the_reference(name, materialise, monkeypatch):
-    monkeypatch.setattr(_cost, "materialise_to_clip", lambda T, a, b, device: materialise)
+    monkeypatch.setattr(_cost, "materialise_to_clip", lambda *_: materialise)
     model, loss_fn, x, y = BY_NAME[name].build()
     indigrad.testing.check(model, loss_fn, x, y)
 
@@ -56,11 +56,28 @@ def test_cnn_both_paths_match_the_reference(monkeypatch):
         (64, 384, 128, CUDA, False),  # passes cost more multiply-adds on a GPU
         (8, 4, 4, CUDA, True),  # the Grams cost more than materialising even for norms
         (2, 1024, 1024, CPU, False),  # few tokens: the Grams are cheap
-        (512, 4096, 4096, CPU, False),  # cheaper, but dW_i would be 4× bigger than A and G
+        (512, 8192, 8192, CPU, False),  # cheaper, but dW_i would be 8× bigger than A and G
+        (512, 4096, 4096, CUDA, False),  # on a GPU, 4× is too much too
+        (256, 512, 512, CUDA, True),  # GPT attention output: dW_i as big as A and G
+        (256, 2048, 512, CUDA, False),  # GPT MLP: dW_i 1.6× A and G, more memory on a GPU
+        (256, 2048, 512, CPU, True),  # the CPU allows dW_i 2× A and G
     ],
 )
 def test_the_choice_follows_the_cost_model(T, a, b, device, expected):
     assert _cost.materialise_to_clip(T, a, b, device) is expected
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+def test_a_conv_keeps_its_weight_gradients_only_within_the_growth_allowed(device):
+    # ResNet-18's first block on 8×8 maps: 64 → 64 channels, 3×3, P = 64 positions. The
+    # unfolded input is 9× the input; dW_i (64·576) is 4.5× the input and G (2·64·64):
+    # kept on the CPU (growth 5), not on a GPU (growth 1).
+    P, a, b = 64, 64, 576
+    assert not _cost.ghost_norm(P, a, b)  # materialising is the cheaper norm ...
+    held = 2 * 64 * 64
+    assert _cost.materialise_to_clip(P, a, b, device, held) is (device.type == "cpu")
+    assert not _cost.materialise_to_clip(P, a, b, device, held // 2)  # never kept at 9×
+    assert _cost.materialise_to_clip(P, a, b, device, held=a * b)  # kept where it fits
 
 
 def _replace_rule(monkeypatch, cls, rule):
@@ -84,7 +101,7 @@ def _counting(rule, counts):
 def test_a_materialising_call_computes_its_gradients_once(materialise, monkeypatch):
     counts: dict[str, int] = {}
     _replace_rule(monkeypatch, nn.Linear, _counting(linear.LINEAR, counts))
-    monkeypatch.setattr(_cost, "materialise_to_clip", lambda T, a, b, device: materialise)
+    monkeypatch.setattr(_cost, "materialise_to_clip", lambda *_: materialise)
     model = nn.Linear(4, 3)
     x = torch.randn(5, 6, 4)
     with indigrad.capture(model) as cap:

@@ -152,7 +152,7 @@ def _build(conf: Conf, dtype: torch.dtype = torch.float64, seed: int = 0):
 def _force(monkeypatch, path: str) -> None:
     """Take one path for the norms and, for a clipped sum, the matching one for the sum."""
     monkeypatch.setattr(conv, "_ghost", lambda P, a, b: path == "ghost")
-    monkeypatch.setattr(conv, "_materialise_to_clip", lambda P, a, b, dev: path != "ghost")
+    monkeypatch.setattr(conv, "_materialise_to_clip", lambda P, a, b, dev, held: path != "ghost")
 
 
 @pytest.mark.parametrize("conf", CONFS, ids=lambda c: c.name)

@@ -265,10 +265,12 @@ def test_embedding_grads_is_a_scatter_of_G():
 
 def test_embedding_gram_and_segment_branches_are_both_taken(monkeypatch):
     taken = []
-    real_bmm, real_unique = torch.bmm, torch.unique
+    real_bmm, real_segment = torch.bmm, embedding._segment_sq_norms
     monkeypatch.setattr(torch, "bmm", lambda *a, **k: taken.append("gram") or real_bmm(*a, **k))
     monkeypatch.setattr(
-        torch, "unique", lambda *a, **k: taken.append("segment") or real_unique(*a, **k)
+        embedding,
+        "_segment_sq_norms",
+        lambda *a, **k: taken.append("segment") or real_segment(*a, **k),
     )
     layer = nn.Embedding(6, 4).double()
     small, large = embedding._GRAM_MAX_T, embedding._GRAM_MAX_T + 1

@@ -166,8 +166,8 @@ def _ghost(P: int, a: int, b: int) -> bool:
     return _cost.ghost_norm(P, a, b)
 
 
-def _materialise_to_clip(P: int, a: int, b: int, device: torch.device) -> bool:
-    return _cost.materialise_to_clip(P, a, b, device)
+def _materialise_to_clip(P: int, a: int, b: int, device: torch.device, held: int) -> bool:
+    return _cost.materialise_to_clip(P, a, b, device, held)
 
 
 def _widths(conv: _ConvNd, x: Tensor, G: Tensor) -> tuple[int, int, int]:
@@ -182,7 +182,8 @@ def conv_materialise(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, clip
     if not clipping:
         return False
     conv, x, G = _check(module, inputs, G)
-    return _materialise_to_clip(*_widths(conv, x, G), G.device)
+    held = (x.numel() + G.numel()) // max(1, x.shape[0])  # per example: x, not im2col(x)
+    return _materialise_to_clip(*_widths(conv, x, G), G.device, held)
 
 
 def conv_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
@@ -206,15 +207,16 @@ def conv_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict
     if conv.weight.requires_grad:
         L, R = _factors(conv, x, G)  # (n·g, a, P), (n·g, b, P)
         _, a, P = L.shape
+        ng = L.shape[0]
         if _ghost(P, a, R.shape[1]):
-            LL = torch.bmm(L.transpose(1, 2), L)  # (n·g, P, P)
-            RR = torch.bmm(R.transpose(1, 2), R)  # (n·g, P, P)
-            sq = (LL * RR).sum((1, 2))  # (n·g,)
+            LL = torch.bmm(L.transpose(1, 2), L).view(ng, 1, P * P)  # (n·g, 1, P²)
+            RR = torch.bmm(R.transpose(1, 2), R).view(ng, P * P, 1)  # (n·g, P², 1)
+            sq = torch.bmm(LL, RR).view(ng)  # (n·g,) ⟨LᵀL, RᵀR⟩, one batched dot
         else:
-            W = _alloc.empty((L.shape[0], a, R.shape[1]), like=L)  # (n·g, a, b)
+            W = _alloc.empty((ng, a, R.shape[1]), like=L)  # (n·g, a, b)
             torch.bmm(L, R.transpose(1, 2), out=W)
             sq = torch.linalg.vector_norm(W, dim=(1, 2)).square()  # (n·g,)
-        out["weight"] = sq.view(n, -1).sum(1)  # (n,): Σ over groups
+        out["weight"] = sq if ng == n else sq.view(n, -1).sum(1)  # (n,): Σ over groups
     if conv.bias is not None and conv.bias.requires_grad:
         out["bias"] = G.flatten(2).sum(2).square().sum(1)  # (n,)
     return out

@@ -6,7 +6,7 @@
     sq_norms     ‖dW_i‖² = Σ_v ‖Σ_{t: id_it = v} G_it‖²
                          = Σ_{t,s} [id_it = id_is] ⟨G_it, G_is⟩
                  T×T masked Gram, bmm("ntd,nsd->nts") (n·T²·d), when T ≤ _GRAM_MAX_T,
-                 else sort the keys (i, id), sum G over equal keys, square (n·T·d)
+                 else sort the keys (i, id), sum G over runs of equal keys, square (n·T·d)
     weighted_sum Σ_i c_i dW_i = index_add of c_i G_it into row id_it    (V, d)
 
 ``nn.EmbeddingBag``: bag ``b`` (one example) holds entries ``j`` with ids ``id_j``, weights
@@ -89,12 +89,31 @@ def embedding_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
     return {"weight": W}
 
 
+def _segment_sq_norms(ids: Tensor, G: Tensor, V: int, pad: int | None) -> Tensor:
+    """``(n,)``: ``Σ_v ‖Σ_{t: id_it = v} G_it‖²`` by sorting the keys ``(i, id)`` and summing
+    ``G`` over each run of equal keys. Sizes stay ``n·T`` (no ``torch.unique``), so that no
+    step waits for the device to report how many distinct keys there are."""
+    n, T, d = G.shape
+    keys = (torch.arange(n, device=ids.device)[:, None] * V + ids).reshape(n * T)  # (n T,)
+    keys, order = keys.sort()  # (n T,), (n T,)
+    starts = torch.ones_like(keys, dtype=torch.bool)  # (n T,) a run starts here
+    starts[1:] = keys[1:] != keys[:-1]
+    run = starts.cumsum(0) - 1  # (n T,) run of each sorted lookup
+    slot = torch.empty_like(run).scatter_(0, order, run)  # (n T,) run of each lookup
+    S = G.new_zeros(n * T, d).index_add_(0, slot, G.reshape(n * T, d))  # (n T, d) run sums
+    s = S.square().sum(1)  # (n T,), 0 past the last run
+    key = torch.zeros_like(keys).scatter_(0, run, keys)  # (n T,) each run's key
+    if pad is not None:
+        s = s * (key % V != pad)  # (n T,)
+    return G.new_zeros(n).index_add_(0, key // V, s)  # (n,)
+
+
 def embedding_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
     emb = cast(nn.Embedding, module)
     if not emb.weight.requires_grad:
         return {}
     ids, G = _embedding_flat(module, inputs, G)  # (n, T), (n, T, d)
-    n, T, d = G.shape
+    T = G.shape[1]
     V, pad = emb.num_embeddings, emb.padding_idx
     if T == 1:
         sq = G.square().sum((1, 2))  # (n,)
@@ -106,14 +125,8 @@ def embedding_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) ->
             same &= (ids != pad)[:, :, None]  # (n, T, T)
         GG = torch.bmm(G, G.transpose(1, 2))  # (n, T, T)
         sq = (GG * same).sum((1, 2))  # (n,)
-    else:  # sort the keys (i, id), sum G over equal keys
-        keys = (torch.arange(n, device=ids.device)[:, None] * V + ids).reshape(n * T)  # (n T,)
-        uniq, inverse = torch.unique(keys, return_inverse=True)  # (K,), (n T,)
-        S = G.new_zeros(uniq.shape[0], d).index_add_(0, inverse, G.reshape(n * T, d))  # (K, d)
-        s = S.square().sum(1)  # (K,)
-        if pad is not None:
-            s = s * (uniq % V != pad)  # (K,)
-        sq = G.new_zeros(n).index_add_(0, uniq // V, s)  # (n,)
+    else:  # sort the keys (i, id), sum G over runs of equal keys
+        sq = _segment_sq_norms(ids, G, V, pad)  # (n,)
     return {"weight": sq}
 
 

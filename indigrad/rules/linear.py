@@ -43,7 +43,7 @@ def _outer(L: Tensor, R: Tensor) -> Tensor:
     """Per example ``Σ_t L_t ⊗ R_t``: (n, T, a), (n, T, b) -> (n, a, b), in a fresh buffer."""
     n, T, a = L.shape
     W = _alloc.empty((n, a, R.shape[2]), like=R)  # (n, a, b)
-    if T == 1:
+    if T == 1 and R.device.type == "cpu":  # a GPU writes W faster as a GEMM (H200: 1.5×)
         torch.mul(L.transpose(1, 2), R, out=W)  # (n, a, 1) * (n, 1, b)
     else:
         torch.bmm(L.transpose(1, 2), R, out=W)  # (n, a, T) @ (n, T, b)

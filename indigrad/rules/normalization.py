@@ -137,7 +137,7 @@ def _inputs(
             f"{tuple(G.shape)} differ in shape"
         )
     validate(module, x)  # before any work: also when only the bias is trainable
-    return x.to(G.dtype), G
+    return (x if x.dtype == G.dtype else x.to(G.dtype)), G
 
 
 def _trainable(p: nn.Parameter | None) -> bool:

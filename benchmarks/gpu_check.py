@@ -1,0 +1,322 @@
+"""Everything a session with a CUDA device should check, in one call.
+
+1. Correctness on the device: ``indigrad.testing.check`` (grads, norms, clip_, all from
+   one backward too) in float64 against the per-example loop, on small versions of the
+   zoo's models, under each cost choice (the automatic one, all ghost, all materialised).
+2. The zoo, all methods that run, as ``indigrad bench`` would time them.
+3. The cost choice: the clipped step of the models with a choice to make, under each
+   choice, with its time and peak memory over plain's (to set ``_cost._PASS_COST`` and
+   ``_cost._GROWTH`` for the device).
+4. Profiles of one plain and one clipped step of the GPT and ResNet-18 problems.
+
+Results go to ``OUT/gpu_check.json`` (a plot and the profiles beside it), a summary to
+stdout last.
+
+    python benchmarks/gpu_check.py --out results/ [--repeats 20] [--skip-zoo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import indigrad.bench as bench
+from indigrad import testing
+from indigrad.rules import _cost
+
+# name: replacement of ``_cost.materialise_to_clip`` (None: the library's own choice)
+CHOICES: dict[str, Callable[..., bool] | None] = {
+    "auto": None,
+    "ghost": lambda T, a, b, *_: not _cost.ghost_norm(T, a, b),
+    "materialise": lambda *_: True,
+}
+
+
+@contextmanager
+def choice(name: str, device: str = "cuda", **settings: float) -> Iterator[None]:
+    """Run under the cost choice ``name``, with ``_cost`` settings for ``device`` replaced."""
+    real = _cost.materialise_to_clip
+    saved = {k: getattr(_cost, k).get(device) for k in settings}
+    try:
+        if CHOICES[name] is not None:
+            _cost.materialise_to_clip = CHOICES[name]  # type: ignore[assignment]
+        for key, value in settings.items():
+            getattr(_cost, key)[device] = value
+        yield
+    finally:
+        _cost.materialise_to_clip = real
+        for key, value in saved.items():
+            if value is None:
+                getattr(_cost, key).pop(device, None)
+            else:
+                getattr(_cost, key)[device] = value
+
+
+def small_problems(device: str) -> dict[str, Callable[[], bench.Problem]]:
+    """The zoo's models, small enough for the float64 loop reference."""
+    return {
+        "mlp": lambda: bench.mlp_problem(12, [16, 8], 5, batch=6, device=device),
+        "cnn": lambda: bench.cnn_problem(batch=4, width=8, device=device),
+        "resnet18": lambda: bench.resnet18_problem(batch=3, device=device),
+        # T = 40 lookups per example: the embedding's segment sum, not its Gram
+        "gpt": lambda: bench.gpt_problem(3, 2, 32, 4, 40, 50, device=device),
+    }
+
+
+def correctness(device: str) -> dict[str, str]:
+    results = {}
+    for key, make in small_problems(device).items():
+        for name in CHOICES:
+            label = f"{key}/{name}"
+            try:
+                p = make()
+                model = p.model().double()
+                x = p.x.double() if p.x.is_floating_point() else p.x
+
+                def losses(x: torch.Tensor, y: torch.Tensor, p: Any = p, m: Any = model) -> Any:
+                    return p.loss(m(x), y)
+
+                with choice(name):
+                    testing.check(model, losses, x, p.y)
+                results[label] = "ok"
+            except ImportError as err:
+                results[label] = f"skipped ({err})"
+            except Exception as err:
+                results[label] = f"FAIL {type(err).__name__}: {str(err)[:300]}"
+            print(f"check {label}: {results[label]}", flush=True)
+    return results
+
+
+def zoo(device: str, repeats: int, methods: list[str]) -> dict[str, Any]:
+    report = {}
+    for key, make in bench.zoo(device).items():
+        try:
+            problem = make()
+        except ImportError as err:
+            print(f"{key}: skipped ({err})", flush=True)
+            continue
+        start = time.perf_counter()
+        results = bench.run(problem, methods, repeats=repeats)
+        print(bench.table(problem, results), flush=True)
+        print(f"({time.perf_counter() - start:.0f} s)\n", flush=True)
+        report[key] = {"name": problem.name, "results": results}
+        del problem
+        _empty_cache(device)
+    return report
+
+
+# variant: (choice, settings of _cost for CUDA)
+VARIANTS: dict[str, tuple[str, dict[str, float]]] = {
+    "auto": ("auto", {}),
+    "growth2": ("auto", {"_GROWTH": 2.0}),
+    "pass30": ("auto", {"_PASS_COST": 30}),
+    "ghost": ("ghost", {}),
+    "materialise": ("materialise", {}),
+}
+
+
+# the variants each problem is timed under (a repeated one: the spread between runs)
+VARIANTS_OF = {
+    "gpt": ["auto", "growth2", "pass30", "ghost", "materialise"],
+    "resnet18": ["auto", "auto", "auto", "growth2"],
+    "cnn": ["auto", "ghost", "materialise"],
+}
+
+
+def cost_variants(device: str, repeats: int) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    for key, variants in VARIANTS_OF.items():
+        try:
+            problem = bench.zoo(device)[key]()
+        except ImportError as err:
+            print(f"{key}: skipped ({err})", flush=True)
+            continue
+        report[key] = {}
+        for i, variant in enumerate(variants):
+            name, settings = VARIANTS[variant]
+            with choice(name, device, **settings):
+                r = bench.run(problem, ["plain", "norms", "clipped"], repeats=repeats)
+            report[key][f"{i}:{variant}"] = r
+            c, nm = r["clipped"], r["norms"]
+            print(
+                f"{key:<9} {variant:<12} clipped {c.get('ratio', float('nan')):.3f}× "
+                f"mem {c.get('memory_ratio', float('nan')):.2f}×  norms "
+                f"{nm.get('ratio', float('nan')):.3f}×  {c.get('error', '')}",
+                flush=True,
+            )
+        del problem
+        _empty_cache(device)
+    return report
+
+
+def _empty_cache(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def profiles(device: str, out: str) -> None:
+    """``torch.profiler`` tables (ops by self device time) of one plain and one clipped
+    step of the GPT and ResNet-18 problems, to ``OUT/profile_<problem>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    for key in ("gpt", "resnet18"):
+        try:
+            problem = bench.zoo(device)[key]()
+        except ImportError:
+            continue
+        with open(os.path.join(out, f"profile_{key}.txt"), "w") as f:
+            for method in ("plain", "clipped"):
+                step = bench.METHODS[method](problem)
+                for _ in range(3):
+                    step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                with profile(activities=activities) as prof:
+                    step()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                f.write(f"== {problem.name}: {method}\n")
+                f.write(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n\n")
+        print(f"profile of {key} written", flush=True)
+        del problem
+        _empty_cache(device)
+
+
+def host_profile(device: str, out: str) -> None:
+    """``cProfile`` of plain and clipped ResNet-18 steps (host time per function: on a GPU
+    a small-image ResNet step is bound by the host), to ``OUT/host_resnet18.txt``."""
+    import cProfile
+    import io
+    import pstats
+
+    try:
+        problem = bench.zoo(device)["resnet18"]()
+    except ImportError:
+        return
+    with open(os.path.join(out, "host_resnet18.txt"), "w") as f:
+        for method in ("plain", "clipped"):
+            step = bench.METHODS[method](problem)
+            for _ in range(3):
+                step()
+            _sync(device)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(10):
+                step()
+            _sync(device)
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(45)
+            f.write(f"== {method}, 10 steps\n{text.getvalue()}\n")
+    print("host profile of resnet18 written", flush=True)
+
+
+def outer_products(device: str) -> dict[str, float]:
+    """Milliseconds to write the wide MLP's per-example weight gradients (n = 128, 4096 ×
+    4096) as a broadcast product and as a batched GEMM with K = 1."""
+    n, a, b = 128 if device == "cuda" else 4, 4096, 4096
+    L, R = torch.randn(n, a, 1, device=device), torch.randn(n, 1, b, device=device)
+    W = torch.empty(n, a, b, device=device)
+    ways = {"mul": lambda: torch.mul(L, R, out=W), "bmm": lambda: torch.bmm(L, R, out=W)}
+    result = {}
+    for name, f in ways.items():
+        for _ in range(3):
+            f()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(20):
+            f()
+        _sync(device)
+        result[name] = (time.perf_counter() - start) / 20 * 1e3
+    gb = n * a * b * 4 / 1e9
+    print(
+        f"outer products, {gb:.1f} GB written: "
+        + ", ".join(f"{k} {v:.2f} ms ({gb / v:.2f} TB/s)" for k, v in result.items()),
+        flush=True,
+    )
+    return result
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--skip-zoo", action="store_true")
+    parser.add_argument(
+        "--methods",
+        default="plain,grads,norms,clipped,torch.func,opacus,opacus-ew,opacus-ghost,backpack",
+    )
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = args.device
+    name = device
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        name = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    header = f"torch {torch.__version__}, {name}"
+    print(header, flush=True)
+    report: dict[str, Any] = {"torch": torch.__version__, "device": name}
+    os.makedirs(args.out, exist_ok=True)
+
+    def save() -> None:  # after each part, so that a run cut short keeps what it did
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+            json.dump(report, f, indent=2)
+
+    start = time.perf_counter()
+    report["check"] = correctness(device)
+    print(f"correctness: {time.perf_counter() - start:.0f} s\n", flush=True)
+    save()
+    report["variants"] = cost_variants(device, max(5, args.repeats // 2))
+    save()
+    profiles(device, args.out)
+    host_profile(device, args.out)
+    report["outer_products_ms"] = outer_products(device)
+    save()
+    if not args.skip_zoo:
+        report["zoo"] = zoo(device, args.repeats, args.methods.split(","))
+        save()
+    if "zoo" in report:
+        bench.plot(
+            {v["name"]: v["results"] for v in report["zoo"].values()},
+            os.path.join(args.out, "gpu_check.png"),
+        )
+    summary(report, header)
+
+
+def summary(report: dict[str, Any], header: str) -> None:
+    print("\n=== summary:", header)
+    failed = {k: v for k, v in report["check"].items() if v != "ok"}
+    print(f"checks: {len(report['check']) - len(failed)} ok; not ok: {failed or 'none'}")
+    for key, entry in report.get("zoo", {}).items():
+        cells = []
+        for method, r in entry["results"].items():
+            if "ratio" in r:
+                mem = f"/{r['memory_ratio']:.2f}m" if "memory_ratio" in r else ""
+                cells.append(f"{method} {r['ratio']:.2f}{mem}")
+            else:
+                cells.append(f"{method} FAILS")
+        plain = entry["results"].get("plain", {}).get("seconds", float("nan")) * 1e3
+        print(f"{key} (plain {plain:.2f} ms): " + ", ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
