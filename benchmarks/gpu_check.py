@@ -159,6 +159,29 @@ def cost_variants(device: str, repeats: int) -> dict[str, Any]:
     return report
 
 
+def without_gc(device: str, repeats: int) -> dict[str, Any]:
+    """Diagnostic, not a reported figure: ResNet-18's steps with Python's garbage
+    collector off while timing, to tell its pauses from the steps' own host time."""
+    import gc
+
+    try:
+        problem = bench.zoo(device)["resnet18"]()
+    except ImportError:
+        return {}
+    gc.collect()
+    gc.disable()
+    try:
+        r = bench.run(problem, ["plain", "norms", "clipped"], repeats=repeats)
+    finally:
+        gc.enable()
+    print(
+        f"resnet18 without gc: clipped {r['clipped'].get('ratio', float('nan')):.3f}×, "
+        f"norms {r['norms'].get('ratio', float('nan')):.3f}×",
+        flush=True,
+    )
+    return r
+
+
 def _empty_cache(device: str) -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -286,6 +309,7 @@ def main() -> None:
     print(f"correctness: {time.perf_counter() - start:.0f} s\n", flush=True)
     save()
     report["variants"] = cost_variants(device, max(5, args.repeats // 2))
+    report["without_gc"] = without_gc(device, args.repeats)
     save()
     profiles(device, args.out)
     host_profile(device, args.out)
