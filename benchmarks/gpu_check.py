@@ -43,7 +43,7 @@ CHOICES: dict[str, Callable[..., bool] | None] = {
 
 
 @contextmanager
-def choice(name: str, device: str = "cuda", **settings: float) -> Iterator[None]:
+def choice(name: str, device: str = "cuda", **settings: float | None) -> Iterator[None]:
     """Run under the cost choice ``name``, with ``_cost`` settings for ``device`` replaced."""
     real = _cost.materialise_to_clip
     saved = {k: getattr(_cost, k).get(device) for k in settings}
@@ -116,9 +116,11 @@ def zoo(device: str, repeats: int, methods: list[str]) -> dict[str, Any]:
 
 
 # variant: (choice, settings of _cost for CUDA)
-VARIANTS: dict[str, tuple[str, dict[str, float]]] = {
+VARIANTS: dict[str, tuple[str, dict[str, float | None]]] = {
     "auto": ("auto", {}),
-    "growth2": ("auto", {"_GROWTH": 2.0}),
+    "budget0": ("auto", {"_BUDGET_SHARE": 0.0}),
+    "budget0.4": ("auto", {"_BUDGET_SHARE": 0.4}),
+    "no-budget": ("auto", {"_BUDGET_SHARE": None}),
     "pass30": ("auto", {"_PASS_COST": 30}),
     "ghost": ("ghost", {}),
     "materialise": ("materialise", {}),
@@ -127,8 +129,8 @@ VARIANTS: dict[str, tuple[str, dict[str, float]]] = {
 
 # the variants each problem is timed under (a repeated one: the spread between runs)
 VARIANTS_OF = {
-    "gpt": ["auto", "growth2", "pass30", "ghost", "materialise"],
-    "resnet18": ["auto", "auto", "auto", "growth2"],
+    "gpt": ["auto", "budget0", "budget0.4", "no-budget", "pass30", "ghost", "materialise"],
+    "resnet18": ["auto", "auto", "auto"],
     "cnn": ["auto", "ghost", "materialise"],
 }
 

@@ -9,6 +9,7 @@ its rule's fast ``sq_norms`` when the rule has one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from torch.utils._pytree import tree_unflatten
 
 from ._batch import has_batch
 from ._precision import _exact, _param_dtype, _upcast
-from .rules import Rule
+from .rules import Rule, _cost
 from .rules.generic import generic_grads
 
 if TYPE_CHECKING:
@@ -174,27 +175,55 @@ class PerExample:
         were materialised drops its inputs and output gradient at once: its sum comes
         from the gradients, and the peak memory is lower."""
         if self._sq_norms is None:
-            out = {}
+            out: dict[str, Tensor] = {}
             per_call: dict[int, dict[str, Tensor]] = {}
-            for name, p in self._params.items():
-                uses = self._uses.get(name, [])
-                if self._grads is not None or len(uses) > 1:
-                    out[name] = _sq_norm(self.grads()[name])
-                elif uses:
-                    entry, local = uses[0]
-                    if id(entry) not in per_call:
-                        per_call[id(entry)] = entry.sq_norms(clipping)
-                        if release and entry._grads is not None:
-                            entry.release(keep_grads=True)
-                    out[name] = per_call[id(entry)][local]
-                else:
-                    out[name] = p.new_zeros(self.n)
+            budget = self._memory_budget() if clipping else contextlib.nullcontext()
+            with budget:
+                self._sq_each(out, per_call, clipping, release)
             if release:
                 for entry in self._entries:
                     if entry._grads is not None:
                         entry.release(keep_grads=True)
             self._sq_norms = out
         return self._sq_norms
+
+    def _memory_budget(self) -> contextlib.AbstractContextManager[None]:
+        """The budget for kept per-example gradients of :mod:`.rules._cost`, from the
+        floating-point elements per example of all calls' inputs and output gradients."""
+        held, device = 0, None
+        for entry in self._entries:
+            if entry.rule is None or self.n == 0:
+                continue
+            for t in (*entry.inputs, *entry.call.grad_outputs):
+                if isinstance(t, Tensor) and t.is_floating_point():
+                    held += t.numel()
+                    device = t.device
+        if device is None:
+            return contextlib.nullcontext()
+        return _cost.memory_budget(held // self.n, device)
+
+    def _sq_each(
+        self,
+        out: dict[str, Tensor],
+        per_call: dict[int, dict[str, Tensor]],
+        clipping: bool,
+        release: bool,
+    ) -> None:
+        """Each parameter's squared norms into ``out``, one rule call per recorded call
+        (``per_call``); see :meth:`_sq`."""
+        for name, p in self._params.items():
+            uses = self._uses.get(name, [])
+            if self._grads is not None or len(uses) > 1:
+                out[name] = _sq_norm(self.grads()[name])
+            elif uses:
+                entry, local = uses[0]
+                if id(entry) not in per_call:
+                    per_call[id(entry)] = entry.sq_norms(clipping)
+                    if release and entry._grads is not None:
+                        entry.release(keep_grads=True)
+                out[name] = per_call[id(entry)][local]
+            else:
+                out[name] = p.new_zeros(self.n)
 
     def norms(self) -> Tensor:
         """``(n,)``: ``‖∇θ losses[i]‖₂`` over all captured parameters together."""

@@ -57,9 +57,9 @@ def test_cnn_both_paths_match_the_reference(monkeypatch):
         (8, 4, 4, CUDA, True),  # the Grams cost more than materialising even for norms
         (2, 1024, 1024, CPU, False),  # few tokens: the Grams are cheap
         (512, 8192, 8192, CPU, False),  # cheaper, but dW_i would be 8× bigger than A and G
-        (512, 4096, 4096, CUDA, False),  # on a GPU, 4× is too much too
+        (512, 4096, 4096, CUDA, False),  # 4× is too much on a GPU too (growth 2)
         (256, 512, 512, CUDA, True),  # GPT attention output: dW_i as big as A and G
-        (256, 2048, 512, CUDA, False),  # GPT MLP: dW_i 1.6× A and G, more memory on a GPU
+        (256, 2048, 512, CUDA, True),  # GPT MLP: dW_i 1.6× A and G (outside a budget)
         (256, 2048, 512, CPU, True),  # the CPU allows dW_i 2× A and G
     ],
 )
@@ -71,13 +71,56 @@ def test_the_choice_follows_the_cost_model(T, a, b, device, expected):
 def test_a_conv_keeps_its_weight_gradients_only_within_the_growth_allowed(device):
     # ResNet-18's first block on 8×8 maps: 64 → 64 channels, 3×3, P = 64 positions. The
     # unfolded input is 9× the input; dW_i (64·576) is 4.5× the input and G (2·64·64):
-    # kept on the CPU (growth 5), not on a GPU (growth 1).
+    # kept on the CPU (growth 5), not on a GPU (growth 2).
     P, a, b = 64, 64, 576
     assert not _cost.ghost_norm(P, a, b)  # materialising is the cheaper norm ...
     held = 2 * 64 * 64
     assert _cost.materialise_to_clip(P, a, b, device, held) is (device.type == "cpu")
     assert not _cost.materialise_to_clip(P, a, b, device, held // 2)  # never kept at 9×
     assert _cost.materialise_to_clip(P, a, b, device, held=a * b)  # kept where it fits
+
+
+def test_on_a_gpu_kept_gradients_spend_one_budget_per_clipped_sum():
+    T, a, b = 256, 2048, 512  # each keeps dW_i of 393 216 elements more than A and G
+    extra = a * b - T * (a + b)
+    share = _cost._BUDGET_SHARE_DEFAULT
+    with _cost.memory_budget(int(1.5 * extra / share), CUDA):  # room for one and a half
+        assert _cost.materialise_to_clip(T, a, b, CUDA)
+        assert not _cost.materialise_to_clip(T, a, b, CUDA)  # the rest does not fit
+        assert _cost.materialise_to_clip(T, 512, 512, CUDA)  # adds nothing: still kept
+    assert _cost.materialise_to_clip(T, a, b, CUDA)  # no budget outside
+    with _cost.memory_budget(0, CPU):  # no budget on the CPU
+        assert _cost.materialise_to_clip(T, a, b, CPU)
+        assert _cost.materialise_to_clip(T, a, b, CPU)
+
+
+def test_a_clipped_sum_keeps_gradients_within_the_budget(monkeypatch):
+    # Four Linear layers over tokens that each would add to memory by keeping dW_i; the
+    # budget (a share of all calls' inputs and output gradients) admits the first ones.
+    monkeypatch.setitem(_cost._BUDGET_SHARE, "cpu", 0.05)
+    monkeypatch.setitem(_cost._PASS_COST, "cpu", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(4)]).double()
+    x = torch.randn(3, 4, 16, dtype=torch.float64)  # T = 4: dW_i (256) > A, G (128)
+    kept = []
+    real = _cost.materialise_to_clip
+
+    def spy(*args):
+        kept.append(real(*args))
+        return kept[-1]
+
+    monkeypatch.setattr(_cost, "materialise_to_clip", spy)
+    with indigrad.capture(model) as cap:
+        cap.clip_(model(x).square().sum((1, 2)), max_norm=1.0)
+    # held: 4 layers × (A + G) × 64 elements = 512; 5 % = 25.6 < 128 extra: none fits
+    assert kept == [False] * 4
+    kept.clear()
+    monkeypatch.setitem(_cost._BUDGET_SHARE, "cpu", 0.5)  # 256: two of the four
+    with indigrad.capture(model) as cap:
+        cap.clip_(model(x).square().sum((1, 2)), max_norm=1.0)
+    assert kept == [True, True, False, False]
+    loss_fn = lambda x: model(x).square().sum((1, 2))  # noqa: E731
+    indigrad.testing.check(model, loss_fn, x)  # mixed choices give the reference
 
 
 def _replace_rule(monkeypatch, cls, rule):

@@ -12,31 +12,49 @@ the ghost form then adds one weighted product (≈ T a b, what the plain backwar
 while materialised ``dW_i`` give it as a contraction over the examples. Materialising
 then costs ≈ ``a b`` elements written and read twice more, instead of the Grams. It is
 chosen where the Grams cost more than those passes, measured in multiply-adds per element
-pass (``_PASS_COST``), and where memory allows: a materialised call keeps ``dW_i`` (``a b``
-elements per example) until the sums and drops its ``A`` and ``G`` (``held`` elements per
-example: ``T (a + b)`` for Linear, the input and output gradient for conv, whose ``A`` is
-unfolded only while it is used). ``dW_i`` may take ``_GROWTH`` times ``held``: on a GPU no
-more than what it replaces, so that the clipped step's peak memory does not grow.
-Where the memory test fails, the norm still comes from a transient ``dW_i`` if that is the
-cheaper norm, and the sum from the weighted product.
+pass (``_PASS_COST``), and where memory allows.
+
+Memory: a materialised call keeps ``dW_i`` (``a b`` elements per example) until the sums
+and drops its ``A`` and ``G`` (``held`` elements per example: ``T (a + b)`` for Linear, the
+input and output gradient for conv, whose ``A`` is unfolded only while it is used). Where
+``dW_i`` is larger than what it frees, the difference counts against
+
+- ``_GROWTH``: ``dW_i`` may take at most this many times ``held``;
+- on a GPU, a budget for the whole clipped sum (:func:`memory_budget`): a share
+  (``_BUDGET_SHARE``) of all the calls' ``held``, spent on the calls in the order their
+  norms are taken. Without it, materialising every layer of a GPT-style model raised the
+  clipped step's peak memory to 1.36× plain's on an H200; all ghost kept it at 1.03× but
+  ran 8 % slower.
+
+Where memory rules out keeping ``dW_i``, the norm still comes from a transient ``dW_i``
+if that is the cheaper norm, and the sum from the weighted product.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
 # Multiply-adds that cost as much as writing and twice reading one element of dW_i.
 # CPU: measured on a 2-core x86 machine (benchmarks/README.md, "ghost or materialised").
 # Other devices: estimated from fp32 throughput over memory bandwidth (H100: ≈ 30 T
-# multiply-adds/s, 3.35 TB/s, 12 bytes per element), not measured.
+# multiply-adds/s, 3.35 TB/s, 12 bytes per element); on an H200, 30 and 100 chose alike.
 _PASS_COST = {"cpu": 20}
 _PASS_COST_DEFAULT = 100
-# How many times the elements of the layer's own A and G the kept dW_i may take.
-# CPU: 5, so that a 3×3 conv at few positions keeps dW_i (4.5× its input and G), which
-# measured faster there; GPU: 1, from the clipped step's peak memory on an H200
-# (benchmarks/README.md, "ghost or materialised").
+# How many times the elements of the layer's own A and G a kept dW_i may take. CPU: 5, so
+# that a 3×3 conv at few positions keeps dW_i (4.5× its input and G), which measured
+# faster there (benchmarks/README.md, "ghost or materialised").
 _GROWTH = {"cpu": 5.0}
-_GROWTH_DEFAULT = 1.0
+_GROWTH_DEFAULT = 2.0
+# The share of all calls' A and G that kept dW_i may add, per clipped sum (None: no
+# budget; the CPU has no peak-memory target).
+_BUDGET_SHARE: dict[str, float | None] = {"cpu": None}
+_BUDGET_SHARE_DEFAULT = 0.2
+
+_BUDGET: ContextVar[list[float] | None] = ContextVar("indigrad_memory_budget", default=None)
 
 
 def ghost_norm(T: int, a: int, b: int) -> bool:
@@ -44,14 +62,37 @@ def ghost_norm(T: int, a: int, b: int) -> bool:
     return T * (a + b) < a * b
 
 
+@contextmanager
+def memory_budget(held: int, device: torch.device) -> Iterator[None]:
+    """Within the block, kept ``dW_i`` may add up to ``_BUDGET_SHARE`` × ``held``
+    elements per example over the ``A`` and ``G`` they free (``held``: the elements per
+    example of all calls' ``A`` and ``G``)."""
+    share = _BUDGET_SHARE.get(device.type, _BUDGET_SHARE_DEFAULT)
+    token = _BUDGET.set(None if share is None else [share * held])
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
 def materialise_to_clip(
     T: int, a: int, b: int, device: torch.device, held: int | None = None
 ) -> bool:
     """For norms and a clipped sum together: keep ``dW_i`` rather than ``A`` and ``G``.
-    ``held``: the elements per example of the call's ``A`` and ``G`` (``T (a + b)``)."""
+    ``held``: the elements per example of the call's ``A`` and ``G`` (``T (a + b)``).
+    Spends the budget of the enclosing :func:`memory_budget`, if any."""
     held = T * (a + b) if held is None else held
-    if a * b > _GROWTH.get(device.type, _GROWTH_DEFAULT) * held:
-        return False
-    if not ghost_norm(T, a, b):
-        return True
-    return T * T * (a + b) >= _PASS_COST.get(device.type, _PASS_COST_DEFAULT) * a * b
+    extra = a * b - held  # elements per example that keeping dW_i adds
+    budget = _BUDGET.get()
+    if extra > 0:
+        if a * b > _GROWTH.get(device.type, _GROWTH_DEFAULT) * held:
+            return False
+        if budget is not None and extra > budget[0]:
+            return False
+    if ghost_norm(T, a, b):
+        cost = _PASS_COST.get(device.type, _PASS_COST_DEFAULT)
+        if T * T * (a + b) < cost * a * b:
+            return False  # the Grams cost less than the passes over dW_i
+    if extra > 0 and budget is not None:
+        budget[0] -= extra
+    return True
