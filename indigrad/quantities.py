@@ -254,9 +254,12 @@ class PerExample:
         norms = self._norms(clipping=True, release=release)
         coef = (max_norm / norms).clamp(max=1.0)  # (n,); a zero norm gives inf -> 1
         sums: dict[str, Tensor] = {}
+        entries = self._entries
         if release:
             self._grads = self._sq_norms = None
-        for entry in self._entries:
+            # calls that free more than their sums take go first, for a lower peak
+            entries = sorted(entries, key=_net_growth)
+        for entry in entries:
             for local, ws in entry.weighted_sum(coef).items():
                 name = entry.cap._names[id(entry.call.params[local])]
                 sums[name] = ws if name not in sums else sums[name] + ws
@@ -320,6 +323,16 @@ def _batch_first(t: Any, n: int, bd: int) -> Any:
     if bd == 0 or not has_batch(t, n, bd):
         return t
     return t.movedim(bd, 0)
+
+
+def _net_growth(entry: _Entry) -> int:
+    """Elements a call's weighted sum allocates (its parameters) less those its release
+    frees (inputs, output gradients, materialised gradients), as far as it holds them."""
+    held = [*getattr(entry, "inputs", ()), *entry.call.grad_outputs]
+    if entry._grads is not None:
+        held.extend(entry._grads.values())
+    freed = sum(t.numel() for t in held if isinstance(t, Tensor) and t.is_floating_point())
+    return sum(p.numel() for p in entry.call.params.values()) - freed
 
 
 def _contract(coef: Tensor, g: Tensor) -> Tensor:

@@ -78,3 +78,39 @@ def test_outputs_are_unchanged_by_the_capture():
     with indigrad.capture(model):
         captured = model(ids)
     torch.testing.assert_close(captured, plain, rtol=0, atol=0)
+
+
+class SharedLookups(nn.Module):
+    """Token embedding plus an embedding of ids shared by the batch (no batch dim)."""
+
+    def __init__(self, pos_ids, **options):
+        super().__init__()
+        self.pos_ids = pos_ids
+        self.tok = nn.Embedding(7, 4)
+        self.pos = nn.Embedding(int(pos_ids.max()) + 1, 4, **options)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids):  # (n, T)
+        return self.head(torch.tanh(self.tok(ids) + self.pos(self.pos_ids)))  # (n, T, 3)
+
+
+@pytest.mark.parametrize(
+    "pos_ids,options",
+    [
+        (torch.arange(40), {}),  # many positions: past the per-example Gram's reach
+        (torch.arange(10) % 3, {}),  # repeated ids: their gradients add before squaring
+        (torch.arange(10) % 3, {"padding_idx": 1}),
+        (torch.arange(40) % 5, {"padding_idx": 0}),
+    ],
+    ids=["arange40", "repeats", "repeats_padding", "long_repeats_padding"],
+)
+def test_ids_shared_by_the_batch(pos_ids, options):
+    torch.manual_seed(0)
+    model = SharedLookups(pos_ids, **options).double()
+    T = pos_ids.shape[0]
+    ids, y = torch.randint(0, 7, (4, T)), torch.randint(0, 3, (4, T))
+
+    def losses(ids, y):
+        return F.cross_entropy(model(ids).transpose(1, 2), y, reduction="none")
+
+    indigrad.testing.check(model, losses, ids, y)

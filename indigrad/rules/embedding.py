@@ -9,6 +9,10 @@
                  else sort the keys (i, id), sum G over runs of equal keys, square (n·T·d)
     weighted_sum Σ_i c_i dW_i = index_add of c_i G_it into row id_it    (V, d)
 
+Ids shared by the batch (a position embedding of ``arange(T)``, expanded to the batch by
+indigrad) group the lookups once for all examples: the squared norms sum ``G`` over runs
+of equal ids (n·T·d), and the weighted sum scatters ``Σ_i c_i G_i`` (T rows).
+
 ``nn.EmbeddingBag``: bag ``b`` (one example) holds entries ``j`` with ids ``id_j``, weights
 ``a_j`` (``per_sample_weights``; for "mean" 1 / the bag's number of non-padding entries; 1
 otherwise; 0 for padding entries) and ``G_b`` (n, d):
@@ -89,20 +93,40 @@ def embedding_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
     return {"weight": W}
 
 
+def _shared(ids: Tensor) -> bool:
+    """Whether every example looks up the same ids: ``(n, T)`` expanded from one row, as
+    indigrad expands a position embedding's ``arange(T)`` to the batch."""
+    return ids.shape[0] > 1 and ids.stride(0) == 0
+
+
+def _runs(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """For ``keys`` (N,): the run of equal keys each belongs to (runs numbered in sorted
+    order) and each run's key (0 past the last run). Sizes stay N (no ``torch.unique``),
+    so that no step waits for the device to report how many distinct keys there are."""
+    ordered, order = keys.sort()  # (N,), (N,)
+    starts = torch.ones_like(ordered, dtype=torch.bool)  # (N,) a run starts here
+    starts[1:] = ordered[1:] != ordered[:-1]
+    run = starts.cumsum(0) - 1  # (N,) run of each sorted key
+    slot = torch.empty_like(run).scatter_(0, order, run)  # (N,) run of each key
+    key = torch.zeros_like(ordered).scatter_(0, run, ordered)  # (N,) each run's key
+    return slot, key
+
+
 def _segment_sq_norms(ids: Tensor, G: Tensor, V: int, pad: int | None) -> Tensor:
-    """``(n,)``: ``Σ_v ‖Σ_{t: id_it = v} G_it‖²`` by sorting the keys ``(i, id)`` and summing
-    ``G`` over each run of equal keys. Sizes stay ``n·T`` (no ``torch.unique``), so that no
-    step waits for the device to report how many distinct keys there are."""
+    """``(n,)``: ``Σ_v ‖Σ_{t: id_it = v} G_it‖²`` by summing ``G`` over each run of equal
+    keys ``(i, id)`` (of equal ids, where all examples share them)."""
     n, T, d = G.shape
+    if _shared(ids):  # one set of runs for the whole batch
+        slot, key = _runs(ids[0])  # (T,), (T,)
+        S = G.new_zeros(n, T, d).index_add_(1, slot, G)  # (n, T, d) run sums
+        s = S.square().sum(2)  # (n, T), 0 past the last run
+        if pad is not None:
+            s = s * (key != pad)  # (n, T)
+        return s.sum(1)  # (n,)
     keys = (torch.arange(n, device=ids.device)[:, None] * V + ids).reshape(n * T)  # (n T,)
-    keys, order = keys.sort()  # (n T,), (n T,)
-    starts = torch.ones_like(keys, dtype=torch.bool)  # (n T,) a run starts here
-    starts[1:] = keys[1:] != keys[:-1]
-    run = starts.cumsum(0) - 1  # (n T,) run of each sorted lookup
-    slot = torch.empty_like(run).scatter_(0, order, run)  # (n T,) run of each lookup
+    slot, key = _runs(keys)  # (n T,), (n T,)
     S = G.new_zeros(n * T, d).index_add_(0, slot, G.reshape(n * T, d))  # (n T, d) run sums
     s = S.square().sum(1)  # (n T,), 0 past the last run
-    key = torch.zeros_like(keys).scatter_(0, run, keys)  # (n T,) each run's key
     if pad is not None:
         s = s * (key % V != pad)  # (n T,)
     return G.new_zeros(n).index_add_(0, key // V, s)  # (n,)
@@ -119,7 +143,7 @@ def embedding_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) ->
         sq = G.square().sum((1, 2))  # (n,)
         if pad is not None:
             sq = sq * (ids[:, 0] != pad)  # (n,)
-    elif T <= _GRAM_MAX_T:  # masked Gram
+    elif T <= _GRAM_MAX_T and not _shared(ids):  # masked Gram
         same = ids[:, :, None] == ids[:, None, :]  # (n, T, T)
         if pad is not None:
             same &= (ids != pad)[:, :, None]  # (n, T, T)
@@ -138,8 +162,12 @@ def embedding_weighted_sum(
         return {}
     ids, G = _embedding_flat(module, inputs, G)  # (n, T), (n, T, d)
     n, T, d = G.shape
-    Gc = G * coef.to(G.dtype)[:, None, None]  # (n, T, d)
-    out = G.new_zeros(emb.num_embeddings, d).index_add_(0, ids.reshape(n * T), Gc.reshape(n * T, d))
+    c = coef.to(G.dtype)  # (n,)
+    out = G.new_zeros(emb.num_embeddings, d)  # (V, d)
+    if _shared(ids):  # Σ_i c_i G_i first, then one scatter of T rows
+        out.index_add_(0, ids[0], torch.mm(c[None], G.reshape(n, T * d)).view(T, d))
+    else:
+        out.index_add_(0, ids.reshape(n * T), (G * c[:, None, None]).reshape(n * T, d))
     if emb.padding_idx is not None:
         out[emb.padding_idx] = 0  # (d,)
     return {"weight": out}  # (V, d)
