@@ -52,7 +52,7 @@ _GROWTH_DEFAULT = 2.0
 # The share of all calls' A and G that kept dW_i may add, per clipped sum (None: no
 # budget; the CPU has no peak-memory target).
 _BUDGET_SHARE: dict[str, float | None] = {"cpu": None}
-_BUDGET_SHARE_DEFAULT = 0.2
+_BUDGET_SHARE_DEFAULT = 0.3
 
 _BUDGET: ContextVar[list[float] | None] = ContextVar("indigrad_memory_budget", default=None)
 
