@@ -24,7 +24,7 @@ input and output gradient for conv, whose ``A`` is unfolded only while it is use
   (``_BUDGET_SHARE``) of all the calls' ``held``, spent on the calls in the order their
   norms are taken. Without it, materialising every layer of a GPT-style model raised the
   clipped step's peak memory to 1.36× plain's on an H200; all ghost kept it at 1.03× but
-  ran 8 % slower.
+  ran about 10 % slower.
 
 Where memory rules out keeping ``dW_i``, the norm still comes from a transient ``dW_i``
 if that is the cheaper norm, and the sum from the weighted product.
@@ -46,7 +46,8 @@ _PASS_COST = {"cpu": 20}
 _PASS_COST_DEFAULT = 100
 # How many times the elements of the layer's own A and G a kept dW_i may take. CPU: 5, so
 # that a 3×3 conv at few positions keeps dW_i (4.5× its input and G), which measured
-# faster there (benchmarks/README.md, "ghost or materialised").
+# faster there (benchmarks/README.md, "ghost or materialised"); elsewhere 2, the budget
+# below bounding the total.
 _GROWTH = {"cpu": 5.0}
 _GROWTH_DEFAULT = 2.0
 # The share of all calls' A and G that kept dW_i may add, per clipped sum (None: no
