@@ -209,3 +209,24 @@ def test_materialised_calls_drop_their_inputs_before_the_sums(materialise, monke
     assert own < 2  # a sum follows its own, so that its release is seen
     expected = [False] * 3 if materialise else [True] * (own + 1) + [False] * (2 - own)
     assert alive_when_summing == expected
+
+
+def test_clip_sums_first_the_calls_that_free_more_than_they_take(monkeypatch):
+    # The head frees its input (n·200) and G (n·2) and takes 402 elements; the first
+    # layer takes 20 200 and frees its G (n·200): the head's sum comes first.
+    model = nn.Sequential(nn.Linear(100, 200), nn.ReLU(), nn.Linear(200, 2))
+    order = []
+    real = quantities._Entry.weighted_sum
+
+    def weighted_sum(entry, coef):
+        order.append(entry.call.module)
+        return real(entry, coef)
+
+    monkeypatch.setattr(quantities._Entry, "weighted_sum", weighted_sum)
+    with indigrad.capture(model) as cap:
+        cap.clip_(model(torch.randn(4, 100)).square().sum(1), max_norm=1.0)
+    assert order == [model[2], model[0]]
+    order.clear()
+    with indigrad.capture(model) as cap:  # kept for more questions: in forward order
+        cap.backward(model(torch.randn(4, 100)).square().sum(1)).clip_(max_norm=1.0)
+    assert order == [model[0], model[2]]
