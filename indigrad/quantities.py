@@ -109,6 +109,14 @@ class _Entry:
             )
         return {k: _contract(coef, g) for k, g in self.grads().items()}
 
+    def held(self) -> int:
+        """Floating-point elements this call still holds: its inputs and output gradients
+        (while not released) and its materialised gradients."""
+        tensors = [*getattr(self, "inputs", ()), *self.call.grad_outputs]
+        if self._grads is not None:
+            tensors.extend(self._grads.values())
+        return sum(t.numel() for t in tensors if isinstance(t, Tensor) and t.is_floating_point())
+
     def release(self, keep_grads: bool = False) -> None:
         """Drop what this call holds (inputs, output gradients and, unless ``keep_grads``,
         materialised gradients) once it is no longer needed."""
@@ -190,17 +198,11 @@ class PerExample:
     def _memory_budget(self) -> contextlib.AbstractContextManager[None]:
         """The budget for kept per-example gradients of :mod:`.rules._cost`, from the
         floating-point elements per example of all calls' inputs and output gradients."""
-        held, device = 0, None
-        for entry in self._entries:
-            if entry.rule is None or self.n == 0:
-                continue
-            for t in (*entry.inputs, *entry.call.grad_outputs):
-                if isinstance(t, Tensor) and t.is_floating_point():
-                    held += t.numel()
-                    device = t.device
-        if device is None:
+        ruled = [entry for entry in self._entries if entry.rule is not None]
+        if not ruled or self.n == 0 or not self._params:
             return contextlib.nullcontext()
-        return _cost.memory_budget(held // self.n, device)
+        device = next(iter(self._params.values())).device
+        return _cost.memory_budget(sum(entry.held() for entry in ruled) // self.n, device)
 
     def _sq_each(
         self,
@@ -327,12 +329,8 @@ def _batch_first(t: Any, n: int, bd: int) -> Any:
 
 def _net_growth(entry: _Entry) -> int:
     """Elements a call's weighted sum allocates (its parameters) less those its release
-    frees (inputs, output gradients, materialised gradients), as far as it holds them."""
-    held = [*getattr(entry, "inputs", ()), *entry.call.grad_outputs]
-    if entry._grads is not None:
-        held.extend(entry._grads.values())
-    freed = sum(t.numel() for t in held if isinstance(t, Tensor) and t.is_floating_point())
-    return sum(p.numel() for p in entry.call.params.values()) - freed
+    frees (what it holds)."""
+    return sum(p.numel() for p in entry.call.params.values()) - entry.held()
 
 
 def _contract(coef: Tensor, g: Tensor) -> Tensor:
