@@ -208,12 +208,10 @@ def profiles(device: str, out: str) -> None:
                 step = bench.METHODS[method](problem)
                 for _ in range(3):
                     step()
-                if device == "cuda":
-                    torch.cuda.synchronize()
+                _sync(device)
                 with profile(activities=activities) as prof:
                     step()
-                    if device == "cuda":
-                        torch.cuda.synchronize()
+                    _sync(device)
                 f.write(f"== {problem.name}: {method}\n")
                 f.write(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n\n")
         print(f"profile of {key} written", flush=True)
@@ -277,8 +275,7 @@ def outer_products(device: str) -> dict[str, float]:
 
 
 def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    bench._sync(torch.device(device))  # the benchmark's own wait for the device
 
 
 def main() -> None:
