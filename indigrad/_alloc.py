@@ -94,12 +94,16 @@ class _Pool:
 _POOL = _Pool()
 
 
+def pooled(shape: tuple[int, ...], like: Tensor) -> bool:
+    """Whether :func:`empty` takes a buffer of this shape from the pool."""
+    return like.device.type == "cpu" and math.prod(shape) * like.element_size() >= _MIN_BYTES
+
+
 def empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """An uninitialised tensor of ``shape`` with ``like``'s dtype and device; large CPU
     buffers come from the pool (huge pages, reused once the caller drops them)."""
-    numel = math.prod(shape)
-    nbytes = numel * like.element_size()
-    if like.device.type != "cpu" or nbytes < _MIN_BYTES:
+    if not pooled(shape, like):
         return torch.empty(shape, dtype=like.dtype, device=like.device)
-    mem, offset = _POOL.take(nbytes)
+    numel = math.prod(shape)
+    mem, offset = _POOL.take(numel * like.element_size())
     return torch.frombuffer(mem, dtype=like.dtype, count=numel, offset=offset).view(shape)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_unflatten
 
 from ._batch import has_batch
+from ._joint import Joint
 from ._precision import _exact, _param_dtype, _upcast
 from .rules import Rule, _cost
 from .rules.generic import generic_grads
@@ -93,13 +95,20 @@ class _Entry:
         choose = rule.materialise
         return choose is None or not choose(self.call.module, self.inputs, self.G, clipping)
 
-    def sq_norms(self, clipping: bool = False) -> dict[str, Tensor]:
+    def sq_norms(
+        self, clipping: bool = False, take: Callable[[str, Tensor], bool] | None = None
+    ) -> dict[str, Tensor]:
+        """The squared norms of the call's parameters. Materialised gradients that
+        ``take(local_name, g)`` accepts (for a :class:`Joint`) are left out."""
         if self._fast(clipping):
             assert self.rule is not None and self.rule.sq_norms is not None
             return self._own(self.rule.sq_norms(self.call.module, self.inputs, self.G), "sq_norms")
-        return {k: _sq_norm(g) for k, g in self.grads().items()}
+        grads = self.grads().items()
+        return {k: _sq_norm(g) for k, g in grads if take is None or not take(k, g)}
 
-    def weighted_sum(self, coef: Tensor) -> dict[str, Tensor]:
+    def weighted_sum(self, coef: Tensor, skip: Container[str] = ()) -> dict[str, Tensor]:
+        """``Σ_i coef_i g_i`` of the call's parameters, but for materialised ones in
+        ``skip`` (their sums come from a :class:`Joint`)."""
         fast = self.rule is not None and self.rule.weighted_sum is not None
         if self._grads is None and fast and self.n > 0:
             assert self.rule is not None and self.rule.weighted_sum is not None
@@ -107,7 +116,7 @@ class _Entry:
                 self.rule.weighted_sum(self.call.module, self.inputs, self.G, coef),
                 "weighted_sum",
             )
-        return {k: _contract(coef, g) for k, g in self.grads().items()}
+        return {k: _contract(coef, g) for k, g in self.grads().items() if k not in skip}
 
     def held(self) -> int:
         """Floating-point elements this call still holds: its inputs and output gradients
@@ -154,8 +163,11 @@ class PerExample:
         for entry in self._entries:
             for local, p in entry.call.params.items():
                 self._uses.setdefault(cap._names[id(p)], []).append((entry, local))
+        self._names = cap._names
         self._grads: dict[str, Tensor] | None = None
         self._sq_norms: dict[str, Tensor] | None = None
+        self._total: Tensor | None = None  # (n,) squared norms over all parameters
+        self._joint: Joint | None = None  # the small gradients taken into that total
         self._group = cap._process_group
 
     @_exact
@@ -178,22 +190,28 @@ class PerExample:
         return self._sq(clipping=False)
 
     @_exact
-    def _sq(self, clipping: bool, release: bool = False) -> dict[str, Tensor]:
-        """With ``release`` (a clipped sum, nothing asked later), a call whose gradients
-        were materialised drops its inputs and output gradient at once: its sum comes
-        from the gradients, and the peak memory is lower."""
-        if self._sq_norms is None:
-            out: dict[str, Tensor] = {}
-            per_call: dict[int, dict[str, Tensor]] = {}
-            budget = self._memory_budget() if clipping else contextlib.nullcontext()
-            with budget:
-                self._sq_each(out, per_call, clipping, release)
-            if release:
-                for entry in self._entries:
-                    if entry._grads is not None:
-                        entry.release(keep_grads=True)
+    def _sq(
+        self, clipping: bool, release: bool = False, joint: Joint | None = None
+    ) -> dict[str, Tensor]:
+        """Each parameter's squared norms. With ``release`` (a clipped sum, nothing asked
+        later), a call whose gradients were materialised drops its inputs and output
+        gradient at once: its sum comes from the gradients, and the peak memory is
+        lower. With ``joint``, small materialised gradients go into it instead of the
+        result (which then lacks their names) and nothing is cached."""
+        if self._sq_norms is not None:
+            return self._sq_norms
+        out: dict[str, Tensor] = {}
+        per_call: dict[int, dict[str, Tensor]] = {}
+        budget = self._memory_budget() if clipping else contextlib.nullcontext()
+        with budget:
+            self._sq_each(out, per_call, clipping, release, joint)
+        if release:
+            for entry in self._entries:
+                if entry._grads is not None:
+                    entry.release(keep_grads=True)
+        if joint is None:
             self._sq_norms = out
-        return self._sq_norms
+        return out
 
     def _memory_budget(self) -> contextlib.AbstractContextManager[None]:
         """The budget for kept per-example gradients of :mod:`.rules._cost`, from the
@@ -210,33 +228,59 @@ class PerExample:
         per_call: dict[int, dict[str, Tensor]],
         clipping: bool,
         release: bool,
+        joint: Joint | None,
     ) -> None:
-        """Each parameter's squared norms into ``out``, one rule call per recorded call
-        (``per_call``); see :meth:`_sq`."""
+        """Each parameter's squared norms into ``out``, or its gradient into ``joint``,
+        one rule call per recorded call (``per_call``); see :meth:`_sq`."""
         for name, p in self._params.items():
             uses = self._uses.get(name, [])
             if self._grads is not None or len(uses) > 1:
-                out[name] = _sq_norm(self.grads()[name])
+                g = self.grads()[name]
+                if joint is None or not joint.take(name, g):
+                    out[name] = _sq_norm(g)
             elif uses:
                 entry, local = uses[0]
                 if id(entry) not in per_call:
-                    per_call[id(entry)] = entry.sq_norms(clipping)
+                    per_call[id(entry)] = entry.sq_norms(clipping, self._taker(entry, joint))
                     if release and entry._grads is not None:
                         entry.release(keep_grads=True)
-                out[name] = per_call[id(entry)][local]
+                sq = per_call[id(entry)].get(local)
+                if sq is not None:  # else its gradient is in the joint
+                    out[name] = sq
             else:
                 out[name] = p.new_zeros(self.n)
+
+    def _taker(self, entry: _Entry, joint: Joint | None) -> Callable[[str, Tensor], bool] | None:
+        """What puts a call's materialised gradient into ``joint``: only that of a
+        parameter used by this call alone (another's gradient is a sum over its uses)."""
+        if joint is None:
+            return None
+
+        def take(local: str, g: Tensor) -> bool:
+            name = self._names[id(entry.call.params[local])]
+            return len(self._uses[name]) == 1 and joint.take(name, g)
+
+        return take
 
     def norms(self) -> Tensor:
         """``(n,)``: ``‖∇θ losses[i]‖₂`` over all captured parameters together."""
         return self._norms(clipping=False)
 
+    @_exact
     def _norms(self, clipping: bool, release: bool = False) -> Tensor:
-        sq = list(self._sq(clipping, release).values())
-        if not sq:
+        if not self._params:
             raise RuntimeError("the model has no trainable parameters")
-        dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq) else torch.float32
-        return torch.stack([_as(s, dtype) for s in sq]).sum(0).sqrt()  # one sum, not P adds
+        if self._total is None:
+            if self._sq_norms is not None:  # asked for already, parameter by parameter
+                sq = list(self._sq_norms.values())
+            else:
+                joint = self._joint = Joint()
+                sq = list(self._sq(clipping, release, joint).values())
+                if joint:
+                    sq.append(joint.sq_norms())
+            dtype = torch.float64 if any(s.dtype == torch.float64 for s in sq) else torch.float32
+            self._total = torch.stack([_as(s, dtype) for s in sq]).sum(0)  # one sum, not P adds
+        return self._total.sqrt()
 
     def clip_(self, max_norm: float) -> Tensor:
         """Add ``Σ_i min(1, max_norm / ‖g_i‖) · g_i`` into each captured ``p.grad``
@@ -255,20 +299,27 @@ class PerExample:
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
         norms = self._norms(clipping=True, release=release)
         coef = (max_norm / norms).clamp(max=1.0)  # (n,); a zero norm gives inf -> 1
-        sums: dict[str, Tensor] = {}
+        joint = self._joint
+        sums: dict[str, Tensor] = joint.weighted_sums(coef, last=release) if joint else {}
+        in_joint = set(sums)
+        shared = set()  # storages whose disjoint views are sums: each may be a .grad
+        if sums:
+            shared.add(next(iter(sums.values())).untyped_storage().data_ptr())
         entries = self._entries
         if release:
-            self._grads = self._sq_norms = None
+            self._grads = self._sq_norms = self._total = self._joint = None
             # calls that free more than their sums take go first, for a lower peak
             entries = sorted(entries, key=_net_growth)
         for entry in entries:
-            for local, ws in entry.weighted_sum(coef).items():
-                name = entry.cap._names[id(entry.call.params[local])]
+            params = entry.call.params
+            skip = [k for k, p in params.items() if self._names[id(p)] in in_joint]
+            for local, ws in entry.weighted_sum(coef, skip).items():
+                name = self._names[id(params[local])]
                 sums[name] = ws if name not in sums else sums[name] + ws
             if release:
                 entry.release()
         if self._group is not None:
-            sums = _all_reduce_mean(sums, self._params, self._group)
+            sums, shared = _all_reduce_mean(sums, self._params, self._group)
         taken: set[int] = set()  # storages already made a .grad: never share one
         for name, p in self._params.items():
             total = sums.get(name)
@@ -276,7 +327,7 @@ class PerExample:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             elif p.grad is None:
-                p.grad = _owned(_as(total, p.dtype), taken)
+                p.grad = _owned(_as(total, p.dtype), taken, shared)
             else:
                 p.grad.add_(_as(total, p.grad.dtype))
         return norms
@@ -284,12 +335,14 @@ class PerExample:
 
 def _all_reduce_mean(
     sums: dict[str, Tensor], params: dict[str, nn.Parameter], group: Any
-) -> dict[str, Tensor]:
-    """Average each parameter's clipped sum over the ranks, one all-reduce per dtype."""
+) -> tuple[dict[str, Tensor], set[int]]:
+    """Average each parameter's clipped sum over the ranks, one all-reduce per dtype.
+    Returns the averages (views of one buffer per dtype) and those buffers' storages."""
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
     out = {}
+    buffers = set()
     by_dtype: dict[torch.dtype, list[str]] = {}
     for name, p in params.items():
         by_dtype.setdefault(p.dtype, []).append(name)
@@ -300,21 +353,25 @@ def _all_reduce_mean(
         ]
         flat = torch.cat(parts)  # (Σ numel,)
         dist.all_reduce(flat, group=group)
+        buffers.add(flat.untyped_storage().data_ptr())
         flat /= world
         for k, chunk in zip(names, flat.split([params[k].numel() for k in names]), strict=True):
             out[k] = chunk.view(params[k].shape)
-    return out
+    return out, buffers
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)  # skips the dispatch of a no-op .to
 
 
-def _owned(t: Tensor, taken: set[int]) -> Tensor:
-    """``t`` as a ``.grad`` of its own. Sums are fresh tensors (rules return new ones), so
-    only a view (of the all-reduced buffer) or a storage given to another parameter is
-    copied, sparing a copy of every gradient."""
+def _owned(t: Tensor, taken: set[int], shared: set[int]) -> Tensor:
+    """``t`` as a ``.grad`` of its own. Sums are fresh tensors (rules return new ones), or
+    disjoint views of one buffer made for them (``shared``: a joint sum, the all-reduced
+    buffer), so only another view or a storage given to another parameter is copied,
+    sparing a copy of every gradient."""
     ptr = t.untyped_storage().data_ptr()
+    if ptr in shared:
+        return t
     if t._base is not None or ptr in taken:
         return t.clone()
     taken.add(ptr)

@@ -11,7 +11,9 @@ Both are written as one product per group ``g`` over positions ``P``:
 
 ``im2col(t)[c·k, p] = t[c, p·stride + k·dilation]`` (per spatial dim) is a strided view of
 ``t``, copied once. The conv sees its input padded exactly as the module pads it (zeros,
-"same", or ``F.pad`` with ``padding_mode``), then with padding 0. A transposed conv's output
+"same", or ``F.pad`` with ``padding_mode``), then with padding 0. A 2-d conv with
+symmetric zero padding takes ``F.unfold`` instead, one operation that pads as it copies
+(except into the CPU buffer pool's large buffers, which it cannot write). A transposed conv's output
 is its "full" output ``full[i·s + k·d] += x[i] W[k]`` cropped by ``padding`` on both sides and
 extended by ``output_padding`` at the end, so ``G_full`` is ``G`` padded by ``padding`` on the
 left and by ``padding - output_padding`` on the right (a crop when negative): the transposed
@@ -100,10 +102,7 @@ def _im2col(t: Tensor, module: _ConvNd, out: tuple[int, ...]) -> Tensor:
     for size, o, k, s, dil in zip(t.shape[2:], out, K, module.stride, module.dilation, strict=True):
         # exactly the forward's output size: as_strided must not read past t
         if o != (size - (k - 1) * dil - 1) // s + 1:
-            raise RuntimeError(
-                f"{type(module).__name__}: output {out} does not match the input "
-                f"{tuple(t.shape)} (padded) under this layer's options"
-            )
+            raise _mismatch(module, out, t)
     win = t.as_strided(
         (n, C, *K, *out),
         (
@@ -117,6 +116,29 @@ def _im2col(t: Tensor, module: _ConvNd, out: tuple[int, ...]) -> Tensor:
     cols = _alloc.empty((n, C * math.prod(K), math.prod(out)), like=t)  # (n, C·k, P)
     cols.view(win.shape).copy_(win)
     return cols
+
+
+def _unfold(module: _ConvNd, x: Tensor, out: tuple[int, ...]) -> Tensor:
+    """``im2col`` of a conv's input ``x`` (n, C_in, *in): ``(n, C_in·k, P)``."""
+    pads = _pad_list(module)
+    symmetric = len(out) == 2 and pads[0] == pads[1] and pads[2] == pads[3]
+    if symmetric and module.padding_mode == "zeros":
+        n, C, P = x.shape[0], x.shape[1], math.prod(out)
+        if not _alloc.pooled((n, C * math.prod(module.kernel_size), P), x):
+            cols = F.unfold(
+                x, module.kernel_size, module.dilation, (pads[2], pads[0]), module.stride
+            )
+            if cols.shape[2] != P:
+                raise _mismatch(module, out, x)
+            return cols  # (n, C_in·k, P)
+    return _im2col(_pad(module, x), module, out)
+
+
+def _mismatch(module: _ConvNd, out: tuple[int, ...], t: Tensor) -> RuntimeError:
+    return RuntimeError(
+        f"{type(module).__name__}: output {out} does not match the input "
+        f"{tuple(t.shape)} (padded) under this layer's options"
+    )
 
 
 def _full_pads(module: _ConvNd, x: Tensor, G: Tensor) -> tuple[list[int], list[int]]:
@@ -153,7 +175,7 @@ def _factors(module: _ConvNd, x: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
         R = _im2col(G_full, module, tuple(x.shape[2:]))  # (n, C_out·k, P)
         L = x.reshape(n, x.shape[1], -1)  # (n, C_in, P)
     else:
-        R = _im2col(_pad(module, x), module, tuple(G.shape[2:]))  # (n, C_in·k, P)
+        R = _unfold(module, x, tuple(G.shape[2:]))  # (n, C_in·k, P)
         L = G.reshape(n, G.shape[1], -1)  # (n, C_out, P)
     P = L.shape[2]
     L = L.reshape(n * g, L.shape[1] // g, P)  # (n·g, a, P)

@@ -10,11 +10,10 @@ on the parameters and each example's gradient is the last step by hand:
     GroupNorm, InstanceNorm, x (n, C, *), γ and β of shape (C,); positions r: the * dims
     BatchNorm (eval)
 
-With ``x̂`` and ``G`` flattened to ``(n, R, P)`` (``P`` parameter entries, ``R`` positions
-sharing them):
+Summing over the positions ``r`` that share the parameters (no reshape, no copy):
 
-    grads        dγ_i = Σ_r x̂_ir ⊙ G_ir                   einsum("nrp,nrp->np")
-                 dβ_i = Σ_r G_ir                           einsum("nrp->np")
+    grads        dγ_i = Σ_r x̂_ir ⊙ G_ir                   (x̂ ⊙ G).sum(positions)
+                 dβ_i = Σ_r G_ir                           G.sum(positions)
 
 The per-example gradients ``(n, P)`` are never bigger than ``x``, so the rules have no
 fast paths: indigrad materialises them once and takes both the norms and the weighted sum
@@ -36,7 +35,6 @@ covers the batch dimension.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -52,8 +50,10 @@ Normalise = Callable[[Any, Tensor], Tensor]  # (module, x) -> x̂
 Validate = Callable[[Any, Tensor], None]  # raises where the statistics mix examples
 
 
+# The ops the modules' forwards reach, called directly: the functional wrappers only
+# check what the forward checked already, and each check costs the host time per call.
 def _layer_norm(module: Any, x: Tensor) -> Tensor:
-    return F.layer_norm(x, module.normalized_shape, None, None, module.eps)  # (n, *, *S)
+    return torch.layer_norm(x, module.normalized_shape, None, None, module.eps)  # (n, *, *S)
 
 
 def _rms_norm(module: Any, x: Tensor) -> Tensor:
@@ -61,7 +61,7 @@ def _rms_norm(module: Any, x: Tensor) -> Tensor:
 
 
 def _group_norm(module: Any, x: Tensor) -> Tensor:
-    return F.group_norm(x, module.num_groups, None, None, module.eps)  # (n, C, *)
+    return torch.group_norm(x, module.num_groups, None, None, module.eps)  # (n, C, *)
 
 
 def _instance_norm(module: Any, x: Tensor) -> Tensor:
@@ -118,13 +118,12 @@ def _param_shape(module: Any) -> torch.Size:
     return p.shape  # γ.shape == β.shape
 
 
-def _flat(module: Any, t: Tensor, params_last: bool) -> Tensor:
-    """``t`` (the input's shape, batch first) as ``(n, R, P)``: positions × parameter entries."""
-    n, shape = t.shape[0], _param_shape(module)
-    P = math.prod(shape)
+def _positions(module: Any, t: Tensor, params_last: bool) -> tuple[int, ...]:
+    """The dims of ``t`` (the input's shape, batch first) indexing positions that share
+    the parameters."""
     if params_last:  # (n, *, *S)
-        return t.reshape(n, math.prod(t.shape[1 : t.dim() - len(shape)]), P)  # (n, R, P)
-    return t.reshape(n, P, math.prod(t.shape[2:])).transpose(1, 2)  # (n, R, C)
+        return tuple(range(1, t.dim() - len(_param_shape(module))))
+    return tuple(range(2, t.dim()))  # (n, C, *)
 
 
 def _inputs(
@@ -149,14 +148,13 @@ def _make_rule(
 ) -> Rule:
     def grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
         x, G = _inputs(module, inputs, G, validate)  # (n, *), (n, *)
-        shape = _param_shape(module)
-        Gf = _flat(module, G, params_last)  # (n, R, P)
+        r = _positions(module, G, params_last)  # none: one position per example
         out = {}
         if _trainable(module.weight):
-            xhat_G = _flat(module, normalise(module, x), params_last).mul_(Gf)  # (n, R, P)
-            out["weight"] = xhat_G.sum(1).reshape(G.shape[0], *shape)  # (n, *shape)
+            xhat_G = normalise(module, x).mul_(G)  # (n, *)
+            out["weight"] = xhat_G.sum(r) if r else xhat_G  # (n, *shape)
         if _trainable(getattr(module, "bias", None)):
-            out["bias"] = Gf.sum(1).reshape(G.shape[0], *shape)  # (n, *shape)
+            out["bias"] = G.sum(r) if r else G.clone()  # (n, *shape)
         return out
 
     return register_rule(cls, grads=grads)
