@@ -106,7 +106,7 @@ def zoo(device: str, repeats: int, methods: list[str]) -> dict[str, Any]:
             print(f"{key}: skipped ({err})", flush=True)
             continue
         start = time.perf_counter()
-        results = bench.run(problem, methods, repeats=repeats)
+        results = bench.run(problem, methods, repeats=repeats, ops=True)
         print(bench.table(problem, results), flush=True)
         print(f"({time.perf_counter() - start:.0f} s)\n", flush=True)
         report[key] = {"name": problem.name, "results": results}

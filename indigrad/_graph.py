@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 # typed in some torch releases and not in others: looked up by name
 _ACCUMULATE = getattr(torch._C._functions, "AccumulateGrad")  # noqa: B009
@@ -132,8 +133,6 @@ def _check_consumer(u: Any, v: Any, slot: int, call: Any) -> None:
 
 def _boundary(leaves: Iterable[Any]) -> list[Any]:
     """Autograd nodes of the tensor inputs of a call, taken at call time."""
-    from torch.autograd.graph import get_gradient_edge
-
     nodes = []
     for t in leaves:
         if isinstance(t, torch.Tensor) and t.requires_grad and not isinstance(t, nn.Parameter):

@@ -52,6 +52,7 @@ class Joint:
         self._parts: list[Tensor] = []  # (n, P_k) each
         self._shapes: list[torch.Size] = []
         self._flat: Tensor | None = None  # (n, ΣP), once the norms are taken
+        self._like: tuple[torch.dtype, torch.device, int] | None = None  # dtype, device, n
 
     def take(self, name: str, g: Tensor) -> bool:
         """Add ``g`` (n, *shape) under ``name`` if it is small and matches the others in
@@ -61,10 +62,11 @@ class Joint:
         limit = _MAX_ELEMENTS.get(g.device.type, _MAX_ELEMENTS_DEFAULT)
         if g.numel() > limit:
             return False
-        if self._parts:
-            first = self._parts[0]
-            if g.dtype != first.dtype or g.device != first.device or len(g) != len(first):
-                return False
+        like = (g.dtype, g.device, len(g))
+        if self._like is None:
+            self._like = like
+        elif like != self._like:
+            return False
         self.names.append(name)
         self._parts.append(g if g.dim() == 2 else g.reshape(len(g), math.prod(g.shape[1:])))
         self._shapes.append(g.shape[1:])

@@ -61,7 +61,7 @@ def _bench(args: argparse.Namespace) -> None:
             if not args.no_progress:
                 print(f"\r\033[K{name}: {msg}", end="", file=sys.stderr, flush=True)
 
-        results = bench.run(problem, methods, repeats=args.repeats, progress=progress)
+        results = bench.run(problem, methods, repeats=args.repeats, progress=progress, ops=args.ops)
         if not args.no_progress:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
         print(bench.table(problem, results) + "\n", flush=True)
@@ -122,6 +122,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.add_argument("--plot", help="also write a bar chart of the ratios to this PNG file")
+    bench.add_argument(
+        "--ops",
+        action="store_true",
+        help="also count the ATen operators of one step of each method (those that are "
+        "not views launch kernels on a GPU): where a GPU step is bound by the host, they "
+        "set its time",
+    )
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=_bench)
 

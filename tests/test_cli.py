@@ -65,6 +65,7 @@ def test_bench_command_writes_json(tmp_path):
             "--methods",
             "plain,grads,norms,clipped,torch.func",
             "--no-progress",
+            "--ops",
             "--json",
             str(path),
             "--plot",
@@ -83,6 +84,11 @@ def test_bench_command_writes_json(tmp_path):
         assert "faults/step" in result.stdout
         assert all(r["page_faults"] >= 0 for r in results.values())
     assert (tmp_path / "bench.png").stat().st_size > 5_000
+    # --ops: the operators of one step, views among them
+    assert "ops (not views)/step" in result.stdout
+    for r in results.values():
+        assert r["ops"]["all"] > r["ops"]["views"] >= 0
+    assert results["clipped"]["ops"]["all"] > results["plain"]["ops"]["all"]
 
 
 def test_bench_zoo_runs_every_method_or_reports_its_failure():

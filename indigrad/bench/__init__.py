@@ -33,6 +33,7 @@ __all__ = [
     "MLP",
     "Problem",
     "cnn_problem",
+    "count_ops",
     "gpt_problem",
     "mlp_problem",
     "plot",
@@ -54,10 +55,15 @@ def run(
     repeats: int = 20,
     warmup: int = 3,
     progress: Callable[[str], None] | None = None,
+    ops: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Median seconds per step of each method on ``problem``, and the ratio to ``plain``
     (timed too if not asked for). The per-example loop is slow by design and runs in
-    every tenth round only. A method that raises is reported with its error."""
+    every tenth round only. A method that raises is reported with its error.
+
+    With ``ops``, one more untimed step of each method counts the ATen operators
+    it calls (:func:`count_ops`): on a GPU whose step is bound by the host, their number
+    sets the time more than their arithmetic does."""
     order = ["plain", *[m for m in methods if m != "plain"]]
     device = problem.device
     cuda = device.type == "cuda"
@@ -66,6 +72,7 @@ def run(
     times: dict[str, list[float]] = {m: [] for m in order}
     memory: dict[str, int] = {}
     faults: dict[str, list[int]] = {m: [] for m in order}
+    op_counts: dict[str, dict[str, int]] = {}
 
     def timed(method: str) -> float:
         if cuda:
@@ -95,6 +102,8 @@ def run(
                 steps[method] = METHODS[method](problem)
                 for _ in range(warmup):
                     timed(method)
+                if ops:
+                    op_counts[method] = count_ops(steps[method])
             except Exception as err:  # a method that crashes is reported, not hidden
                 errors[method] = f"{type(err).__name__}: {err}".split("\n")[0]
                 steps.pop(method, None)
@@ -118,6 +127,8 @@ def run(
             results[method]["step_bytes"] = memory[method]
         if faults[method]:  # CPU: pages mapped on first touch (fresh memory) per step
             results[method]["page_faults"] = statistics.median(faults[method])
+        if method in op_counts:
+            results[method]["ops"] = op_counts[method]
     base = results["plain"]
     for res in results.values():
         if "seconds" in res and "seconds" in base:
@@ -136,6 +147,8 @@ def table(problem: Problem, results: dict[str, dict[str, Any]]) -> str:
     memory = any("memory_ratio" in r for r in results.values())
     faults = any("page_faults" in r for r in results.values())
     extra = "  memory" if memory else "  faults/step" if faults else ""
+    counted = any("ops" in r for r in results.values())
+    extra += "  ops (not views)/step" if counted else ""
     lines.append(f"{'method':<15} {'ms/step':>10} {'× plain':>9}" + extra)
     for method, r in results.items():
         if "error" in r:
@@ -146,8 +159,37 @@ def table(problem: Problem, results: dict[str, dict[str, Any]]) -> str:
             line += f"  {r['memory_ratio']:>5.2f}×"
         elif "page_faults" in r:
             line += f"  {r['page_faults']:>11.0f}"
+        if "ops" in r:
+            line += f"  {r['ops']['all']:>6} ({r['ops']['all'] - r['ops']['views']})"
+        elif counted:
+            line += f"  {'?':>6}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def count_ops(step: Callable[[], None]) -> dict[str, int]:
+    """ATen operators one call of ``step`` dispatches: ``all`` of them, and the ``views``
+    among them (which launch no kernel on a GPU).
+
+    Example:
+        >>> import torch
+        >>> x = torch.ones(3)
+        >>> count_ops(lambda: (x * 2).view(3, 1).sum())
+        {'all': 3, 'views': 1}
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"all": 0, "views": 0}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts["all"] += 1
+            counts["views"] += bool(func.is_view)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return counts
 
 
 def _minor_faults() -> int | None:

@@ -48,7 +48,7 @@ from .registry import register_rule
 
 
 def _dims(module: _ConvNd) -> int:
-    return int(module.weight.dim()) - 2
+    return len(module.kernel_size)
 
 
 def _check(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> tuple[_ConvNd, Tensor, Tensor]:
