@@ -250,11 +250,21 @@ def host_profile(device: str, out: str) -> None:
 
 def outer_products(device: str) -> dict[str, float]:
     """Milliseconds to write the wide MLP's per-example weight gradients (n = 128, 4096 ×
-    4096) as a broadcast product and as a batched GEMM with K = 1."""
+    4096): as a broadcast product, as a batched GEMM with K = 1, and as one GEMM per
+    example (n launches, each writing 64 MB)."""
     n, a, b = 128 if device == "cuda" else 4, 4096, 4096
     L, R = torch.randn(n, a, 1, device=device), torch.randn(n, 1, b, device=device)
     W = torch.empty(n, a, b, device=device)
-    ways = {"mul": lambda: torch.mul(L, R, out=W), "bmm": lambda: torch.bmm(L, R, out=W)}
+
+    def per_example() -> None:
+        for i in range(n):
+            torch.mm(L[i], R[i], out=W[i])
+
+    ways = {
+        "mul": lambda: torch.mul(L, R, out=W),
+        "bmm": lambda: torch.bmm(L, R, out=W),
+        "mm per example": per_example,
+    }
     result = {}
     for name, f in ways.items():
         for _ in range(3):

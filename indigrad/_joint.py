@@ -57,7 +57,9 @@ class Joint:
     def take(self, name: str, g: Tensor) -> bool:
         """Add ``g`` (n, *shape) under ``name`` if it is small and matches the others in
         dtype and device; returns whether it was taken."""
-        if not g.is_floating_point() or g.dim() == 0 or self._flat is not None:
+        if g.layout != torch.strided or not g.is_floating_point() or g.dim() == 0:
+            return False
+        if self._flat is not None:  # the norms were taken: nothing more joins
             return False
         limit = _MAX_ELEMENTS.get(g.device.type, _MAX_ELEMENTS_DEFAULT)
         if g.numel() > limit:

@@ -189,9 +189,10 @@ def gpt_problem(
     )
 
 
-def zoo(device: str = "cpu") -> dict[str, Callable[[], Problem]]:
-    """The benchmark problems, sized for a 2-core CPU or for a GPU."""
-    if device == "cpu":
+def zoo(device: str = "cpu", sizes: str | None = None) -> dict[str, Callable[[], Problem]]:
+    """The benchmark problems on ``device``, sized for a 2-core CPU or for a GPU (by
+    ``device``, or by ``sizes``: ``"cpu"`` or another device's)."""
+    if (sizes or device) == "cpu":
         return {
             "mlp": lambda: mlp_problem(batch=256, device=device),
             "wide-mlp": lambda: mlp_problem(1024, (4096, 4096), 10, batch=16, device=device),
