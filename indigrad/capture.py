@@ -139,10 +139,11 @@ class capture:
                     skip = f"{name}." if name else ""
                 own = _own_params(module, whole, self._names)
                 if own:
+                    # first among the module's hooks: it records the output the module
+                    # computed, not one a hook of the user's put in its place
+                    hook = self._recorder(name, own, rule)
                     self._handles.append(
-                        module.register_forward_hook(
-                            self._recorder(name, own, rule), with_kwargs=True
-                        )
+                        module.register_forward_hook(hook, with_kwargs=True, prepend=True)
                     )
         except BaseException:
             self._remove()

@@ -59,6 +59,39 @@ def test_grads_and_norms_leave_dot_grad_alone():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("when", ["before", "inside"])
+def test_forward_hooks_of_the_user_that_replace_inputs_and_outputs(when):
+    # The rule needs the gradient at the output the module computed: a hook that puts
+    # another output in its place (here scaled or squashed, so the gradients differ) must
+    # not be mistaken for it, whether registered before the capture (even to run first)
+    # or within it.
+    model = _model()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    first = when == "before"
+
+    def hook_up() -> list:
+        return [
+            model[0].register_forward_hook(lambda m, args, out: out * 3.0),
+            model[2].register_forward_pre_hook(lambda m, args: (args[0] + 0.5,)),
+            model[2].register_forward_hook(lambda m, args, out: out.tanh(), prepend=first),
+        ]
+
+    def losses(x, y):
+        return model(x).square().sum(1)
+
+    handles = hook_up() if when == "before" else []
+    try:
+        with indigrad.capture(model) as cap:
+            handles += [] if when == "before" else hook_up()
+            grads = cap.grads(losses(x, None))
+        ref = indigrad.testing.loop_grads(model, losses, x, None)
+        for k in ref:
+            torch.testing.assert_close(grads[k], ref[k])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.mark.parametrize("T,d_in,d_out", [(3, 16, 16), (40, 3, 4), (1, 5, 6)])
 def test_linear_norm_paths_agree_with_materialised(T, d_in, d_out):
     layer = nn.Linear(d_in, d_out).double()
