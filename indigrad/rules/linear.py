@@ -26,16 +26,21 @@ from . import _cost
 from .registry import register_rule
 
 
-def _flat(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> tuple[Tensor, Tensor]:
-    A = inputs[0]  # (n, *, d_in)
+def _check(module: nn.Module, A: Tensor, G: Tensor) -> None:
     if A.shape[:-1] != G.shape[:-1]:
         raise RuntimeError(
             f"{type(module).__name__}: input {tuple(A.shape)} and output gradient "
             f"{tuple(G.shape)} disagree on their batch and extra dims"
         )
-    n, T = A.shape[0], math.prod(A.shape[1:-1])
-    A = A.reshape(n, T, A.shape[-1])  # (n, T, d_in)
-    G = G.reshape(n, T, G.shape[-1])  # (n, T, d_out)
+
+
+def _flat(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> tuple[Tensor, Tensor]:
+    A = inputs[0]  # (n, *, d_in)
+    _check(module, A, G)
+    if A.dim() != 3:  # already (n, T, d): no view to make (each costs the host a call)
+        n, T = A.shape[0], math.prod(A.shape[1:-1])
+        A = A.reshape(n, T, A.shape[-1])  # (n, T, d_in)
+        G = G.reshape(n, T, G.shape[-1])  # (n, T, d_out)
     return A, G
 
 
@@ -75,7 +80,7 @@ def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
     weight = module.weight.requires_grad
     bias = module.bias is not None and module.bias.requires_grad
     if inputs[0].dim() == 2:  # T = 1, the plain MLP: few ops, as these layers are cheap
-        _flat(module, inputs, G)  # checks the shapes
+        _check(module, inputs[0], G)
         gg = _sq_rows(G)  # (n,) ‖G_i‖²
         if weight:
             out["weight"] = gg * _sq_rows(inputs[0])  # (n,) ‖G_i‖² ‖A_i‖²
@@ -119,7 +124,7 @@ def linear_weighted_sum(
         else:
             out["weight"] = scaled(G, G2).T @ A2  # (d_out, d_in)
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = c @ (G2 if T == 1 else G.sum(1))  # (n,) @ (n, d_out) -> (d_out,)
+        out["bias"] = torch.mv((G2 if T == 1 else G.sum(1)).t(), c)  # (d_out, n) @ (n,)
     return out
 
 
