@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from indigrad import demo
 
@@ -89,6 +90,26 @@ def test_bench_command_writes_json(tmp_path):
     for r in results.values():
         assert r["ops"]["all"] > r["ops"]["views"] >= 0
     assert results["clipped"]["ops"]["all"] > results["plain"]["ops"]["all"]
+
+
+def test_host_ops_counts_a_step_as_a_gpu_would_run_it():
+    script = Path(__file__).parents[1] / "benchmarks" / "host_ops.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--problems", "mlp", "--batch", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "cost settings of cuda" in result.stdout
+    counts = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("MLP"):
+            *_, method, ops, not_views = line.split()
+            counts[method] = (int(ops), int(not_views))
+    assert set(counts) == {"plain", "norms", "clipped", "grads"}
+    assert all(ops > not_views > 0 for ops, not_views in counts.values())
+    assert counts["clipped"][0] > counts["plain"][0]
 
 
 def test_bench_zoo_runs_every_method_or_reports_its_failure():
