@@ -13,11 +13,13 @@ Both are written as one product per group ``g`` over positions ``P``:
 ``t``, copied once. The conv sees its input padded exactly as the module pads it (zeros,
 "same", or ``F.pad`` with ``padding_mode``), then with padding 0. A 2-d conv with
 symmetric zero padding takes ``F.unfold`` instead, one operation that pads as it copies
-(except into the CPU buffer pool's large buffers, which it cannot write). A transposed conv's output
-is its "full" output ``full[i·s + k·d] += x[i] W[k]`` cropped by ``padding`` on both sides and
-extended by ``output_padding`` at the end, so ``G_full`` is ``G`` padded by ``padding`` on the
-left and by ``padding - output_padding`` on the right (a crop when negative): the transposed
-conv's weight gradient is the conv's, with input and output gradient swapped.
+(except into the CPU buffer pool's large buffers, which it cannot write).
+
+A transposed conv's output is its "full" output ``full[i·s + k·d] += x[i] W[k]`` cropped
+by ``padding`` on both sides and extended by ``output_padding`` at the end, so ``G_full`` is
+``G`` padded by ``padding`` on the left and by ``padding - output_padding`` on the right (a
+crop when negative): the transposed conv's weight gradient is the conv's, with input and
+output gradient swapped.
 
     grads        dW_i = L_i Rᵢᵀ per group (one bmm)         db_i = Σ_p G_ip    einsum("nop->no")
     sq_norms     ‖dW_i‖² = Σ_g ⟨L_iᵀ L_i, R_iᵀ R_i⟩           (ghost, P×P Grams per group) when
