@@ -90,6 +90,7 @@ def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
     A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
     _n, T, d_in = A.shape
     d_out = G.shape[2]
+    GG = None
     if weight:
         if T == 1:
             out["weight"] = _sq_rows(G[:, 0]) * _sq_rows(A[:, 0])  # (n,)
@@ -100,8 +101,8 @@ def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
         else:
             W = _outer(G, A)  # (n, d_out, d_in)
             out["weight"] = torch.linalg.vector_norm(W, dim=(1, 2)).square()  # (n,)
-    if bias:
-        out["bias"] = _sq_rows(G.sum(1))  # (n,)
+    if bias:  # ‖Σ_t G_it‖² = Σ_ts ⟨G_it, G_is⟩: the sum of G's Gram where there is one
+        out["bias"] = _sq_rows(G.sum(1)) if GG is None else GG.sum((1, 2))  # (n,)
     return out
 
 
@@ -112,19 +113,15 @@ def linear_weighted_sum(
     n, T, d_in = A.shape
     d_out = G.shape[2]
     c = coef if coef.dtype == G.dtype else coef.to(G.dtype)  # (n,)
-    A2, G2 = A.reshape(n * T, d_in), G.reshape(n * T, d_out)  # (n·T, d_in), (n·T, d_out)
-
-    def scaled(X: Tensor, X2: Tensor) -> Tensor:  # c_i X_it as an (n·T, d) matrix
-        return X2 * c.view(n, 1) if T == 1 else (X * c.view(n, 1, 1)).reshape(n * T, -1)
-
+    # c_i G_it as an (n·T, d_out) matrix: its column sums are the bias's sum, and scaling
+    # G rather than the smaller A costs n·T·|d_out - d_in| multiplies against the matmul's
+    # n·T·d_in·d_out, but saves the bias its own contraction
+    Gc = (G * c.view(n, 1, 1)).reshape(n * T, d_out)  # (n·T, d_out)
     out = {}
-    if module.weight.requires_grad:  # scale whichever side is smaller
-        if d_in <= d_out:
-            out["weight"] = G2.T @ scaled(A, A2)  # (d_out, d_in)
-        else:
-            out["weight"] = scaled(G, G2).T @ A2  # (d_out, d_in)
+    if module.weight.requires_grad:
+        out["weight"] = torch.mm(Gc.t(), A.reshape(n * T, d_in))  # (d_out, d_in)
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = torch.mv((G2 if T == 1 else G.sum(1)).t(), c)  # (d_out, n) @ (n,)
+        out["bias"] = Gc.sum(0)  # (d_out,)
     return out
 
 
