@@ -112,6 +112,21 @@ def test_host_ops_counts_a_step_as_a_gpu_would_run_it():
     assert counts["clipped"][0] > counts["plain"][0]
 
 
+def test_host_time_times_the_tiny_gpt():
+    script = Path(__file__).parents[1] / "benchmarks" / "host_time.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--rounds", "2", "--methods", "clipped"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("GPT 2×8, T=4, V=16, n=2")
+    assert [line.split()[0] for line in lines[1:]] == ["plain", "clipped"]
+    assert lines[1].endswith("1.00×")
+
+
 def test_bench_zoo_runs_every_method_or_reports_its_failure():
     from indigrad import bench
 
