@@ -92,18 +92,24 @@ def test_bench_command_writes_json(tmp_path):
     assert results["clipped"]["ops"]["all"] > results["plain"]["ops"]["all"]
 
 
-def test_host_ops_counts_a_step_as_a_gpu_would_run_it():
-    script = Path(__file__).parents[1] / "benchmarks" / "host_ops.py"
+def _benchmark_script(name: str, *args: str) -> str:
+    """Run ``benchmarks/<name>`` as a user would; its standard output."""
+    script = Path(__file__).parents[1] / "benchmarks" / name
     result = subprocess.run(
-        [sys.executable, str(script), "--problems", "mlp", "--batch", "4"],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     )
-    assert "cost settings of cuda" in result.stdout
+    return result.stdout
+
+
+def test_host_ops_counts_a_step_as_a_gpu_would_run_it():
+    out = _benchmark_script("host_ops.py", "--problems", "mlp", "--batch", "4")
+    assert "cost settings of cuda" in out
     counts = {}
-    for line in result.stdout.splitlines():
+    for line in out.splitlines():
         if line.startswith("MLP"):
             *_, method, ops, not_views = line.split()
             counts[method] = (int(ops), int(not_views))
@@ -113,15 +119,7 @@ def test_host_ops_counts_a_step_as_a_gpu_would_run_it():
 
 
 def test_host_time_times_the_tiny_gpt():
-    script = Path(__file__).parents[1] / "benchmarks" / "host_time.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--rounds", "2", "--methods", "clipped"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    lines = result.stdout.splitlines()
+    lines = _benchmark_script("host_time.py", "--rounds", "2", "--methods", "clipped").splitlines()
     assert lines[0].startswith("GPT 2×8, T=4, V=16, n=2")
     assert [line.split()[0] for line in lines[1:]] == ["plain", "clipped"]
     assert lines[1].endswith("1.00×")
