@@ -126,21 +126,27 @@ def test_linear_ghost_and_materialised_branches_are_both_taken(monkeypatch):
 @pytest.mark.parametrize("d_in,d_out", [(3, 7), (7, 3)], ids=["wide_out", "wide_in"])
 def test_linear_weighted_sum_scales_the_narrower_side(d_in, d_out, frozen_weight, monkeypatch):
     # the clipped sum scales G (its column sums give the bias's sum) unless the output is
-    # the wider side; both ways, and a bias alone, against the loop
+    # the wider side, and a bias alone scales neither; all against the loop
     monkeypatch.setattr(linear._cost, "materialise_to_clip", lambda *_: False)  # the sums
     torch.manual_seed(0)
     layer = nn.Linear(d_in, d_out).double()
     layer.weight.requires_grad_(not frozen_weight)
     x = torch.randn(4, 5, d_in, dtype=torch.float64)
-    scaled = []
+    scaled = []  # the width of each (n, T, d) tensor scaled by the (n, 1, 1) coefficients
     real = torch.Tensor.__mul__
-    monkeypatch.setattr(
-        torch.Tensor, "__mul__", lambda a, b: scaled.append(a.shape[-1]) or real(a, b)
-    )
+
+    def mul(a, b):
+        if isinstance(b, torch.Tensor) and b.dim() == 3 and b.shape[1:] == (1, 1):
+            scaled.append(a.shape[-1])
+        return real(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__mul__", mul)
     indigrad.testing.check(layer, lambda x: layer(x).sin().sum((1, 2)), x)
     monkeypatch.undo()
-    wide_out = d_out > d_in and not frozen_weight
-    assert (d_in if wide_out else d_out) in scaled
+    if frozen_weight:
+        assert scaled == []
+    else:
+        assert set(scaled) == {min(d_in, d_out)}
 
 
 @settings(max_examples=25, deadline=None)

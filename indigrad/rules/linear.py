@@ -116,18 +116,17 @@ def linear_weighted_sum(
     weight = module.weight.requires_grad
     bias = module.bias is not None and module.bias.requires_grad
     out = {}
-    if d_out <= d_in or not weight:
+    if weight and d_out <= d_in:
         # c_i G_it as an (n·T, d_out) matrix: its column sums are the bias's sum
         Gc = (G * c.view(n, 1, 1)).reshape(n * T, d_out)  # (n·T, d_out)
-        if weight:
-            out["weight"] = torch.mm(Gc.t(), A.reshape(n * T, d_in))  # (d_out, d_in)
+        out["weight"] = torch.mm(Gc.t(), A.reshape(n * T, d_in))  # (d_out, d_in)
         if bias:
             out["bias"] = Gc.sum(0)  # (d_out,)
         return out
-    # a wide output (a language model's head): scale the narrower A, not a copy of G
-    Ac = (A * c.view(n, 1, 1)).reshape(n * T, d_in)  # (n·T, d_in)
-    out["weight"] = torch.mm(G.reshape(n * T, d_out).t(), Ac)  # (d_out, d_in)
-    if bias:
+    if weight:  # a wide output (a language model's head): scale A, not a copy of G
+        Ac = (A * c.view(n, 1, 1)).reshape(n * T, d_in)  # (n·T, d_in)
+        out["weight"] = torch.mm(G.reshape(n * T, d_out).t(), Ac)  # (d_out, d_in)
+    if bias:  # no copy of G for the bias alone either
         out["bias"] = torch.mv(G.sum(1).t(), c)  # (d_out, n) @ (n,)
     return out
 
