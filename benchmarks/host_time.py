@@ -12,13 +12,10 @@ round-robin rounds, one thread.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from indigrad import bench
-from indigrad.bench.methods import METHODS
 
 
 def main() -> None:
@@ -29,21 +26,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     problem = bench.gpt_problem(batch=2, layers=args.layers, d=8, heads=2, T=4, vocab=16)
-    steps = {m: METHODS[m](problem) for m in ["plain", *args.methods.split(",")]}
-    for step in steps.values():
-        for _ in range(10):
-            step()
-    times: dict[str, list[float]] = {m: [] for m in steps}
-    for _ in range(args.rounds):
-        for method, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[method].append(time.perf_counter() - start)
-    plain = statistics.median(times["plain"])
-    print(f"{problem.name}, torch {torch.__version__}, one thread")
-    for method, ts in times.items():
-        median = statistics.median(ts)
-        print(f"{method:<8} {median * 1e3:7.3f} ms  {median / plain:5.2f}×")
+    methods = list(dict.fromkeys(["plain", *args.methods.split(",")]))  # plain always shown
+    results = bench.run(problem, methods, repeats=args.rounds, warmup=10)
+    print(bench.table(problem, results) + "\n(one thread)")
 
 
 if __name__ == "__main__":

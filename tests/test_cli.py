@@ -121,8 +121,9 @@ def test_host_ops_counts_a_step_as_a_gpu_would_run_it():
 def test_host_time_times_the_tiny_gpt():
     lines = _benchmark_script("host_time.py", "--rounds", "2", "--methods", "clipped").splitlines()
     assert lines[0].startswith("GPT 2×8, T=4, V=16, n=2")
-    assert [line.split()[0] for line in lines[1:]] == ["plain", "clipped"]
-    assert lines[1].endswith("1.00×")
+    assert [line.split()[0] for line in lines[2:4]] == ["plain", "clipped"]
+    assert lines[2].split()[2] == "1.00×"
+    assert lines[4] == "(one thread)"
 
 
 def test_bench_zoo_runs_every_method_or_reports_its_failure():
