@@ -175,15 +175,18 @@ class PerExample:
         """``{name: (n, *param.shape)}`` for every captured parameter, in
         ``named_parameters()`` order; zeros for parameters the losses do not reach."""
         if self._grads is None:
-            out = {}
-            for name, p in self._params.items():
-                uses = self._uses.get(name, [])
-                if uses:
-                    out[name] = _sum(entry.grads()[local] for entry, local in uses)
-                else:
-                    out[name] = p.new_zeros((self.n, *p.shape))
-            self._grads = out
+            self._grads = {name: self._grad(name) for name in self._params}
         return self._grads
+
+    def _grad(self, name: str) -> Tensor:
+        """One parameter's per-example gradients: the sum over its uses."""
+        if self._grads is not None:
+            return self._grads[name]
+        uses = self._uses.get(name)
+        if not uses:
+            p = self._params[name]
+            return p.new_zeros((self.n, *p.shape))
+        return _sum(entry.grads()[local] for entry, local in uses)
 
     def sq_norms(self) -> dict[str, Tensor]:
         """``{name: (n,)}``: each parameter's per-example squared gradient norm."""
@@ -235,7 +238,7 @@ class PerExample:
         for name, p in self._params.items():
             uses = self._uses.get(name, [])
             if self._grads is not None or len(uses) > 1:
-                g = self.grads()[name]
+                g = self._grad(name)  # one parameter's: the others may keep their fast paths
                 if joint is None or not joint.take(name, g):
                     out[name] = _sq_norm(g)
             elif uses:
