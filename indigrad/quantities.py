@@ -2,9 +2,10 @@
 
 Each recorded module call contributes, through its rule, per-example gradients of its
 own parameters. A parameter used by several calls (a layer applied twice, weights tied
-across modules) gets the per-example *sum* of its uses; its squared norm is then taken
-from that sum, since ``‖g¹ + g²‖² ≠ ‖g¹‖² + ‖g²‖²``. A parameter used by one call takes
-its rule's fast ``sq_norms`` when the rule has one.
+across modules) gets the per-example *sum* of its uses; since ``‖g¹ + g²‖² ≠ ‖g¹‖² +
+‖g²‖²``, its squared norm takes the cross terms of its uses' Grams (``rules/tied.py``),
+or else comes from the materialised sum. A parameter used by one call takes its rule's
+fast ``sq_norms`` when the rule has one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.utils._pytree import tree_unflatten
 from ._batch import has_batch
 from ._joint import Joint
 from ._precision import _exact, _param_dtype, _upcast
-from .rules import Rule, _cost
+from .rules import Rule, _cost, tied
 from .rules.generic import generic_grads
 
 if TYPE_CHECKING:
@@ -237,6 +238,11 @@ class PerExample:
         one rule call per recorded call (``per_call``); see :meth:`_sq`."""
         for name, p in self._params.items():
             uses = self._uses.get(name, [])
+            if len(uses) > 1 and self._grads is None:
+                sq = self._tied_sq(name, uses)
+                if sq is not None:
+                    out[name] = sq
+                    continue
             if self._grads is not None or len(uses) > 1:
                 g = self._grad(name)  # one parameter's: the others may keep their fast paths
                 if joint is None or not joint.take(name, g):
@@ -252,6 +258,17 @@ class PerExample:
                     out[name] = sq
             else:
                 out[name] = p.new_zeros(self.n)
+
+    def _tied_sq(self, name: str, uses: list[tuple[_Entry, str]]) -> Tensor | None:
+        """The squared norms of a parameter used by several calls, from the Grams of its
+        uses (:mod:`.rules.tied`), or None where they do not apply or cost more."""
+        factors = []
+        for entry, local in uses:
+            make = tied.FACTORS.get(entry.rule) if entry.rule is not None else None
+            if make is None or entry._grads is not None or self.n == 0:
+                return None
+            factors.append(make(entry.call.module, entry.inputs, entry.G, local))
+        return tied.sq_norms(factors, self._params[name].numel())
 
     def _taker(self, entry: _Entry, joint: Joint | None) -> Callable[[str, Tensor], bool] | None:
         """What puts a call's materialised gradient into ``joint``: only that of a
