@@ -354,3 +354,15 @@ def test_channels_not_after_the_batch_dimension_are_refused():
     x = torch.randn(3, 5, 4, dtype=torch.float64)  # channels last: not what GroupNorm saw
     with pytest.raises(RuntimeError, match="channels must come right after"):
         normalization.GROUP_NORM.grads(module, (x,), torch.randn_like(x))
+
+
+def test_group_norm_on_channels_last_inputs_matches_the_loop():
+    # the input reaches the rule in the layout the module saw (channels last): its sums
+    # over positions must not depend on it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(64, 3))
+    model = model.double().to(memory_format=torch.channels_last)
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (5,))
+    assert model[0](x).is_contiguous(memory_format=torch.channels_last)
+    indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
