@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from indigrad import demo
 
 
@@ -153,3 +155,24 @@ def test_example_dp_finetune_transformer_runs():
          "--pretrain-steps", "2"]
     )  # fmt: skip
     assert 7.9 < out["epsilon"] <= 8.0 and out["loss"] > 0
+
+
+def test_pass_cost_times_the_clipped_step_under_each_value():
+    lines = _benchmark_script(
+        "pass_cost.py", "--problem", "mlp", "--costs", "20,38", "--rounds", "1"
+    ).splitlines()
+    assert lines[0].startswith("MLP 784-512-256-10")
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["pass cost 20", "pass cost 38"]
+
+
+def test_tied_gpt2_times_indigrads_methods():
+    pytest.importorskip("transformers")
+    out = _benchmark_script(
+        "tied_gpt2.py", "--d", "8", "--vocab", "16", "--T", "4", "--n", "2", "--repeats", "1"
+    ).splitlines()
+    assert out[0].startswith("GPT-2 tied 2×8, T=4, V=16, n=2")
+    assert [line.split()[0] for line in out[2:6]] == ["plain", "norms", "clipped", "grads"]
+    rss = _benchmark_script(
+        "tied_gpt2.py", "--d", "8", "--vocab", "16", "--T", "4", "--n", "2", "--rss"
+    )
+    assert "3 clipped steps raised the peak resident memory by" in rss

@@ -39,10 +39,10 @@ from contextvars import ContextVar
 import torch
 
 # Multiply-adds that cost as much as writing and twice reading one element of dW_i.
-# CPU: measured on a 2-core x86 machine, in a whole step (benchmarks/README.md, "ghost or
-# materialised"): a layer alone measured ~20, but within a step its dW_i leave the cache
-# before they are read again, and 38 (the GPT's wide head takes the Grams, its other
-# layers materialise) ran the GPT's clipped step 3 % faster than 20, and than 41 or 50.
+# CPU: on a 2-core x86 machine (benchmarks/README.md, "ghost or materialised") a layer
+# alone measured ~20; in the GPT's whole clipped step 38 (its wide head takes the Grams,
+# the other layers materialise) timed as 20 within noise and faster than 41 or 50, and
+# keeps the head's n × 1024 × 128 gradients out of memory (benchmarks/pass_cost.py).
 # Other devices: estimated from fp32 throughput over memory bandwidth (H100: ≈ 30 T
 # multiply-adds/s, 3.35 TB/s, 12 bytes per element); on an H200, 30 and 100 chose alike.
 _PASS_COST = {"cpu": 38}
