@@ -2,12 +2,14 @@
 weights: indigrad's methods against a plain step, as ``indigrad bench`` times them.
 
 The shared (V, d) weight takes its norms from the Grams of its two uses
-(``indigrad/rules/tied.py``). ``--rss`` instead runs clipped steps only and prints how far
-they raised the process's peak resident memory over the model's, to compare with a
-checkout whose per-example (V, d) gradients were materialised.
+(``indigrad/rules/tied.py``). On CUDA the table has each method's peak memory over
+plain's. ``--rss`` instead runs clipped steps only and prints how far they raised the
+process's peak resident memory over the model's (CPU), to compare with a checkout whose
+per-example (V, d) gradients were materialised.
 
     python benchmarks/tied_gpt2.py
     python benchmarks/tied_gpt2.py --vocab 16384 --d 256 --rss
+    python benchmarks/tied_gpt2.py --device cuda --layers 8 --d 512 --vocab 8192 --T 256 --n 32
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from indigrad import bench
 from indigrad.bench.methods import METHODS
 
 
-def problem(layers: int, d: int, vocab: int, T: int, n: int) -> bench.Problem:
+def problem(layers: int, d: int, vocab: int, T: int, n: int, device: str) -> bench.Problem:
     import transformers
 
     config = transformers.GPT2Config(
@@ -46,7 +48,7 @@ def problem(layers: int, d: int, vocab: int, T: int, n: int) -> bench.Problem:
             return super().forward(input_ids=ids).logits
 
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (n, T + 1), generator=g)
+    ids = torch.randint(0, vocab, (n, T + 1), generator=g).to(device)
     name = f"GPT-2 tied {layers}×{d}, T={T}, V={vocab}, n={n}"
     return bench.Problem(name, lambda: LM(config), ids[:, :-1], ids[:, 1:], loss)
 
@@ -59,9 +61,10 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=64)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--rss", action="store_true", help="peak memory of clipped steps")
     args = parser.parse_args()
-    p = problem(args.layers, args.d, args.vocab, args.T, args.n)
+    p = problem(args.layers, args.d, args.vocab, args.T, args.n, args.device)
     if args.rss:
         step = METHODS["clipped"](p)  # builds the model: its memory is the baseline
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
