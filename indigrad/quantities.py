@@ -262,10 +262,12 @@ class PerExample:
     def _tied_sq(self, name: str, uses: list[tuple[_Entry, str]]) -> Tensor | None:
         """The squared norms of a parameter used by several calls, from the Grams of its
         uses (:mod:`.rules.tied`), or None where they do not apply or cost more."""
+        if self.n == 0:
+            return None
         factors = []
         for entry, local in uses:
             make = tied.FACTORS.get(entry.rule) if entry.rule is not None else None
-            if make is None or entry._grads is not None or self.n == 0:
+            if make is None or entry._grads is not None:
                 return None
             factors.append(make(entry.call.module, entry.inputs, entry.G, local))
         return tied.sq_norms(factors, self._params[name].numel())

@@ -89,6 +89,30 @@ def test_a_linear_applied_twice_matches_the_reference(T, monkeypatch):
     check(model, losses, x, y)
 
 
+class NarrowTwice(nn.Module):
+    """A Linear with one input feature applied twice: its weight's right factor (A) has
+    width 1, as a bias's has, and must not be taken for one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.out = nn.Linear(1, 6), nn.Linear(6, 1), nn.Linear(1, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.down(torch.tanh(self.up(x)))  # (n, 1)
+        return self.out(self.down(torch.tanh(self.up(torch.tanh(h)))))
+
+
+def test_a_weight_with_one_input_feature_applied_twice_matches_the_reference(monkeypatch):
+    torch.manual_seed(0)
+    model = NarrowTwice().double()
+    x, y = torch.randn(4, 1, dtype=torch.float64), torch.randint(0, 3, (4,))
+    materialised = _materialised(monkeypatch)
+    with indigrad.capture(model) as cap:
+        cap.norms(F.cross_entropy(model(x), y, reduction="none"))
+    assert materialised == []  # (1 + 1)² Gram elements against 6 weights: the Grams
+    check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
+
+
 def test_an_embedding_applied_twice_matches_the_reference():
     torch.manual_seed(0)
     emb = nn.Embedding(9, 4).double()

@@ -5,7 +5,7 @@ Each use's gradient is a sum of outer products over its ``T_u`` positions,
 ``g^u_i = Σ_t L^u_it ⊗ R^u_it``:
 
     Linear weight (out, in)     L = G (n, T, out)            R = A (n, T, in)
-    Linear bias (out,)          L = G                        R = 1 (n, T, 1)
+    Linear bias (out,)          L = G                        R = 1 (marked, not stored)
     Conv1D weight (in, out)     L = A                        R = G         (Hugging Face)
     Embedding weight (V, d)     L = one-hot of the ids       R = G (n, T, d), 0 at padding
 
@@ -39,25 +39,22 @@ from .registry import Rule
 
 class Factors(NamedTuple):
     """``g_i = Σ_t L_it ⊗ R_it``: ``L`` (n, T, a) dense, or the ids (n, T) of a one-hot
-    ``L`` (``onehot``), and ``R`` (n, T, b)."""
+    ``L`` (``onehot``), and ``R`` (n, T, b), or None for a bias (``R = 1``; a weight's
+    ``R`` may have width 1 too, so a bias is marked, not told by its shape)."""
 
     L: Tensor
-    R: Tensor
+    R: Tensor | None
     onehot: bool = False
 
 
 def _linear(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, local: str) -> Factors:
     A, G = _flat(module, inputs, G)  # (n, T, in), (n, T, out)
-    if local == "bias":
-        return Factors(G, G.new_ones(G.shape[0], G.shape[1], 1))  # (n, T, out), (n, T, 1)
-    return Factors(G, A)
+    return Factors(G, None if local == "bias" else A)
 
 
 def _conv1d(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, local: str) -> Factors:
-    A, G = _flat(module, inputs, G)  # (n, T, in), (n, T, out)
-    if local == "bias":
-        return Factors(G, G.new_ones(G.shape[0], G.shape[1], 1))  # (n, T, out), (n, T, 1)
-    return Factors(A, G)  # the weight is (in, out)
+    f = _linear(module, inputs, G, local)
+    return f if f.R is None else Factors(f.R, f.L)  # the weight is (in, out)
 
 
 def _embedding(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, local: str) -> Factors:
@@ -72,36 +69,38 @@ FactorsFn = Callable[[nn.Module, tuple[Any, ...], Any, str], Factors]
 FACTORS: dict[Rule, FactorsFn] = {LINEAR: _linear, HF_CONV1D: _conv1d, EMBEDDING: _embedding}
 
 
-def _gram_left(u: Factors, v: Factors) -> Tensor:
+def _gram_left(u: Factors, v: Factors, dtype: torch.dtype) -> Tensor:
     """``(n, T_u, T_v)``: ``L^u_t · L^v_s``."""
     if u.onehot and v.onehot:
-        return (u.L[:, :, None] == v.L[:, None, :]).to(u.R.dtype)
+        return (u.L[:, :, None] == v.L[:, None, :]).to(dtype)
     if u.onehot:  # L^v_s[id_t]
         T = u.L.shape[1]
         index = u.L[:, None, :].expand(-1, v.L.shape[1], T)  # (n, T_v, T_u)
         return torch.gather(v.L, 2, index).transpose(1, 2)
     if v.onehot:
-        return _gram_left(v, u).transpose(1, 2)
+        return _gram_left(v, u, dtype).transpose(1, 2)
     return torch.bmm(u.L, v.L.transpose(1, 2))
 
 
 def sq_norms(uses: list[Factors], size: int) -> Tensor | None:
     """``(n,)``: ``‖Σ_u g^u_i‖²`` from each use's factors (``size``: the parameter's
     elements), or None where the Grams would be larger than the gradient."""
-    if all(f.R.shape[2] == 1 and not f.onehot for f in uses):  # a bias: Σ_u Σ_t G^u_it
+    rights = [f.R for f in uses]
+    if all(R is None for R in rights):  # a bias: Σ_u Σ_t G^u_it
         g = uses[0].L.sum(1)  # (n, out)
         for f in uses[1:]:
             g = g + f.L.sum(1)
         return g.square().sum(1)
-    positions = sum(f.R.shape[1] for f in uses)
-    if positions**2 >= size:
-        return None
+    positions = sum(f.L.shape[1] for f in uses)
+    if any(R is None for R in rights) or positions**2 >= size:
+        return None  # (one parameter is a bias in all its uses or in none)
     total = None
     for j, u in enumerate(uses):
         for k in range(j, len(uses)):
             v = uses[k]
+            assert u.R is not None and v.R is not None
             RR = torch.bmm(u.R, v.R.transpose(1, 2))  # (n, T_u, T_v)
-            term = (_gram_left(u, v) * RR).sum((1, 2))  # (n,) ⟨g^u_i, g^v_i⟩
+            term = (_gram_left(u, v, RR.dtype) * RR).sum((1, 2))  # (n,) ⟨g^u_i, g^v_i⟩
             term = term if k == j else 2 * term  # ⟨g^u, g^v⟩ = ⟨g^v, g^u⟩
             total = term if total is None else total + term
     assert total is not None
