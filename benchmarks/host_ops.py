@@ -23,7 +23,7 @@ import torch
 import indigrad._joint as joint
 from indigrad import _alloc, bench
 from indigrad.bench.methods import METHODS
-from indigrad.rules import _cost
+from indigrad.rules import _cost, conv
 
 TABLES = [
     (_cost, "_PASS_COST"),
@@ -35,9 +35,11 @@ TABLES = [
 
 def act_as(device: str) -> None:
     """Give the CPU ``device``'s settings (a device without its own entry: the default),
-    and on behalf of a GPU no buffer pool (CPU only: it changes how convs unfold)."""
+    and on behalf of a GPU no buffer pool and no ``F.unfold`` (both change how convs
+    unfold; CUDA's ``F.unfold`` is one operator but n kernel launches)."""
     if device != "cpu":
         _alloc._MIN_BYTES = sys.maxsize
+        conv._BATCHED_UNFOLD.discard("cpu")
     for module, name in TABLES:
         table = getattr(module, name)
         if device in table:

@@ -214,8 +214,9 @@ def test_cost_widths_match_the_factors(conf):
 
 @pytest.mark.parametrize("conf", CONFS, ids=lambda c: c.name)
 def test_unfold_and_strided_copy_build_the_same_factors(conf, monkeypatch):
-    # a 2-d conv with symmetric zero padding unfolds with F.unfold, except into the CPU
-    # pool's large buffers: both must give the strided copy's im2col, bit for bit
+    # on CPU a 2-d conv with symmetric zero padding unfolds with F.unfold, except into the
+    # pool's large buffers and on devices whose F.unfold loops over the examples (CUDA):
+    # all must give the strided copy's im2col, bit for bit
     layer = conf.layer().double()
     x = torch.randn(conf.x_shape, dtype=torch.float64)
     G = torch.randn_like(layer(x).detach())  # (n, C_out, *out)
@@ -223,12 +224,18 @@ def test_unfold_and_strided_copy_build_the_same_factors(conf, monkeypatch):
     real = F.unfold
     monkeypatch.setattr(conv.F, "unfold", lambda *a, **k: unfolded.append(1) or real(*a, **k))
     L, R = conv._factors(layer, x, G)  # (n·g, a, P), (n·g, b, P)
-    monkeypatch.setattr(conv._alloc, "pooled", lambda shape, like: True)  # no F.unfold
-    L2, R2 = conv._factors(layer, x, G)
-    assert torch.equal(L, L2) and torch.equal(R, R2)
     two_d = isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"
     pads = conv._pad_list(layer)
     assert bool(unfolded) == (two_d and pads[0] == pads[1] and pads[2] == pads[3])
+    unfolded.clear()
+    with monkeypatch.context() as m:
+        m.setattr(conv._alloc, "pooled", lambda shape, like: True)  # no F.unfold
+        L2, R2 = conv._factors(layer, x, G)
+    assert torch.equal(L, L2) and torch.equal(R, R2)
+    monkeypatch.setattr(conv, "_BATCHED_UNFOLD", set())  # as on CUDA: no F.unfold
+    L3, R3 = conv._factors(layer, x, G)
+    assert torch.equal(L, L3) and torch.equal(R, R3)
+    assert not unfolded
 
 
 def test_ghost_and_materialised_branches_are_both_taken(monkeypatch):

@@ -11,9 +11,10 @@ Both are written as one product per group ``g`` over positions ``P``:
 
 ``im2col(t)[c·k, p] = t[c, p·stride + k·dilation]`` (per spatial dim) is a strided view of
 ``t``, copied once. The conv sees its input padded exactly as the module pads it (zeros,
-"same", or ``F.pad`` with ``padding_mode``), then with padding 0. A 2-d conv with
+"same", or ``F.pad`` with ``padding_mode``), then with padding 0. On CPU a 2-d conv with
 symmetric zero padding takes ``F.unfold`` instead, one operation that pads as it copies
-(except into the CPU buffer pool's large buffers, which it cannot write).
+(except into the CPU buffer pool's large buffers, which it cannot write). Not on CUDA:
+its ``im2col`` launches one kernel per example, n launches where the copy takes two.
 
 A transposed conv's output is its "full" output ``full[i·s + k·d] += x[i] W[k]`` cropped
 by ``padding`` on both sides and extended by ``output_padding`` at the end, so ``G_full`` is
@@ -115,16 +116,23 @@ def _im2col(t: Tensor, module: _ConvNd, out: tuple[int, ...]) -> Tensor:
         ),
         t.storage_offset(),
     )  # (n, C, *k, *out)
-    cols = _alloc.empty((n, C * math.prod(K), math.prod(out)), like=t)  # (n, C·k, P)
+    shape = (n, C * math.prod(K), math.prod(out))
+    if not _alloc.pooled(shape, t):
+        return win.reshape(shape)  # (n, C·k, P): one copy, or a view where strides allow
+    cols = _alloc.empty(shape, like=t)  # (n, C·k, P)
     cols.view(win.shape).copy_(win)
     return cols
+
+
+# devices whose ``F.unfold`` unfolds the batch in one kernel (CUDA's launches one per example)
+_BATCHED_UNFOLD = {"cpu"}
 
 
 def _unfold(module: _ConvNd, x: Tensor, out: tuple[int, ...]) -> Tensor:
     """``im2col`` of a conv's input ``x`` (n, C_in, *in): ``(n, C_in·k, P)``."""
     pads = _pad_list(module)
     symmetric = len(out) == 2 and pads[0] == pads[1] and pads[2] == pads[3]
-    if symmetric and module.padding_mode == "zeros":
+    if symmetric and module.padding_mode == "zeros" and x.device.type in _BATCHED_UNFOLD:
         n, C, P = x.shape[0], x.shape[1], math.prod(out)
         if not _alloc.pooled((n, C * math.prod(module.kernel_size), P), x):
             cols = F.unfold(
