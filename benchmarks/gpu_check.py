@@ -251,7 +251,8 @@ def host_profile(device: str, out: str) -> None:
 def outer_products(device: str) -> dict[str, float]:
     """Milliseconds to write the wide MLP's per-example weight gradients (n = 128, 4096 ×
     4096): as a broadcast product, as a batched GEMM with K = 1, and as one GEMM per
-    example (n launches, each writing 64 MB)."""
+    example (n launches, each writing 64 MB); and a fill of the same buffer, the floor
+    for any writer."""
     n, a, b = 128 if device == "cuda" else 4, 4096, 4096
     L, R = torch.randn(n, a, 1, device=device), torch.randn(n, 1, b, device=device)
     W = torch.empty(n, a, b, device=device)
@@ -261,6 +262,7 @@ def outer_products(device: str) -> dict[str, float]:
             torch.mm(L[i], R[i], out=W[i])
 
     ways = {
+        "fill (writes alone: the floor)": lambda: W.fill_(1.0),
         "mul": lambda: torch.mul(L, R, out=W),
         "bmm": lambda: torch.bmm(L, R, out=W),
         "mm per example": per_example,

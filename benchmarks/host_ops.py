@@ -23,7 +23,7 @@ import torch
 import indigrad._joint as joint
 from indigrad import _alloc, bench
 from indigrad.bench.methods import METHODS
-from indigrad.rules import _cost, conv
+from indigrad.rules import _cost, conv, normalization
 
 TABLES = [
     (_cost, "_PASS_COST"),
@@ -36,10 +36,12 @@ TABLES = [
 def act_as(device: str) -> None:
     """Give the CPU ``device``'s settings (a device without its own entry: the default),
     and on behalf of a GPU no buffer pool and no ``F.unfold`` (both change how convs
-    unfold; CUDA's ``F.unfold`` is one operator but n kernel launches)."""
+    unfold; CUDA's ``F.unfold`` is one operator but n kernel launches) and GroupNorm's
+    dγ and dβ from its backward kernel."""
     if device != "cpu":
         _alloc._MIN_BYTES = sys.maxsize
         conv._BATCHED_UNFOLD.discard("cpu")
+        normalization._GN_KERNEL_DEVICES.add("cpu")
     for module, name in TABLES:
         table = getattr(module, name)
         if device in table:

@@ -366,3 +366,42 @@ def test_group_norm_on_channels_last_inputs_matches_the_loop():
     y = torch.randint(0, 3, (5,))
     assert model[0](x).is_contiguous(memory_format=torch.channels_last)
     indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
+
+
+GN_CASES = [c for c in CASES if c.name.startswith("gn_")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", GN_CASES, ids=lambda c: c.name)
+def test_group_norm_backward_kernel_path_matches_the_loop(case, dtype, monkeypatch):
+    # on a GPU a GroupNorm's dγ and dβ come from GroupNorm's backward kernel run on the
+    # batch as one example; forced here on CPU, where it is otherwise not taken
+    monkeypatch.setattr(normalization, "_GN_KERNEL_DEVICES", {"cpu"})
+    taken = []
+    real = torch.ops.aten.native_group_norm_backward
+    monkeypatch.setattr(
+        normalization.torch.ops.aten,
+        "native_group_norm_backward",
+        lambda *a: taken.append(1) or real(*a),
+    )
+    model, loss_fn, x, y = case.build(dtype)
+    indigrad.testing.check(model, loss_fn, x, y)
+    assert taken
+
+
+@pytest.mark.parametrize("frozen", [None, "weight", "bias"])
+def test_group_norm_backward_kernel_path_gives_the_sums(frozen, monkeypatch):
+    module = nn.GroupNorm(3, 6).double()
+    with torch.no_grad():
+        module.weight.normal_()
+    if frozen:
+        getattr(module, frozen).requires_grad_(False)
+    x = torch.randn(4, 6, 3, 5, dtype=torch.float64)
+    G = torch.randn_like(x)
+    sums = normalization.GROUP_NORM.grads(module, (x,), G)
+    monkeypatch.setattr(normalization, "_GN_KERNEL_DEVICES", {"cpu"})
+    kernel = normalization.GROUP_NORM.grads(module, (x,), G)
+    assert kernel.keys() == sums.keys() == {"weight", "bias"} - {frozen}
+    for k in sums:
+        assert kernel[k].shape == (4, 6)
+        torch.testing.assert_close(kernel[k], sums[k])

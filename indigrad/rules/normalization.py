@@ -15,6 +15,11 @@ Summing over the positions ``r`` that share the parameters (no reshape, no copy)
     grads        dγ_i = Σ_r x̂_ir ⊙ G_ir                   (x̂ ⊙ G).sum(positions)
                  dβ_i = Σ_r G_ir                           G.sum(positions)
 
+On a GPU, GroupNorm takes both from its own backward kernel instead, run on the batch as
+one example of ``n·C`` channels in ``n·groups`` groups: that example's ``dγ`` and ``dβ``
+are the ``(n, C)`` per-example ones, in two operations (statistics, backward) instead of
+four. Inputs that are not contiguous take the sums.
+
 The per-example gradients ``(n, P)`` are never bigger than ``x``, so the rules have no
 fast paths: indigrad materialises them once and takes both the norms and the weighted sum
 ``Σ_i c_i dγ_i`` from them, which computes ``x̂`` once per call.
@@ -35,6 +40,7 @@ covers the batch dimension.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -143,9 +149,10 @@ def _trainable(p: nn.Parameter | None) -> bool:
     return p is not None and p.requires_grad
 
 
-def _make_rule(
-    cls: type[nn.Module], normalise: Normalise, validate: Validate, params_last: bool
-) -> Rule:
+Grads = Callable[[Any, tuple[Any, ...], Tensor], dict[str, Tensor]]
+
+
+def _make_grads(normalise: Normalise, validate: Validate, params_last: bool) -> Grads:
     def grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
         x, G = _inputs(module, inputs, G, validate)  # (n, *), (n, *)
         r = _positions(module, G, params_last)  # none: one position per example
@@ -157,12 +164,68 @@ def _make_rule(
             out["bias"] = G.sum(r) if r else G.clone()  # (n, *shape)
         return out
 
-    return register_rule(cls, grads=grads)
+    return grads
+
+
+def _make_rule(
+    cls: type[nn.Module], normalise: Normalise, validate: Validate, params_last: bool
+) -> Rule:
+    return register_rule(cls, grads=_make_grads(normalise, validate, params_last))
+
+
+# Devices where a GroupNorm's per-example dγ and dβ come from GroupNorm's own backward
+# kernel, run on the batch as one example of n·C channels in n·groups groups: two
+# operations instead of four, which counts where the host's dispatch sets the pace (a
+# GPU). Not on CPU, where that kernel is slower than the sums at ResNet-18's few
+# positions and many channels.
+_GN_KERNEL_DEVICES = {"cuda"}
+
+_group_norm_sums = _make_grads(_group_norm, _channels_second, params_last=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _ones(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.ones(numel, dtype=dtype, device=device)  # a γ for the kernel: read only
+
+
+def _group_norm_grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
+    x, G = _inputs(module, inputs, G, _channels_second)  # (n, C, *), (n, C, *)
+    if (
+        G.device.type not in _GN_KERNEL_DEVICES
+        or x.numel() == 0
+        or not (x.is_contiguous() and G.is_contiguous())
+    ):
+        return _group_norm_sums(module, (x,), G)
+    n, C = x.shape[:2]
+    P, groups = x.numel() // (n * C), module.num_groups * n  # positions; groups of all
+    xf, Gf = x.view(1, n * C, P), G.view(1, n * C, P)  # one example of n·C channels
+    _, mean, rstd = torch.ops.aten.native_group_norm(
+        xf, None, None, 1, n * C, P, groups, module.eps
+    )  # each example's statistics per group: (1, n·groups) each
+    weight, bias = _trainable(module.weight), _trainable(module.bias)
+    _, dw, db = torch.ops.aten.native_group_norm_backward(
+        Gf,
+        xf,
+        mean,
+        rstd,
+        _ones(n * C, x.dtype, x.device),
+        1,
+        n * C,
+        P,
+        groups,
+        [False, weight, bias],
+    )  # (n·C,) each: dγ = Σ_p x̂ G, dβ = Σ_p G per channel of each example
+    out = {}
+    if weight:
+        out["weight"] = dw.view(n, C)
+    if bias:
+        out["bias"] = db.view(n, C)
+    return out
 
 
 LAYER_NORM = _make_rule(nn.LayerNorm, _layer_norm, _trailing_only, params_last=True)
 RMS_NORM = _make_rule(nn.RMSNorm, _rms_norm, _trailing_only, params_last=True)
-GROUP_NORM = _make_rule(nn.GroupNorm, _group_norm, _channels_second, params_last=False)
+GROUP_NORM = register_rule(nn.GroupNorm, grads=_group_norm_grads)
 INSTANCE_NORM = _make_rule(_InstanceNorm, _instance_norm, _channels_second, params_last=False)
 BATCH_NORM = _make_rule(_BatchNorm, _batch_norm, _running_stats, params_last=False)
 SYNC_BATCH_NORM = register_rule(nn.SyncBatchNorm, BATCH_NORM)  # eval mode: F.batch_norm too
