@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import indigrad.bench as bench
-from indigrad import testing
+from indigrad import _outer, testing
 from indigrad.rules import _cost
 
 # name: replacement of ``_cost.materialise_to_clip`` (None: the library's own choice)
@@ -251,8 +251,8 @@ def host_profile(device: str, out: str) -> None:
 def outer_products(device: str) -> dict[str, float]:
     """Milliseconds to write the wide MLP's per-example weight gradients (n = 128, 4096 ×
     4096): as a broadcast product, as a batched GEMM with K = 1, and as one GEMM per
-    example (n launches, each writing 64 MB); and a fill of the same buffer, the floor
-    for any writer."""
+    example (n launches, each writing 64 MB), as indigrad's Triton kernel; and a fill of
+    the same buffer, the floor for any writer."""
     n, a, b = 128 if device == "cuda" else 4, 4096, 4096
     L, R = torch.randn(n, a, 1, device=device), torch.randn(n, 1, b, device=device)
     W = torch.empty(n, a, b, device=device)
@@ -266,6 +266,7 @@ def outer_products(device: str) -> dict[str, float]:
         "mul": lambda: torch.mul(L, R, out=W),
         "bmm": lambda: torch.bmm(L, R, out=W),
         "mm per example": per_example,
+        "triton (indigrad._outer)": lambda: _outer.outer(L.view(n, a), R.view(n, b), W),
     }
     result = {}
     for name, f in ways.items():
