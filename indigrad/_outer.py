@@ -8,7 +8,8 @@ and a K = 1 ``torch.bmm`` at 2.6 TB/s on an H200 whose plain fill writes 4.7 TB/
 once per tile and only writes.
 
 It is taken on CUDA tensors where Triton imports (it ships with PyTorch's CUDA builds);
-elsewhere :func:`outer` returns ``False`` and the caller writes the product itself. The
+elsewhere :func:`outer` returns ``False`` and the caller writes the product itself (also,
+with a warning, from the first time the kernel fails to compile or launch). The
 product is one multiplication per element, as in ``torch.mul``: the result is the same to
 the bit.
 
@@ -20,6 +21,7 @@ the bit.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 from torch import Tensor
@@ -28,6 +30,7 @@ from torch import Tensor
 _BLOCK_A, _BLOCK_B, _WARPS = 32, 256, 8
 _MAX_EXAMPLES = 65535  # the grid's second axis
 DEVICES = {"cuda"}  # where it is tried (the tests add "cpu" under Triton's interpreter)
+_failed: list[Exception] = []  # a compile or launch that failed: not tried again
 
 
 @functools.cache
@@ -72,10 +75,21 @@ def outer(L: Tensor, R: Tensor, out: Tensor) -> bool:
     ):
         return False
     compiled = _kernel()
-    if compiled is None:
+    if compiled is None or _failed:
         return False
     triton, kernel = compiled
     tiles_b = triton.cdiv(b, _BLOCK_B)
     grid = (triton.cdiv(a, _BLOCK_A) * tiles_b, n)
-    kernel[grid](L, R, out, a, b, tiles_b, BLOCK_A=_BLOCK_A, BLOCK_B=_BLOCK_B, num_warps=_WARPS)
+    try:
+        kernel[grid](L, R, out, a, b, tiles_b, BLOCK_A=_BLOCK_A, BLOCK_B=_BLOCK_B, num_warps=_WARPS)
+    except Exception as err:  # it does not compile or launch here: the caller's way, always
+        _failed.append(err)
+        warnings.warn(
+            f"indigrad: the Triton outer-product kernel failed ({type(err).__name__}: "
+            f"{err}); per-example gradients are written by torch.bmm from now on, slower "
+            "but the same",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
     return True

@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+import indigrad
 from indigrad import _outer
 
 # Triton reads TRITON_INTERPRET when it compiles a kernel's definition: a fresh process
@@ -62,3 +63,30 @@ def test_outer_kernel_under_the_interpreter_writes_the_products():
 def test_outer_declines_what_it_does_not_cover():
     L, R = torch.randn(2, 3), torch.randn(2, 4)
     assert not _outer.outer(L, R, torch.empty(2, 3, 4))  # CPU
+
+
+def test_a_kernel_that_fails_to_launch_falls_back_to_the_same_gradients(monkeypatch):
+    # a GPU where Triton cannot compile: one warning, then torch's own product, same numbers
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no compiler for this device")
+
+            return launch
+
+    class FakeTriton:
+        @staticmethod
+        def cdiv(x, y):
+            return -(-x // y)
+
+    monkeypatch.setattr(_outer, "_kernel", lambda: (FakeTriton, Broken()))
+    monkeypatch.setattr(_outer, "_failed", [])
+    monkeypatch.setattr(_outer, "DEVICES", {"cpu"})
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    model = model.double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 2, (3,))
+    loss = lambda x, y: torch.nn.functional.cross_entropy(model(x), y, reduction="none")  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="Triton outer-product kernel failed"):
+        indigrad.testing.check(model, loss, x, y)
+    assert len(_outer._failed) == 1  # tried once, then not again
