@@ -189,12 +189,10 @@ def _ones(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _group_norm_grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
+    if G.device.type not in _GN_KERNEL_DEVICES:  # CPU: validated once, by the sums
+        return _group_norm_sums(module, inputs, G)
     x, G = _inputs(module, inputs, G, _channels_second)  # (n, C, *), (n, C, *)
-    if (
-        G.device.type not in _GN_KERNEL_DEVICES
-        or x.numel() == 0
-        or not (x.is_contiguous() and G.is_contiguous())
-    ):
+    if x.numel() == 0 or not (x.is_contiguous() and G.is_contiguous()):
         return _group_norm_sums(module, (x,), G)
     n, C = x.shape[:2]
     P, groups = x.numel() // (n * C), module.num_groups * n  # positions; groups of all
