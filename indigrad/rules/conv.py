@@ -37,6 +37,7 @@ Unbatched inputs ``(C, *spatial)`` are refused with an error.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, cast
 
@@ -88,9 +89,9 @@ def _pad_list(module: _ConvNd) -> list[int]:
     return [p for p in reversed(padding) for _ in range(2)]
 
 
-def _pad(module: _ConvNd, x: Tensor) -> Tensor:
+def _pad(module: _ConvNd, x: Tensor, pads: list[int] | None = None) -> Tensor:
     """The conv's input as the module's convolution sees it (with padding 0)."""
-    pads = _pad_list(module)
+    pads = _pad_list(module) if pads is None else pads
     if not any(pads):
         return x
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -99,29 +100,46 @@ def _pad(module: _ConvNd, x: Tensor) -> Tensor:
 
 def _im2col(t: Tensor, module: _ConvNd, out: tuple[int, ...]) -> Tensor:
     """``(n, C·k, P)`` with ``[c·k, p] = t[c, p·stride + k·dilation]`` (a strided view, copied)."""
-    n, C = t.shape[:2]
-    K: tuple[int, ...] = tuple(module.kernel_size)
-    st = t.stride()
-    for size, o, k, s, dil in zip(t.shape[2:], out, K, module.stride, module.dilation, strict=True):
-        # exactly the forward's output size: as_strided must not read past t
-        if o != (size - (k - 1) * dil - 1) // s + 1:
-            raise _mismatch(module, out, t)
-    win = t.as_strided(
-        (n, C, *K, *out),
-        (
-            st[0],
-            st[1],
-            *(a * dil for a, dil in zip(st[2:], module.dilation, strict=True)),
-            *(a * s for a, s in zip(st[2:], module.stride, strict=True)),
-        ),
-        t.storage_offset(),
-    )  # (n, C, *k, *out)
-    shape = (n, C * math.prod(K), math.prod(out))
+    window = _window(
+        t.shape, t.stride(), tuple(module.kernel_size), module.stride, module.dilation, out
+    )
+    if window is None:  # as_strided must not read past t
+        raise _mismatch(module, out, t)
+    size, strides, shape = window
+    win = t.as_strided(size, strides, t.storage_offset())  # (n, C, *k, *out)
     if not _alloc.pooled(shape, t):
         return win.reshape(shape)  # (n, C·k, P): one copy, or a view where strides allow
     cols = _alloc.empty(shape, like=t)  # (n, C·k, P)
     cols.view(win.shape).copy_(win)
     return cols
+
+
+@functools.lru_cache(maxsize=1024)
+def _window(
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    out: tuple[int, ...],
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int, int]] | None:
+    """The im2col window of a tensor of ``shape`` and ``strides``: the size and strides of
+    its ``as_strided`` view ``(n, C, *k, *out)`` and the shape ``(n, C·k, P)`` it is
+    copied to; None unless ``out`` is exactly the forward's output size. Cached: the
+    same few layer shapes recur every step, and working this out costs the host more
+    than the copy launches."""
+    n, C = shape[:2]
+    for size, o, k, s, dil in zip(shape[2:], out, kernel, stride, dilation, strict=True):
+        if o != (size - (k - 1) * dil - 1) // s + 1:
+            return None
+    size_ = (n, C, *kernel, *out)
+    strides_ = (
+        strides[0],
+        strides[1],
+        *(a * dil for a, dil in zip(strides[2:], dilation, strict=True)),
+        *(a * s for a, s in zip(strides[2:], stride, strict=True)),
+    )
+    return size_, strides_, (n, C * math.prod(kernel), math.prod(out))
 
 
 # devices whose ``F.unfold`` unfolds the batch in one kernel (CUDA's launches one per example)
@@ -141,7 +159,7 @@ def _unfold(module: _ConvNd, x: Tensor, out: tuple[int, ...]) -> Tensor:
             if cols.shape[2] != P:
                 raise _mismatch(module, out, x)
             return cols  # (n, C_in·k, P)
-    return _im2col(_pad(module, x), module, out)
+    return _im2col(_pad(module, x, pads), module, out)
 
 
 def _mismatch(module: _ConvNd, out: tuple[int, ...], t: Tensor) -> RuntimeError:
