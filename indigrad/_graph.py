@@ -32,7 +32,7 @@ def _check_accounted(root: Any, calls: list[Any], trainable: dict[int, str]) -> 
     accounted: set[tuple[Any, int]] = set()
     for call in calls:
         owned = {id(p) for p in call.params.values()}
-        stop = set(call.boundary)
+        stop = call.boundary  # a few nodes: a list is searched faster than a set is built
         stack = [e.node for e in call.edges]
         seen: set[Any] = set()
         while stack:
@@ -43,7 +43,7 @@ def _check_accounted(root: Any, calls: list[Any], trainable: dict[int, str]) -> 
             for v, _ in u.next_functions:
                 if v is None:
                     continue
-                if isinstance(v, _ACCUMULATE):
+                if type(v) is _ACCUMULATE:
                     if id(v.variable) in owned:
                         accounted.add((u, id(v.variable)))
                 else:
@@ -52,22 +52,20 @@ def _check_accounted(root: Any, calls: list[Any], trainable: dict[int, str]) -> 
     outputs = {e.node: call for call in calls for e in call.edges}
     unaccounted: tuple[str, Any] | None = None
     stack = [root]
-    seen = set()
+    seen = {root}
     while stack:
         u = stack.pop()
-        if u in seen:
-            continue
-        seen.add(u)
         for v, slot in u.next_functions:
             if v is None:
                 continue
             if v in outputs:
                 _check_consumer(u, v, slot, outputs[v])
-            if isinstance(v, _ACCUMULATE):
+            if type(v) is _ACCUMULATE:
                 name = trainable.get(id(v.variable))
                 if name is not None and (u, id(v.variable)) not in accounted:
                     unaccounted = unaccounted or (name, u)
-            else:
+            elif v not in seen:
+                seen.add(v)
                 stack.append(v)
 
     reached = [call for call in calls if any(e.node in seen for e in call.edges)]

@@ -11,7 +11,7 @@ and hands ``(module, inputs, G)`` to each layer's rule.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -20,12 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.nn.modules.module import register_module_forward_hook
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ._batch import has_batch
 from ._graph import _boundary, _check_accounted
 from .quantities import PerExample
 from .rules import Rule, lookup_rule
+
+# a module owning captured parameters: the module, its name, those parameters, its rule
+_Plan = tuple[nn.Module, str, dict[str, nn.Parameter], "Rule | None"]
 
 
 @dataclass(eq=False)
@@ -38,8 +42,8 @@ class _Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     out_spec: TreeSpec
-    out_leaves: list[Any]  # output leaves; those with an edge replaced by None
-    edge_index: list[int]  # which output leaves have an edge
+    out_leaves: Sequence[Any]  # output leaves; those with an edge replaced by None
+    edge_index: Sequence[int]  # which output leaves have an edge
     edges: list[GradientEdge]
     boundary: list[Any]  # autograd nodes of the tensor inputs, at call time
     versions: list[tuple[Tensor, int]]  # tensor inputs and their version counters at call time
@@ -117,18 +121,15 @@ class capture:
     def __enter__(self) -> capture:
         if self._active:
             raise RuntimeError("this capture is already active; create a new one per block")
-        self._params = {
-            n: p
-            for n, p in self.model.named_parameters()
-            if p.requires_grad and (self._only is None or n in self._only)
-        }
-        self._names = {id(p): n for n, p in self._params.items()}
+        modules = list(self.model.named_modules())
+        self._params, self._names = _trainable(modules, self._only)
+        plan: dict[int, _Plan] = {}  # id(module) -> what its calls record
         try:
             self._handles.append(
                 self.model.register_forward_pre_hook(self._batch_size, with_kwargs=True)
             )
             skip: str | None = None  # the subtree of a module whose rule owns it
-            for name, module in self.model.named_modules():
+            for name, module in modules:
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     self._handles.append(module.register_forward_pre_hook(self._bn_check(name)))
                 if skip is not None and name.startswith(skip):
@@ -139,12 +140,16 @@ class capture:
                     skip = f"{name}." if name else ""
                 own = _own_params(module, whole, self._names)
                 if own:
-                    # first among the module's hooks: it records the output the module
-                    # computed, not one a hook of the user's put in its place
-                    hook = self._recorder(name, own, rule)
-                    self._handles.append(
-                        module.register_forward_hook(hook, with_kwargs=True, prepend=True)
-                    )
+                    plan[id(module)] = (module, name, own, rule)
+            if plan:
+                # One hook for all modules rather than one per module: registering and
+                # removing dozens of hooks every step costs the host more than the rest
+                # of the recording. Global hooks run before every module's own, so it
+                # records the output a module computed, not one a hook of the user's
+                # put in its place.
+                self._handles.append(
+                    register_module_forward_hook(self._recorder(plan), with_kwargs=True)
+                )
         except BaseException:
             self._remove()
             raise
@@ -228,36 +233,43 @@ class capture:
                 self._n = t.shape[self.batch_dim]
                 return
 
-    def _recorder(self, name: str, own: dict[str, nn.Parameter], rule: Rule | None) -> Any:
+    def _recorder(self, plan: dict[int, _Plan]) -> Any:
         bd = self.batch_dim
-        raw = rule is not None and rule.raw_layout
 
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> Any:
-            if self._paused:
-                return None
+            planned = plan.get(id(module))  # by id: a module may not be hashable
+            if planned is None or planned[0] is not module or self._paused:
+                return None  # a module without captured parameters, or another model's
+            _, name, own, rule = planned
+            raw = rule is not None and rule.raw_layout
+            edge_index: Sequence[int]
             if isinstance(output, Tensor):  # the common case, without pytree's cost
-                leaves, spec = [output], _TENSOR_SPEC
+                if not output.requires_grad:
+                    return None  # no_grad, or nothing differentiable came out
+                leaves, spec, edge_index = [output], _TENSOR_SPEC, _FIRST
             else:
                 leaves, spec = tree_flatten(output)
-            edge_index = [
-                i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad
-            ]
-            if not edge_index:
-                return None  # no_grad, or nothing differentiable came out
-            if kwargs or not all(isinstance(a, Tensor) for a in args):
+                edge_index = [
+                    i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad
+                ]
+                if not edge_index:
+                    return None
+            if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common case
+                in_leaves, in_spec = [args[0]], None
+            elif kwargs or not all(isinstance(a, Tensor) for a in args):
                 in_leaves, in_spec = tree_flatten((args, kwargs))
             else:
                 in_leaves, in_spec = list(args), None
             versions = [(t, t._version) for t in in_leaves if isinstance(t, Tensor)]
             boundary = _boundary(in_leaves)
             n = self._n
-            broadcast = (
+            broadcast = (  # the output first: batched, it settles the question
                 not raw
                 and n is not None
-                and any(isinstance(t, Tensor) for t in in_leaves)
                 and not any(has_batch(leaves[i], n, bd) for i in edge_index)
+                and any(isinstance(t, Tensor) for t in in_leaves)
                 and not any(has_batch(t, n, bd) for t in in_leaves)
             )
             if broadcast:
@@ -283,7 +295,9 @@ class capture:
                     out_spec=spec,
                     # differentiable outputs are replaced by their gradients later; the rest
                     # (a PackedSequence's batch_sizes, say) stay as they were
-                    out_leaves=[None if i in edge_index else t for i, t in enumerate(leaves)],
+                    out_leaves=_NO_LEAF
+                    if spec is _TENSOR_SPEC
+                    else [None if i in edge_index else t for i, t in enumerate(leaves)],
                     edge_index=edge_index,
                     edges=[get_gradient_edge(leaves[i]) for i in edge_index],
                     boundary=boundary,
@@ -408,6 +422,25 @@ class capture:
         return tuple(bound.arguments.values())
 
 
+def _trainable(
+    modules: list[tuple[str, nn.Module]], only: set[str] | None
+) -> tuple[dict[str, nn.Parameter], dict[int, str]]:
+    """The captured parameters by name, in ``named_parameters()`` order, and their names
+    by ``id``: what ``named_parameters()`` gives, from the walk of the modules already made
+    (each parameter under its first name)."""
+    params: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for prefix, module in modules:
+        for local, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{prefix}.{local}" if prefix else local
+            if p.requires_grad and (only is None or name in only):
+                params[name] = p
+    return params, {id(p): n for n, p in params.items()}
+
+
 def _own_params(module: nn.Module, whole: bool, trainable: dict[int, str]) -> dict[str, Any]:
     """The captured parameters a call of ``module`` owns: its own (as ``named_parameters``
     without recursion gives them, read straight from the module's dict, which is cheaper
@@ -424,6 +457,9 @@ def _own_params(module: nn.Module, whole: bool, trainable: dict[int, str]) -> di
 
 
 _TENSOR_SPEC = tree_flatten(torch.empty(0))[1]
+# a single tensor output's edge index and leaves: shared, as every call makes objects for
+# the garbage collector to count, and it runs when they add up
+_FIRST, _NO_LEAF = (0,), (None,)
 _SIGNATURES: dict[type, inspect.Signature] = {}
 
 
