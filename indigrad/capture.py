@@ -50,6 +50,7 @@ class _Call:
     broadcast: bool = False  # called without the batch dimension; outputs expanded to it
     training: bool = True  # the module's mode at call time
     rule: Rule | None = None  # its rule, looked up once when the capture began; None: generic
+    saved: Any = None  # what the rule's ``saved`` took from the graph before the backward
     grad_outputs: list[Tensor | None] = field(default_factory=list)
 
     @property
@@ -368,6 +369,9 @@ class capture:
                         "(e.g. `x += ...`, `relu_(x)`), so its recorded input is no longer "
                         "the one the layer saw. Use an out-of-place op there."
                     )
+        for call in calls:
+            if call.rule is not None and call.rule.saved is not None:
+                call.saved = call.rule.saved(call.edges[0].node)  # freed by the backward
         edges = [e for call in calls for e in call.edges]
         outs = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
         pos = 0

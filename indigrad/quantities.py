@@ -43,6 +43,8 @@ class _Entry:
             dtype = _param_dtype(call)
             inputs = cap._positional(call)
             self.inputs = tuple(_upcast(_batch_first(t, n, bd), dtype) for t in inputs)
+            if self.rule.saved is not None:
+                self.inputs += (call.saved,)
             leaves = list(call.out_leaves)
             for i, g in zip(call.edge_index, call.grad_outputs, strict=True):
                 leaves[i] = None if g is None else _upcast(_batch_first(g, n, bd), dtype)
@@ -135,6 +137,7 @@ class _Entry:
         self.inputs, self.G = (), None
         call = self.call
         call.args, call.kwargs, call.grad_outputs, call.versions = (), {}, [], []
+        call.saved = None
 
 
 class PerExample:

@@ -377,16 +377,19 @@ def test_group_norm_backward_kernel_path_matches_the_loop(case, dtype, monkeypat
     # on a GPU a GroupNorm's dγ and dβ come from GroupNorm's backward kernel run on the
     # batch as one example; forced here on CPU, where it is otherwise not taken
     monkeypatch.setattr(normalization, "_GN_KERNEL_DEVICES", {"cpu"})
-    taken = []
-    real = torch.ops.aten.native_group_norm_backward
+    taken, recomputed = [], []
+    aten = normalization.torch.ops.aten
+    backward, forward = aten.native_group_norm_backward, aten.native_group_norm
     monkeypatch.setattr(
-        normalization.torch.ops.aten,
-        "native_group_norm_backward",
-        lambda *a: taken.append(1) or real(*a),
+        aten, "native_group_norm_backward", lambda *a: [taken.append(1), backward(*a)][1]
+    )
+    monkeypatch.setattr(
+        aten, "native_group_norm", lambda *a: [recomputed.append(1), forward(*a)][1]
     )
     model, loss_fn, x, y = case.build(dtype)
     indigrad.testing.check(model, loss_fn, x, y)
     assert taken
+    assert not recomputed  # the statistics the forward saved, taken from the graph
 
 
 @pytest.mark.parametrize("frozen", [None, "weight", "bias"])
@@ -405,3 +408,12 @@ def test_group_norm_backward_kernel_path_gives_the_sums(frozen, monkeypatch):
     for k in sums:
         assert kernel[k].shape == (4, 6)
         torch.testing.assert_close(kernel[k], sums[k])
+
+
+def test_group_norm_statistics_from_the_graph_are_the_forwards():
+    module = nn.GroupNorm(3, 6).double()
+    x = torch.randn(4, 6, 3, 5, dtype=torch.float64, requires_grad=True)
+    saved = normalization.GROUP_NORM.saved(module(x).grad_fn)
+    _, mean, rstd = torch.ops.aten.native_group_norm(x.detach(), None, None, 4, 6, 15, 3, 1e-5)
+    torch.testing.assert_close(saved, (mean, rstd), rtol=0, atol=0)
+    assert normalization.GROUP_NORM.saved(x.exp().grad_fn) is None  # another op's node

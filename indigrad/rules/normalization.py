@@ -17,8 +17,11 @@ Summing over the positions ``r`` that share the parameters (no reshape, no copy)
 
 On a GPU, GroupNorm takes both from its own backward kernel instead, run on the batch as
 one example of ``n·C`` channels in ``n·groups`` groups: that example's ``dγ`` and ``dβ``
-are the ``(n, C)`` per-example ones, in two operations (statistics, backward) instead of
-four. Inputs that are not contiguous take the sums.
+are the ``(n, C)`` per-example ones, in one operation instead of four. Its statistics
+(each example's mean and 1/std per group) are those the forward saved for the backward,
+taken from the autograd graph before the backward frees them; without them (a rule
+called directly) one more operation recomputes them. Inputs that are not contiguous take
+the sums.
 
 The per-example gradients ``(n, P)`` are never bigger than ``x``, so the rules have no
 fast paths: indigrad materialises them once and takes both the norms and the weighted sum
@@ -188,6 +191,14 @@ def _ones(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.ones(numel, dtype=dtype, device=device)  # a γ for the kernel: read only
 
 
+def _group_norm_saved(node: Any) -> tuple[Tensor, Tensor] | None:
+    """The statistics GroupNorm's forward computed and saved for its backward: each
+    example's mean and 1/std per group, ``(n, groups)`` each (None for another node)."""
+    if type(node).__name__ != "NativeGroupNormBackward0":
+        return None
+    return node._saved_result1, node._saved_result2
+
+
 def _group_norm_grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
     if G.device.type not in _GN_KERNEL_DEVICES:  # CPU: validated once, by the sums
         return _group_norm_sums(module, inputs, G)
@@ -197,9 +208,13 @@ def _group_norm_grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[s
     n, C = x.shape[:2]
     P, groups = x.numel() // (n * C), module.num_groups * n  # positions; groups of all
     xf, Gf = x.view(1, n * C, P), G.view(1, n * C, P)  # one example of n·C channels
-    _, mean, rstd = torch.ops.aten.native_group_norm(
-        xf, None, None, 1, n * C, P, groups, module.eps
-    )  # each example's statistics per group: (1, n·groups) each
+    saved = inputs[1] if len(inputs) > 1 else None  # the forward's statistics, if recorded
+    if saved is not None and _same_statistics(saved, n, module.num_groups, x):
+        mean, rstd = saved  # (n, groups) each: the kernel reads n·groups in order
+    else:
+        _, mean, rstd = torch.ops.aten.native_group_norm(
+            xf, None, None, 1, n * C, P, groups, module.eps
+        )  # each example's statistics per group: (1, n·groups) each
     weight, bias = _trainable(module.weight), _trainable(module.bias)
     _, dw, db = torch.ops.aten.native_group_norm_backward(
         Gf,
@@ -221,9 +236,23 @@ def _group_norm_grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[s
     return out
 
 
+def _same_statistics(saved: Any, n: int, groups: int, x: Tensor) -> bool:
+    """``saved`` are statistics of ``x``'s groups in ``x``'s dtype and device, as the
+    backward kernel takes them (the forward computed them in ``x``'s dtype: the dtype
+    the module computed in, which the rule's ``x`` is cast to)."""
+    return all(
+        isinstance(t, Tensor)
+        and t.shape == (n, groups)
+        and t.dtype == x.dtype
+        and t.device == x.device
+        and t.is_contiguous()
+        for t in saved
+    )
+
+
 LAYER_NORM = _make_rule(nn.LayerNorm, _layer_norm, _trailing_only, params_last=True)
 RMS_NORM = _make_rule(nn.RMSNorm, _rms_norm, _trailing_only, params_last=True)
-GROUP_NORM = register_rule(nn.GroupNorm, grads=_group_norm_grads)
+GROUP_NORM = register_rule(nn.GroupNorm, Rule(_group_norm_grads, saved=_group_norm_saved))
 INSTANCE_NORM = _make_rule(_InstanceNorm, _instance_norm, _channels_second, params_last=False)
 BATCH_NORM = _make_rule(_BatchNorm, _batch_norm, _running_stats, params_last=False)
 SYNC_BATCH_NORM = register_rule(nn.SyncBatchNorm, BATCH_NORM)  # eval mode: F.batch_norm too

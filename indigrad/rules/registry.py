@@ -55,6 +55,10 @@ class Rule:
             and the weighted sum from them) is cheaper than ``sq_norms`` and
             ``weighted_sum``. ``clipping`` says whether the weighted sum will be asked
             for too (a clipped sum) or only the norms. Without it the fast paths are used.
+        saved: ``node -> Any``, called with the autograd node of the call's first output
+            before the backward frees what that node saved, for a rule that reuses what
+            the forward computed (GroupNorm's statistics). Its result comes last in the
+            rule's ``inputs``; a rule called without a recorded graph gets no such entry.
 
     Every function only needs to return entries for the module's trainable parameters;
     extra entries for frozen parameters are ignored. Results must be new tensors, not
@@ -68,6 +72,7 @@ class Rule:
     subtree: bool = False
     supports: Callable[[nn.Module], bool] | None = None
     materialise: MaterialiseFn | None = None
+    saved: Callable[[Any], Any] | None = None
 
 
 _RULES: dict[type[nn.Module] | str, Rule] = {}
