@@ -59,15 +59,15 @@ def test_grads_and_norms_leave_dot_grad_alone():
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("when", ["before", "inside"])
+@pytest.mark.parametrize("when", ["before", "inside", "inside, first"])
 def test_forward_hooks_of_the_user_that_replace_inputs_and_outputs(when):
     # The rule needs the gradient at the output the module computed: a hook that puts
     # another output in its place (here scaled or squashed, so the gradients differ) must
-    # not be mistaken for it, whether registered before the capture (even to run first)
-    # or within it.
+    # not be mistaken for it, whether registered before the capture or within it, even
+    # to run first among the module's hooks.
     model = _model()
     x = torch.randn(6, 5, dtype=torch.float64)
-    first = when == "before"
+    first = when != "inside"
 
     def hook_up() -> list:
         return [
