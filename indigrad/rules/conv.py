@@ -101,7 +101,12 @@ def _pad(module: _ConvNd, x: Tensor, pads: list[int] | None = None) -> Tensor:
 def _im2col(t: Tensor, module: _ConvNd, out: tuple[int, ...]) -> Tensor:
     """``(n, C·k, P)`` with ``[c·k, p] = t[c, p·stride + k·dilation]`` (a strided view, copied)."""
     window = _window(
-        t.shape, t.stride(), tuple(module.kernel_size), module.stride, module.dilation, out
+        t.shape,
+        t.stride(),
+        tuple(module.kernel_size),
+        tuple(module.stride),
+        tuple(module.dilation),
+        out,
     )
     if window is None:  # as_strided must not read past t
         raise _mismatch(module, out, t)
