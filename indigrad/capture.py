@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -51,7 +51,7 @@ class _Call:
     training: bool = True  # the module's mode at call time
     rule: Rule | None = None  # its rule, looked up once when the capture began; None: generic
     saved: Any = None  # what the rule's ``saved`` took from the graph before the backward
-    grad_outputs: list[Tensor | None] = field(default_factory=list)
+    grad_outputs: tuple[Tensor | None, ...] = ()
 
     @property
     def label(self) -> str:
@@ -377,7 +377,7 @@ class capture:
         pos = 0
         reached = []
         for call in calls:
-            call.grad_outputs = list(outs[pos : pos + len(call.edges)])
+            call.grad_outputs = outs[pos : pos + len(call.edges)]
             pos += len(call.edges)
             if all(g is None for g in call.grad_outputs):
                 continue

@@ -136,7 +136,7 @@ class _Entry:
             self._grads = None
         self.inputs, self.G = (), None
         call = self.call
-        call.args, call.kwargs, call.grad_outputs, call.versions = (), {}, [], []
+        call.args, call.kwargs, call.grad_outputs, call.versions = (), {}, (), []
         call.saved = None
 
 
