@@ -240,7 +240,7 @@ class capture:
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> Any:
-            planned = plan.get(id(module))  # by id: a module may not be hashable
+            planned = plan.get(id(module))  # by identity, whatever __eq__ a class defines
             if planned is None or planned[0] is not module or self._paused:
                 return None  # a module without captured parameters, or another model's
             _, name, own, rule = planned

@@ -9,6 +9,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 import indigrad
+from indigrad.capture import _trainable
 from indigrad.rules import linear
 
 
@@ -222,3 +223,40 @@ def test_params_subset_errors():
     model[0].weight.requires_grad_(False)
     with pytest.raises(ValueError, match="frozen"):
         indigrad.capture(model, params=["0.weight"])
+
+
+@pytest.mark.parametrize("only", [None, {"1.weight", "3.0.bias"}])
+def test_captured_parameters_are_named_parameters_order_and_names(only):
+    # the capture takes its parameters from its own walk of the modules: it must name and
+    # order them as named_parameters() does, with a submodule used twice, a weight tied
+    # across modules, a missing bias and a frozen parameter
+    shared = nn.Linear(4, 4, bias=False)
+    model = nn.Sequential(shared, nn.Linear(4, 4), shared, nn.Sequential(nn.Linear(4, 4)))
+    model[3][0].weight = model[1].weight  # tied: first name wins
+    model[1].bias.requires_grad_(False)
+    params, names = _trainable(list(model.named_modules()), only)
+    expected = {
+        n: p for n, p in model.named_parameters() if p.requires_grad and (only is None or n in only)
+    }
+    assert list(params) == list(expected)
+    assert all(params[n] is expected[n] for n in expected)
+    assert names == {id(p): n for n, p in expected.items()}
+
+
+def test_other_models_inside_the_block_are_not_recorded():
+    # the capture's one hook sees every module call in the process: it records only the
+    # captured model's modules
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    other = nn.Linear(5, 3).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+
+    def losses(x, y):
+        return model(x).square().sum(1) + other(x).square().sum(1).detach()
+
+    with indigrad.capture(model) as cap:
+        out = losses(x, None)
+        assert [c.module for c in cap._calls] == [model[0], model[2]]
+        grads = cap.grads(out)
+    ref = indigrad.testing.loop_grads(model, losses, x, None)
+    for k in ref:
+        torch.testing.assert_close(grads[k], ref[k])
