@@ -211,8 +211,9 @@ def _factors(module: _ConvNd, x: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
         R = _unfold(module, x, tuple(G.shape[2:]))  # (n, C_in·k, P)
         L = G.reshape(n, G.shape[1], -1)  # (n, C_out, P)
     P = L.shape[2]
-    L = L.reshape(n * g, L.shape[1] // g, P)  # (n·g, a, P)
-    R = R.reshape(n * g, R.shape[1] // g, P)  # (n·g, b, P)
+    if g != 1:  # (a view each, but each costs the host a call)
+        L = L.reshape(n * g, L.shape[1] // g, P)  # (n·g, a, P)
+        R = R.reshape(n * g, R.shape[1] // g, P)  # (n·g, b, P)
     return L, R
 
 
