@@ -144,10 +144,9 @@ class capture:
                     plan[id(module)] = (module, name, own, rule)
             if plan:
                 # One hook for all modules rather than one per module: registering and
-                # removing dozens of hooks every step costs the host more than the rest
-                # of the recording. Global hooks run before every module's own, so it
-                # records the output a module computed, not one a hook of the user's
-                # put in its place.
+                # removing dozens of hooks is host time on every step. Global hooks run
+                # before every module's own, so it records the output a module
+                # computed, not one a hook of the user's put in its place.
                 self._handles.append(
                     register_module_forward_hook(self._recorder(plan), with_kwargs=True)
                 )
