@@ -147,9 +147,7 @@ class capture:
                 # removing dozens of hooks is host time on every step. Global hooks run
                 # before every module's own, so it records the output a module
                 # computed, not one a hook of the user's put in its place.
-                self._handles.append(
-                    register_module_forward_hook(self._recorder(plan), with_kwargs=True)
-                )
+                self._handles.append(_GlobalHook(self._recorder(plan)))
         except BaseException:
             self._remove()
             raise
@@ -423,6 +421,23 @@ class capture:
         bound = sig.bind(*call.args, **call.kwargs)
         bound.apply_defaults()
         return tuple(bound.arguments.values())
+
+
+class _GlobalHook:
+    """A global forward hook with keyword arguments, removed without a trace.
+
+    The handle ``register_module_forward_hook`` returns leaves the hook's entry in
+    ``torch.nn.modules.module._global_forward_hooks_with_kwargs`` when removed (torch
+    2.13 and 2.14): one entry a step, forever, and a module table torch's own code
+    checks for global hooks (``_has_any_global_hook``). This removes it too."""
+
+    def __init__(self, hook: Any) -> None:
+        self._handle = register_module_forward_hook(hook, with_kwargs=True)
+
+    def remove(self) -> None:
+        self._handle.remove()
+        with_kwargs = getattr(torch.nn.modules.module, "_global_forward_hooks_with_kwargs", {})
+        with_kwargs.pop(self._handle.id, None)
 
 
 def _trainable(

@@ -10,14 +10,26 @@ import indigrad
 
 
 def _state(model):
-    """Everything a capture could leave behind on a module."""
-    return [
+    """Everything a capture could leave behind on a module, and its global hooks."""
+    from torch.nn.modules import module as torch_module
+
+    global_hooks = [
+        dict(getattr(torch_module, name))
+        for name in (
+            "_global_forward_hooks",
+            "_global_forward_hooks_with_kwargs",
+            "_global_forward_hooks_always_called",
+            "_global_forward_pre_hooks",
+        )
+    ]
+    return global_hooks + [
         (
             name,
             sorted(vars(m)),
             dict(m._forward_hooks),
             dict(m._forward_hooks_with_kwargs),
             dict(m._forward_pre_hooks),
+            dict(m._forward_pre_hooks_with_kwargs),
             dict(m._backward_hooks),
             dict(m._backward_pre_hooks),
             m.training,
