@@ -131,8 +131,8 @@ def _window(
     """The im2col window of a tensor of ``shape`` and ``strides``: the size and strides of
     its ``as_strided`` view ``(n, C, *k, *out)`` and the shape ``(n, C·k, P)`` it is
     copied to; None unless ``out`` is exactly the forward's output size. Cached: the
-    same few layer shapes recur every step, and working this out costs the host more
-    than the copy launches."""
+    same few layer shapes recur every step, and working this out each call took 11 µs
+    of a small conv's 120 µs norm on a 2-core CPU (``benchmarks/README.md``)."""
     n, C = shape[:2]
     for size, o, k, s, dil in zip(shape[2:], out, kernel, stride, dilation, strict=True):
         if o != (size - (k - 1) * dil - 1) // s + 1:

@@ -177,10 +177,10 @@ def _make_rule(
 
 
 # Devices where a GroupNorm's per-example dγ and dβ come from GroupNorm's own backward
-# kernel, run on the batch as one example of n·C channels in n·groups groups: two
-# operations instead of four, which counts where the host's dispatch sets the pace (a
-# GPU). Not on CPU, where that kernel is slower than the sums at ResNet-18's few
-# positions and many channels.
+# kernel, run on the batch as one example of n·C channels in n·groups groups: one
+# operation instead of four (with the forward's statistics), which counts where the
+# host's dispatch sets the pace (a GPU). Not on CPU, where that kernel is slower than
+# the sums at ResNet-18's few positions and many channels.
 _GN_KERNEL_DEVICES = {"cuda"}
 
 _group_norm_sums = _make_grads(_group_norm, _channels_second, params_last=False)
