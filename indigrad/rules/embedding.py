@@ -50,9 +50,10 @@ _GRAM_MAX_T = 32
 
 
 def _counts(keys: Tensor) -> Tensor:
-    """``count[j]``: how often ``keys[j]`` occurs in ``keys``."""
-    _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-    return counts[inverse]  # same shape as keys
+    """``count[j]``: how often ``keys[j]`` occurs in ``keys`` (any shape)."""
+    slot, _ = _runs(keys.reshape(-1))  # (N,)
+    runs = torch.zeros_like(slot).index_add_(0, slot, torch.ones_like(slot))  # (N,) run sizes
+    return runs[slot].view(keys.shape)
 
 
 # -- nn.Embedding ---------------------------------------------------------------------------
@@ -293,9 +294,9 @@ def embedding_bag_sq_norms(
     V = bag_mod.num_embeddings
     ids, bag, _ = _bags(module, inputs, G)  # (N,), (N,)
     a = _bag_weights(module, inputs, ids, bag, G)  # (N,)
-    uniq, inverse = torch.unique(bag * V + ids, return_inverse=True)  # (K,), (N,)
-    c = G.new_zeros(uniq.shape[0]).index_add_(0, inverse, a)  # (K,) c_bv
-    cc = G.new_zeros(n).index_add_(0, uniq // V, c.square())  # (n,) Σ_v c_bv²
+    slot, key = _runs(bag * V + ids)  # (N,) run of equal (b, id) of each entry, run's key
+    c = G.new_zeros(slot.shape[0]).index_add_(0, slot, a)  # (N,) c_bv per run, 0 past the last
+    cc = G.new_zeros(n).index_add_(0, key // V, c.square())  # (n,) Σ_v c_bv²
     return {"weight": G.square().sum(1) * cc}  # (n,)
 
 
