@@ -8,11 +8,15 @@
    choice, with its time and peak memory over plain's (to set ``_cost._PASS_COST`` and
    ``_cost._GROWTH`` for the device).
 4. Profiles of one plain and one clipped step of the GPT and ResNet-18 problems.
+5. CUDA graphs: replayed steps checked against eager ones, and the zoo timed as graphs.
+
+``--parts`` picks some of them (run in the order check, graphs, zoo, variants, profiles,
+outer), to fit a short device session.
 
 Results go to ``OUT/gpu_check.json`` (a plot and the profiles beside it), a summary to
 stdout last.
 
-    python benchmarks/gpu_check.py --out results/ [--repeats 20] [--skip-zoo]
+    python benchmarks/gpu_check.py --out results/ [--repeats 20] [--parts check,graphs,zoo]
 """
 
 from __future__ import annotations
@@ -184,6 +188,50 @@ def without_gc(device: str, repeats: int) -> dict[str, Any]:
     return r
 
 
+def graphs(device: str, repeats: int) -> dict[str, Any]:
+    """indigrad's steps as CUDA graphs: the replays checked against eager steps
+    (``tests/test_cuda_graphs.py``), then the zoo timed with every method, plain included,
+    replayed from a graph (``indigrad bench --graphs``): the device's work without the
+    host's."""
+    report: dict[str, Any] = {"check": _pytest("test_cuda_graphs.py")}
+    for key in ("mlp", "cnn", "resnet18", "gpt"):
+        try:
+            problem = bench.zoo(device)[key]()
+        except ImportError as err:
+            print(f"{key}: skipped ({err})", flush=True)
+            continue
+        results = bench.run(problem, ["plain", "norms", "clipped", "grads"], repeats, graphs=True)
+        print(bench.table(problem, results) + "\n", flush=True)
+        report[key] = {"name": problem.name, "results": results}
+        del problem
+        _empty_cache(device)
+    return report
+
+
+def _pytest(name: str) -> dict[str, str]:
+    """Each test of ``tests/<name>``: "ok", "skipped" or its failure (pytest, installed
+    beside this script on the device from the wheels it is given)."""
+    try:
+        import pytest
+    except ImportError as err:
+        return {name: f"FAIL not run: {err}"}
+
+    outcomes: dict[str, str] = {}
+
+    class Report:
+        def pytest_runtest_logreport(self, report: Any) -> None:
+            if report.failed:
+                outcomes[report.nodeid] = f"FAIL {str(report.longrepr)[-300:]}"
+            elif report.when == "call" or report.skipped:
+                outcomes.setdefault(report.nodeid, "skipped" if report.skipped else "ok")
+
+    path = os.path.join(os.path.dirname(__file__), "..", "tests", name)
+    pytest.main(["-q", "-p", "no:cacheprovider", path], plugins=[Report()])
+    for nodeid, outcome in outcomes.items():
+        print(f"test {nodeid}: {outcome}", flush=True)
+    return outcomes or {name: "FAIL no test ran"}
+
+
 def _empty_cache(device: str) -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -291,6 +339,10 @@ def _sync(device: str) -> None:
     bench._sync(torch.device(device))  # the benchmark's own wait for the device
 
 
+# the parts of a run, in the order they run: the figures the issues ask for first
+PARTS = ["check", "graphs", "zoo", "variants", "profiles", "outer"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=".")
@@ -301,7 +353,15 @@ def main() -> None:
         default="plain,grads,norms,clipped,torch.func,opacus,opacus-ew,opacus-ghost,backpack",
     )
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated, in this order: {','.join(PARTS)}",
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        raise SystemExit(f"unknown parts {sorted(parts - set(PARTS))}; choose from {PARTS}")
     device = args.device
     name = device
     if device == "cuda":
@@ -316,19 +376,27 @@ def main() -> None:
         with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
             json.dump(report, f, indent=2)
 
-    start = time.perf_counter()
-    report["check"] = correctness(device)
-    print(f"correctness: {time.perf_counter() - start:.0f} s\n", flush=True)
-    save()
-    report["variants"] = cost_variants(device, max(5, args.repeats // 2))
-    report["without_gc"] = without_gc(device, args.repeats)
-    save()
-    profiles(device, args.out)
-    host_profile(device, args.out)
-    report["outer_products_ms"] = outer_products(device)
-    save()
-    if not args.skip_zoo:
+    report["check"] = {}
+    if "check" in parts:
+        start = time.perf_counter()
+        report["check"] = correctness(device)
+        print(f"correctness: {time.perf_counter() - start:.0f} s\n", flush=True)
+        save()
+    if "graphs" in parts:
+        report["graphs"] = graphs(device, args.repeats)
+        save()
+    if "zoo" in parts and not args.skip_zoo:
         report["zoo"] = zoo(device, args.repeats, args.methods.split(","))
+        save()
+    if "variants" in parts:
+        report["variants"] = cost_variants(device, max(5, args.repeats // 2))
+        report["without_gc"] = without_gc(device, args.repeats)
+        save()
+    if "profiles" in parts:
+        profiles(device, args.out)
+        host_profile(device, args.out)
+    if "outer" in parts:
+        report["outer_products_ms"] = outer_products(device)
         save()
     if "zoo" in report:
         bench.plot(
@@ -340,8 +408,15 @@ def main() -> None:
 
 def summary(report: dict[str, Any], header: str) -> None:
     print("\n=== summary:", header)
-    failed = {k: v for k, v in report["check"].items() if v != "ok"}
-    print(f"checks: {len(report['check']) - len(failed)} ok; not ok: {failed or 'none'}")
+    checks = {**report["check"], **report.get("graphs", {}).get("check", {})}
+    failed = {k: v for k, v in checks.items() if v != "ok"}
+    print(f"checks: {len(checks) - len(failed)} ok; not ok: {failed or 'none'}")
+    for key, entry in report.get("graphs", {}).items():
+        if key != "check":
+            cells = [f"{m} {r['ratio']:.2f}" if "ratio" in r else f"{m} FAILS"
+                     for m, r in entry["results"].items()]  # fmt: skip
+            plain = entry["results"].get("plain", {}).get("seconds", float("nan")) * 1e3
+            print(f"{key} graphed (plain {plain:.2f} ms): " + ", ".join(cells))
     for key, entry in report.get("zoo", {}).items():
         cells = []
         for method, r in entry["results"].items():

@@ -44,6 +44,8 @@ def _bench(args: argparse.Namespace) -> None:
         if unknown:
             raise SystemExit(f"unknown problems {unknown}; choose from {list(available)}")
         problems = {n: available[n] for n in names}
+    if args.graphs and not args.device.startswith("cuda"):
+        raise SystemExit(f"--graphs needs a CUDA device (--device cuda), not {args.device}")
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in bench.METHODS]
     if unknown:
@@ -61,7 +63,14 @@ def _bench(args: argparse.Namespace) -> None:
             if not args.no_progress:
                 print(f"\r\033[K{name}: {msg}", end="", file=sys.stderr, flush=True)
 
-        results = bench.run(problem, methods, repeats=args.repeats, progress=progress, ops=args.ops)
+        results = bench.run(
+            problem,
+            methods,
+            repeats=args.repeats,
+            progress=progress,
+            ops=args.ops,
+            graphs=args.graphs,
+        )
         if not args.no_progress:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
         print(bench.table(problem, results) + "\n", flush=True)
@@ -128,6 +137,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="also count the ATen operators of one step of each method (those that are "
         "not views launch kernels on a GPU): where a GPU step is bound by the host, they "
         "set its time",
+    )
+    bench.add_argument(
+        "--graphs",
+        action="store_true",
+        help="CUDA: capture every method's step, plain's too, as a CUDA graph and time its "
+        "replays: the device's work without the host's",
     )
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=_bench)

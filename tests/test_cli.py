@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from indigrad import demo
 
@@ -92,6 +93,22 @@ def test_bench_command_writes_json(tmp_path):
     for r in results.values():
         assert r["ops"]["all"] > r["ops"]["views"] >= 0
     assert results["clipped"]["ops"]["all"] > results["plain"]["ops"]["all"]
+
+
+def test_bench_graphs_need_a_cuda_device():
+    from indigrad import bench, cli
+    from indigrad.bench.methods import graphed
+
+    with pytest.raises(SystemExit, match="--graphs needs a CUDA device"):
+        cli.main(["bench", "--graphs", "--device", "cpu", "--problems", "mlp"])
+    problem = bench.mlp_problem(8, [8], 2, batch=4)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        bench.run(problem, ["plain"], graphs=True)
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        graphed(lambda: None, torch.device("cpu"))
+    graphed_results = {"plain": {"seconds": 1e-3, "ratio": 1.0, "graphed": True}}
+    assert ", CUDA graphs," in bench.table(problem, graphed_results).splitlines()[0]
+    assert "graphs" not in bench.table(problem, {"plain": {"seconds": 1e-3, "ratio": 1.0}})
 
 
 def _benchmark_script(name: str, *args: str) -> str:

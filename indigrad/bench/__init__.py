@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .methods import METHODS
+from .methods import METHODS, graphed
 from .problems import MLP, Problem, cnn_problem, gpt_problem, mlp_problem, resnet18_problem, zoo
 
 __all__ = [
@@ -56,6 +56,7 @@ def run(
     warmup: int = 3,
     progress: Callable[[str], None] | None = None,
     ops: bool = False,
+    graphs: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Median seconds per step of each method on ``problem``, and the ratio to ``plain``
     (timed too if not asked for). The per-example loop is slow by design and runs in
@@ -63,10 +64,17 @@ def run(
 
     With ``ops``, one more untimed step of each method counts the ATen operators
     it calls (:func:`count_ops`): on a GPU whose step is bound by the host, their number
-    sets the time more than their arithmetic does."""
+    sets the time more than their arithmetic does.
+
+    With ``graphs`` (CUDA), every method, plain included, is captured as a CUDA graph
+    (:func:`~indigrad.bench.methods.graphed`) and each step replays it: the ratios are then
+    those of the device's work alone, without the host's. No memory is reported then (a
+    replay allocates nothing; the graph holds its memory from the capture on)."""
     order = ["plain", *[m for m in methods if m != "plain"]]
     device = problem.device
     cuda = device.type == "cuda"
+    if graphs and not cuda:
+        raise ValueError(f"CUDA graphs need a CUDA device; the problem is on {device.type}")
     steps: dict[str, Callable[[], None]] = {}
     errors: dict[str, str] = {}
     times: dict[str, list[float]] = {m: [] for m in order}
@@ -84,7 +92,7 @@ def run(
         steps[method]()
         _sync(device)
         elapsed = time.perf_counter() - start
-        if cuda:
+        if cuda and not graphs:
             used = torch.cuda.max_memory_allocated(device) - before
             memory[method] = max(memory.get(method, 0), used)
         elif start_faults is not None:
@@ -100,9 +108,14 @@ def run(
                 progress(f"{method}: warm-up")
             try:
                 steps[method] = METHODS[method](problem)
+                if graphs:
+                    if ops:  # eagerly, before the capture: a replay dispatches no operator
+                        steps[method]()
+                        op_counts[method] = count_ops(steps[method])
+                    steps[method] = graphed(steps[method], device)
                 for _ in range(warmup):
                     timed(method)
-                if ops:
+                if ops and not graphs:
                     op_counts[method] = count_ops(steps[method])
             except Exception as err:  # a method that crashes is reported, not hidden
                 errors[method] = f"{type(err).__name__}: {err}".split("\n")[0]
@@ -123,6 +136,8 @@ def run(
             "seconds": statistics.median(times[method]),
             "repeats": len(times[method]),
         }
+        if graphs:
+            results[method]["graphed"] = True
         if method in memory:
             results[method]["step_bytes"] = memory[method]
         if faults[method]:  # CPU: pages mapped on first touch (fresh memory) per step
@@ -143,7 +158,8 @@ def run(
 def table(problem: Problem, results: dict[str, dict[str, Any]]) -> str:
     """A plain-text table of ``run``'s results: on CUDA with the peak memory of a step
     over plain's, on CPU with the minor page faults of a step (fresh memory touched)."""
-    lines = [f"{problem.name} on {problem.device.type}, torch {torch.__version__}"]
+    graphs = ", CUDA graphs" if any(r.get("graphed") for r in results.values()) else ""
+    lines = [f"{problem.name} on {problem.device.type}{graphs}, torch {torch.__version__}"]
     memory = any("memory_ratio" in r for r in results.values())
     faults = any("page_faults" in r for r in results.values())
     extra = "  memory" if memory else "  faults/step" if faults else ""

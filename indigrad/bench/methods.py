@@ -193,6 +193,31 @@ def _complete(model: nn.Module, attribute: str) -> None:
             setattr(q, attribute, None)
 
 
+def graphed(step: Step, device: torch.device, warmup: int = 3) -> Step:
+    """``step`` captured once as a CUDA graph: each call of the result replays its kernels
+    with none of the host's work (Python, dispatch, launches), which is what a step bound by
+    the host costs the device alone. The step must read and write the same tensors at every
+    call, as a benchmark's does; it runs ``warmup`` times eagerly first (on a side stream, as
+    PyTorch asks before a capture), so its effects happen ``warmup`` more times.
+
+    A step that makes the host wait for the device (``.item()``, ``nonzero``) cannot be
+    captured and raises; indigrad's own steps dispatch no such operator
+    (``tests/test_device_sync.py``).
+    """
+    if device.type != "cuda":
+        raise RuntimeError(f"CUDA graphs need a CUDA device, not {device.type}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 METHODS: dict[str, Callable[[Problem], Step]] = {
     "plain": plain,
     "grads": grads,

@@ -1,0 +1,118 @@
+"""indigrad's steps captured as CUDA graphs: each replay computes what the eager step does.
+
+A step bound by the host (a small-image ResNet on a GPU) can be captured once and replayed
+without any of the host's work. That needs a step that never makes the host wait for the
+device (``tests/test_device_sync.py`` checks this on CPU) and whose Python takes the same
+decisions at every call. Here a DP-SGD step (``clip_`` and an SGD step) and ``grads`` are
+replayed on new batches copied into the captured inputs, against the same steps run
+eagerly. CUDA only: skipped elsewhere; ``benchmarks/gpu_check.py`` runs it on the device.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import indigrad
+from indigrad import bench
+from indigrad.bench.methods import graphed
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+PROBLEMS: dict[str, Callable[[], bench.Problem]] = {
+    "mlp": lambda: bench.mlp_problem(12, [16, 8], 5, batch=6, device="cuda"),
+    "cnn": lambda: bench.cnn_problem(batch=4, width=8, device="cuda"),
+    # T = 40 lookups per example: the embedding's sorted segments
+    "gpt": lambda: bench.gpt_problem(3, 2, 32, 4, 40, 50, device="cuda"),
+}
+
+
+@pytest.fixture(autouse=True)
+def no_tf32() -> Iterator[None]:
+    """Full float32 products, so that eager and replayed steps are compared exactly."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _batch(p: bench.Problem, i: int) -> tuple[Tensor, Tensor]:
+    """The ``i``-th batch (0: the problem's own): the inputs paired with other targets."""
+    return p.x, p.y.roll(i, 0)
+
+
+def _dp_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    p: bench.Problem,
+    max_norm: float,
+    x: Tensor,
+    y: Tensor,
+) -> Tensor:
+    with indigrad.capture(model) as cap:
+        norms = cap.clip_(p.loss(model(x), y), max_norm)  # (n,)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norms
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_replayed_dp_steps_match_eager_ones(name):
+    p = PROBLEMS[name]()
+    replayed = p.model()
+    eager = copy.deepcopy(replayed)
+    opt_r = torch.optim.SGD(replayed.parameters(), lr=0.01)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.01)
+    x, y = p.x.clone(), p.y.clone()  # the graph's inputs: each batch is copied into them
+    norms = torch.zeros(p.batch, device=p.device)  # the graph's output
+    with indigrad.capture(eager) as cap:
+        # most examples are clipped, by coefficients that differ
+        max_norm = 0.9 * cap.norms(p.loss(eager(x), y)).quantile(0.25).item()
+
+    def step() -> None:
+        norms.copy_(_dp_step(replayed, opt_r, p, max_norm, x, y))
+
+    replay = graphed(step, p.device, warmup=2)  # two eager steps on batch 0, then the capture
+    for _ in range(2):
+        _dp_step(eager, opt_e, p, max_norm, p.x, p.y)
+    for i in range(1, 4):
+        xi, yi = _batch(p, i)
+        x.copy_(xi)
+        y.copy_(yi)
+        replay()
+        expected = _dp_step(eager, opt_e, p, max_norm, xi, yi)
+        torch.cuda.synchronize()
+        assert (expected > max_norm).any(), "some examples must be clipped"
+        torch.testing.assert_close(norms, expected, msg=f"batch {i}: norms")
+        for (k, a), b in zip(replayed.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(a, b, msg=f"batch {i}: {k} after the step")
+
+
+def test_replayed_per_example_gradients_match_eager_ones():
+    p = PROBLEMS["cnn"]()
+    model = p.model()
+    x, y = p.x.clone(), p.y.clone()
+    out: dict[str, Tensor] = {}
+
+    def step() -> None:
+        with indigrad.capture(model) as cap:
+            out.update(cap.grads(p.loss(model(x), y)))
+
+    replay = graphed(step, p.device, warmup=1)
+    captured = dict(out)  # the graph's outputs: each replay rewrites them
+    for i in range(1, 3):
+        xi, yi = _batch(p, i)
+        x.copy_(xi)
+        y.copy_(yi)
+        replay()
+        with indigrad.capture(model) as cap:
+            expected: dict[str, Any] = cap.grads(p.loss(model(xi), yi))
+        torch.cuda.synchronize()
+        assert captured.keys() == expected.keys()
+        for k, g in expected.items():
+            torch.testing.assert_close(captured[k], g, msg=f"batch {i}: {k}")
