@@ -127,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--methods",
         default="plain,grads,norms,clipped,torch.func,opacus,opacus-ew,opacus-ghost,"
         "backpack,backpack-norms",
-        help="comma-separated; also: loop",
+        help="comma-separated; also: loop (one backward per example), dp (the clipped "
+        "step with GaussianNoise added)",
     )
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.add_argument("--plot", help="also write a bar chart of the ratios to this PNG file")

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import run_processes
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import indigrad
 from indigrad.dp import (
@@ -197,6 +198,44 @@ def test_noise_covers_every_trainable_parameter_only():
     assert model[0].weight.grad is None
     for p in [model[0].bias, model[1].weight, model[1].bias]:
         assert p.grad is not None and p.grad.shape == p.shape and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["seeded", "secure"])
+def test_noise_is_one_draw_per_dtype_shared_out_by_shape(secure):
+    # float32 and float64 parameters, one frozen, one without a grad, a scalar, and grads
+    # that are disjoint views of one buffer (as clip_ makes the small ones' sums)
+    shapes32 = [(300, 200), (7,), (), (20, 30)]
+    ps = [torch.nn.Parameter(torch.zeros(s)) for s in shapes32]
+    buffer = torch.ones(60_000 + 7 + 1 + 600)
+    for p, part in zip(ps, buffer.split([p.numel() for p in ps]), strict=True):
+        p.grad = part.view(p.shape)
+    ps[1].grad = None
+    frozen = torch.nn.Parameter(torch.zeros(5), requires_grad=False)
+    wide = torch.nn.Parameter(torch.zeros(50_000, dtype=torch.float64))
+    wide.grad = torch.ones(50_000, dtype=torch.float64)
+    sigma, C, B = 1.0, 2.0, 4.0
+    noise = GaussianNoise(sigma, C, B, seed=None if secure else 0, secure=secure)
+    draws = []
+
+    class Draws(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("randn", "normal_", "log1p"):
+                draws.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Draws():
+        noise.add_([ps[0], frozen, ps[1], wide, ps[2], ps[3]])
+    assert len(draws) == 2, draws  # one per dtype, not one per parameter
+    assert frozen.grad is None
+    assert ps[1].grad.shape == (7,) and ps[2].grad.shape == ()
+    assert wide.grad.dtype == torch.float64
+    std = sigma * C / B
+    _assert_std(torch.cat([p.grad.flatten() for p in (ps[0], ps[2], ps[3])]), std, mean=1 / B)
+    _assert_std(ps[1].grad, std)  # None: zeros, then noise
+    _assert_std(wide.grad, std, mean=1 / B)
+    # the grads stay views of their buffer, each with its own noise
+    assert ps[0].grad.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    assert not torch.equal(ps[0].grad[:1, :20].flatten(), ps[3].grad[:1].flatten())
 
 
 def test_secure_normal_is_standard_normal():

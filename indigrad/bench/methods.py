@@ -7,6 +7,7 @@ A method is a factory ``make(problem) -> step`` that prepares its own copy of th
     grads          forward, cap.grads(losses)                    (n, *p.shape) per parameter
     norms          forward, cap.norms(losses)                    (n,)
     clipped        forward, cap.clip_(losses, 1.0), SGD step     (DP-SGD without noise)
+    dp             clipped, and GaussianNoise(σ = 1).add_ before the SGD step (DP-SGD)
     loop           one forward/backward per example              (n, *p.shape) per parameter
     torch.func     vmap(grad(loss of one example))               (n, *p.shape) per parameter
     opacus         Opacus GradSampleModule, hooks mode           p.grad_sample
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import capture
+from ..dp import GaussianNoise
 from ..testing import loop_grads
 from .problems import Problem
 
@@ -76,6 +78,21 @@ def clipped(p: Problem) -> Step:
     def step() -> None:
         with capture(model) as cap:
             cap.clip_(p.loss(model(p.x), p.y), max_norm=1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def dp(p: Problem) -> Step:
+    model = p.model()
+    opt = _sgd(model)
+    noise = GaussianNoise(noise_multiplier=1.0, max_norm=1.0, expected_batch_size=p.batch, seed=0)
+
+    def step() -> None:
+        with capture(model) as cap:
+            cap.clip_(p.loss(model(p.x), p.y), max_norm=1.0)
+        noise.add_(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -223,6 +240,7 @@ METHODS: dict[str, Callable[[Problem], Step]] = {
     "grads": grads,
     "norms": norms,
     "clipped": clipped,
+    "dp": dp,
     "loop": loop,
     "torch.func": torch_func,
     "opacus": _opacus("hooks"),
