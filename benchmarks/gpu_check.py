@@ -200,7 +200,8 @@ def graphs(device: str, repeats: int) -> dict[str, Any]:
         except ImportError as err:
             print(f"{key}: skipped ({err})", flush=True)
             continue
-        results = bench.run(problem, ["plain", "norms", "clipped", "grads"], repeats, graphs=True)
+        methods = ["plain", "norms", "clipped", "dp", "grads"]
+        results = bench.run(problem, methods, repeats, graphs=True)
         print(bench.table(problem, results) + "\n", flush=True)
         report[key] = {"name": problem.name, "results": results}
         del problem
@@ -350,7 +351,7 @@ def main() -> None:
     parser.add_argument("--skip-zoo", action="store_true")
     parser.add_argument(
         "--methods",
-        default="plain,grads,norms,clipped,torch.func,opacus,opacus-ew,opacus-ghost,backpack",
+        default="plain,grads,norms,clipped,dp,torch.func,opacus,opacus-ew,opacus-ghost,backpack",
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument(
