@@ -417,3 +417,56 @@ def test_group_norm_statistics_from_the_graph_are_the_forwards():
     _, mean, rstd = torch.ops.aten.native_group_norm(x.detach(), None, None, 4, 6, 15, 3, 1e-5)
     torch.testing.assert_close(saved, (mean, rstd), rtol=0, atol=0)
     assert normalization.GROUP_NORM.saved(x.exp().grad_fn) is None  # another op's node
+
+
+LN_CASES = [c for c in CASES if c.name.startswith("ln_")]
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["saved", "recomputed"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", LN_CASES, ids=lambda c: c.name)
+def test_layer_norm_xhat_from_the_forwards_statistics(case, dtype, saved, monkeypatch):
+    # on CPU LayerNorm's x̂ comes from the mean and 1/std its forward saved; elsewhere
+    # (forced here by an empty set of devices) from layer_norm again: both match the loop
+    if not saved:
+        monkeypatch.setattr(normalization, "_LN_SAVED_DEVICES", set())
+    recomputed = []
+    again = normalization._layer_norm
+    monkeypatch.setattr(
+        normalization, "_layer_norm", lambda *a: [recomputed.append(1), again(*a)][1]
+    )
+    model, loss_fn, x, y = case.build(dtype)
+    indigrad.testing.check(model, loss_fn, x, y)
+    weight = case.freeze != "weight"
+    assert bool(recomputed) == (weight and not saved)  # x̂ is needed for dγ only
+
+
+def test_layer_norm_statistics_from_the_graph_are_the_forwards():
+    module = nn.LayerNorm([3, 4]).double()
+    x = torch.randn(5, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    mean, rstd = normalization.LAYER_NORM.saved(module(x).grad_fn)
+    xd = x.detach()
+    assert mean.shape == rstd.shape == (5, 2, 1, 1)
+    torch.testing.assert_close(mean, xd.mean((2, 3), keepdim=True))
+    var = xd.var((2, 3), unbiased=False, keepdim=True)
+    torch.testing.assert_close(rstd, (var + module.eps).rsqrt())
+    xhat = normalization._layer_norm_from(module, xd, (mean, rstd))
+    torch.testing.assert_close(xhat, normalization._layer_norm(module, xd), rtol=0, atol=1e-15)
+    assert normalization.LAYER_NORM.saved(x.exp().grad_fn) is None  # another op's node
+
+
+def test_layer_norm_statistics_that_do_not_fit_are_not_used():
+    module = nn.LayerNorm(4)
+    x = torch.randn(3, 5, 4)
+    mean, rstd = torch.zeros(3, 5, 1), torch.ones(3, 5, 1)  # x̂ = x if they were used
+    again = normalization._layer_norm(module, x)
+    for saved in [
+        (mean[:, :1], rstd[:, :1]),  # the shape of other rows
+        (mean.double(), rstd.double()),  # another dtype
+        None,
+    ]:
+        torch.testing.assert_close(normalization._layer_norm_from(module, x, saved), again)
+    xb = x.bfloat16()  # rounded statistics: the kernel computes in float32
+    bf16 = normalization._layer_norm_from(module, xb, (mean.bfloat16(), rstd.bfloat16()))
+    torch.testing.assert_close(bf16, normalization._layer_norm(module, xb), rtol=0, atol=0)
+    torch.testing.assert_close(normalization._layer_norm_from(module, x, (mean, rstd)), x)
