@@ -214,7 +214,7 @@ def _make_grads(
         out = {}
         if _trainable(module.weight):
             if from_saved is not None and len(inputs) > 1:
-                xhat = from_saved(module, x, inputs[1])  # (n, *)
+                xhat = from_saved(module, x, inputs[-1])  # (n, *)
             else:
                 xhat = normalise(module, x)  # (n, *)
             xhat_G = xhat.mul_(G)  # (n, *)
