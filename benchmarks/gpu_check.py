@@ -194,6 +194,9 @@ def graphs(device: str, repeats: int) -> dict[str, Any]:
     replayed from a graph (``indigrad bench --graphs``): the device's work without the
     host's."""
     report: dict[str, Any] = {"check": _pytest("test_cuda_graphs.py")}
+    if device != "cuda":
+        print(f"graphed timings: skipped (CUDA graphs need a CUDA device, not {device})")
+        return report
     for key in ("mlp", "cnn", "resnet18", "gpt"):
         try:
             problem = bench.zoo(device)[key]()
