@@ -193,3 +193,16 @@ def test_tied_gpt2_times_indigrads_methods():
         "tied_gpt2.py", "--d", "8", "--vocab", "16", "--T", "4", "--n", "2", "--rss"
     )
     assert "3 clipped steps raised the peak resident memory by" in rss
+
+
+def test_gpu_check_runs_its_parts_on_cpu(tmp_path):
+    # the device script must not fail on what a CPU can run of it: device time is scarce
+    out = _benchmark_script(
+        "gpu_check.py", "--device", "cpu", "--parts", "check,graphs,outer", "--out", str(tmp_path)
+    )
+    assert "=== summary" in out and "graphed timings: skipped" in out
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["check"]["mlp/auto"] == report["check"]["gpt/materialise"] == "ok"
+    graphs = report["graphs"]["check"]
+    assert len(graphs) == 4 and set(graphs.values()) == {"skipped"}  # CUDA only
+    assert "zoo" not in report and "variants" not in report
