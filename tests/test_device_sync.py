@@ -133,6 +133,14 @@ def _convs() -> nn.Module:
     )  # fmt: skip
 
 
+def _batch_norm_eval() -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)
+    )
+    model[1].eval()  # running statistics: no example mixes with another
+    return model
+
+
 def _images(model: Callable[[], nn.Module], shape: tuple[int, ...], classes: int) -> Any:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     return model, x, torch.randint(0, classes, (shape[0],)), _class_losses
@@ -167,6 +175,8 @@ MODELS: dict[str, Callable[[], Any]] = {
         for mode in ("sum", "mean", "max")
     },
     "convs": lambda: _images(_convs, (3, 3, 6, 6), 3),
+    "batch_norm_eval": lambda: _images(_batch_norm_eval, (3, 3, 5, 5), 3),
+    "rnn": lambda: _tokens(lambda: nn.RNN(8, 8, batch_first=True), 3, 4),
     "conv1d": lambda: _images(
         lambda: nn.Sequential(nn.Conv1d(2, 3, 3, stride=2), nn.Flatten(), nn.LazyLinear(2)),
         (3, 2, 9),
