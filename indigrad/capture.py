@@ -263,13 +263,17 @@ class capture:
             versions = [(t, t._version) for t in in_leaves if isinstance(t, Tensor)]
             boundary = _boundary(in_leaves)
             n = self._n
-            broadcast = (  # the output first: batched, it settles the question
-                not raw
-                and n is not None
-                and not any(has_batch(leaves[i], n, bd) for i in edge_index)
-                and any(isinstance(t, Tensor) for t in in_leaves)
-                and not any(has_batch(t, n, bd) for t in in_leaves)
-            )
+            broadcast = False
+            if not raw and n is not None:
+                if spec is _TENSOR_SPEC:  # the common case, without a generator's cost
+                    batched = output.dim() > bd and output.shape[bd] == n
+                else:
+                    batched = any(has_batch(leaves[i], n, bd) for i in edge_index)
+                broadcast = (  # the output first: batched, it settles the question
+                    not batched
+                    and any(isinstance(t, Tensor) for t in in_leaves)
+                    and not any(has_batch(t, n, bd) for t in in_leaves)
+                )
             if broadcast:
                 # A call on tensors without the batch dimension (a position embedding of
                 # arange(T)): its output is shared by all examples. Expand it to the batch
@@ -297,7 +301,7 @@ class capture:
                     if spec is _TENSOR_SPEC
                     else [None if i in edge_index else t for i, t in enumerate(leaves)],
                     edge_index=edge_index,
-                    edges=[get_gradient_edge(leaves[i]) for i in edge_index],
+                    edges=[_edge(leaves[i]) for i in edge_index],
                     boundary=boundary,
                     versions=versions,
                     broadcast=broadcast,
@@ -438,6 +442,17 @@ class _GlobalHook:
         self._handle.remove()
         with_kwargs = getattr(torch.nn.modules.module, "_global_forward_hooks_with_kwargs", {})
         with_kwargs.pop(self._handle.id, None)
+
+
+def _edge(t: Tensor) -> GradientEdge:
+    """``get_gradient_edge(t)`` for a tensor that requires grad, built straight from its
+    ``grad_fn`` where that is a C++ node: the common case, at a third of the cost (a
+    custom ``autograd.Function``'s node, or a leaf's accumulator, goes through
+    ``get_gradient_edge``, which keeps the former's graph alive)."""
+    fn = t.grad_fn
+    if fn is None or isinstance(fn, torch._C._FunctionBase):
+        return get_gradient_edge(t)
+    return GradientEdge(fn, t.output_nr)
 
 
 def _trainable(

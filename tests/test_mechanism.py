@@ -9,7 +9,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 import indigrad
-from indigrad.capture import _trainable
+from indigrad.capture import _edge, _trainable
 from indigrad.rules import linear
 
 
@@ -260,3 +260,53 @@ def test_other_models_inside_the_block_are_not_recorded():
     ref = indigrad.testing.loop_grads(model, losses, x, None)
     for k in ref:
         torch.testing.assert_close(grads[k], ref[k])
+
+
+class _Same(torch.autograd.Function):
+    """The identity as a custom Function: its node is a Python one."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _Tagged(nn.Module):
+    """A layer whose output a custom autograd.Function makes (the generic rule's case)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, x):
+        return _Same.apply(F.linear(x, self.weight))
+
+
+def test_output_edges_are_get_gradient_edges():
+    x = torch.randn(3, 4, requires_grad=True)
+    for t in [x * 2, _Same.apply(x), x]:  # a C++ node, a Python node, a leaf
+        mine, theirs = _edge(t), get_gradient_edge(t)
+        assert mine.node is theirs.node and mine.output_nr == theirs.output_nr
+        # a Python node keeps its graph alive only through get_gradient_edge's token
+        assert (mine.ownership_token is None) == (theirs.ownership_token is None)
+    y = torch.randn(3, 4, requires_grad=True).split(2)[1]  # output_nr 1 of a C++ node
+    assert _edge(y).output_nr == get_gradient_edge(y).output_nr == 1
+
+
+def test_a_layer_whose_output_a_custom_function_makes():
+    torch.manual_seed(0)
+    model = nn.Sequential(_Tagged(), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    with indigrad.capture(model):
+        assert isinstance(model[0](x).grad_fn, torch._C._FunctionBase)  # the edge's node
+    indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
