@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -87,23 +87,33 @@ def _layer_norm_saved(node: Any) -> tuple[Tensor, Tensor] | None:
     return mean, node._saved_result2
 
 
+def _statistics_of(
+    saved: Any, shape: tuple[int, ...], x: Tensor
+) -> TypeGuard[tuple[Tensor, Tensor]]:
+    """``saved`` (what a rule's ``saved`` took from the graph, or None) is a mean and a
+    1/std of ``shape`` in ``x``'s dtype and device: statistics of ``x`` (the forward
+    computed them in the dtype the module computed in, which the rule's ``x`` is cast
+    to)."""
+    return (
+        isinstance(saved, tuple)
+        and len(saved) == 2
+        and all(
+            isinstance(t, Tensor)
+            and t.shape == shape
+            and t.dtype == x.dtype
+            and t.device == x.device
+            for t in saved
+        )
+    )
+
+
 def _layer_norm_from(module: Any, x: Tensor, saved: Any) -> Tensor:
     """LayerNorm's ``x̂``, from the forward's statistics where they are those of ``x``
     (float32 or float64, whose two operations round as the kernel does; a narrower
     dtype's statistics are rounded, and its kernel computes in float32), else anew."""
     k = len(module.normalized_shape)
     rows = (*x.shape[: x.dim() - k], *(1,) * k)
-    if (
-        x.dtype in (torch.float32, torch.float64)
-        and isinstance(saved, tuple)
-        and all(
-            isinstance(t, Tensor)
-            and t.shape == rows
-            and t.dtype == x.dtype
-            and t.device == x.device
-            for t in saved
-        )
-    ):
+    if x.dtype in (torch.float32, torch.float64) and _statistics_of(saved, rows, x):
         mean, rstd = saved  # (n, *, 1, …) each
         return torch.sub(x, mean).mul_(rstd)  # (n, *, *S)
     return _layer_norm(module, x)
@@ -264,8 +274,8 @@ def _group_norm_grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[s
     n, C = x.shape[:2]
     P, groups = x.numel() // (n * C), module.num_groups * n  # positions; groups of all
     xf, Gf = x.view(1, n * C, P), G.view(1, n * C, P)  # one example of n·C channels
-    saved = inputs[1] if len(inputs) > 1 else None  # the forward's statistics, if recorded
-    if saved is not None and _same_statistics(saved, n, module.num_groups, x):
+    saved = inputs[-1] if len(inputs) > 1 else None  # the forward's statistics, if recorded
+    if _statistics_of(saved, (n, module.num_groups), x) and all(t.is_contiguous() for t in saved):
         mean, rstd = saved  # (n, groups) each: the kernel reads n·groups in order
     else:
         _, mean, rstd = torch.ops.aten.native_group_norm(
@@ -290,20 +300,6 @@ def _group_norm_grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[s
     if bias:
         out["bias"] = db.view(n, C)
     return out
-
-
-def _same_statistics(saved: Any, n: int, groups: int, x: Tensor) -> bool:
-    """``saved`` are statistics of ``x``'s groups in ``x``'s dtype and device, as the
-    backward kernel takes them (the forward computed them in ``x``'s dtype: the dtype
-    the module computed in, which the rule's ``x`` is cast to)."""
-    return all(
-        isinstance(t, Tensor)
-        and t.shape == (n, groups)
-        and t.dtype == x.dtype
-        and t.device == x.device
-        and t.is_contiguous()
-        for t in saved
-    )
 
 
 LAYER_NORM = register_rule(
