@@ -101,16 +101,26 @@ def correctness(device: str) -> dict[str, str]:
     return results
 
 
-def zoo(device: str, repeats: int, methods: list[str]) -> dict[str, Any]:
+def zoo(
+    device: str,
+    repeats: int,
+    methods: list[str],
+    keys: list[str] | None = None,
+    graphs: bool = False,
+) -> dict[str, Any]:
+    """The zoo's problems (or those of ``keys``) timed as ``indigrad bench`` times them;
+    with ``graphs``, every step replayed from a CUDA graph (``indigrad bench --graphs``)."""
     report = {}
     for key, make in bench.zoo(device).items():
+        if keys is not None and key not in keys:
+            continue
         try:
             problem = make()
         except ImportError as err:
             print(f"{key}: skipped ({err})", flush=True)
             continue
         start = time.perf_counter()
-        results = bench.run(problem, methods, repeats=repeats, ops=True)
+        results = bench.run(problem, methods, repeats=repeats, ops=not graphs, graphs=graphs)
         print(bench.table(problem, results), flush=True)
         print(f"({time.perf_counter() - start:.0f} s)\n", flush=True)
         report[key] = {"name": problem.name, "results": results}
@@ -197,18 +207,8 @@ def graphs(device: str, repeats: int) -> dict[str, Any]:
     if device != "cuda":
         print(f"graphed timings: skipped (CUDA graphs need a CUDA device, not {device})")
         return report
-    for key in ("mlp", "cnn", "resnet18", "gpt"):
-        try:
-            problem = bench.zoo(device)[key]()
-        except ImportError as err:
-            print(f"{key}: skipped ({err})", flush=True)
-            continue
-        methods = ["plain", "norms", "clipped", "dp", "grads"]
-        results = bench.run(problem, methods, repeats, graphs=True)
-        print(bench.table(problem, results) + "\n", flush=True)
-        report[key] = {"name": problem.name, "results": results}
-        del problem
-        _empty_cache(device)
+    methods = ["plain", "norms", "clipped", "dp", "grads"]
+    report.update(zoo(device, repeats, methods, ["mlp", "cnn", "resnet18", "gpt"], graphs=True))
     return report
 
 
@@ -415,13 +415,8 @@ def summary(report: dict[str, Any], header: str) -> None:
     checks = {**report["check"], **report.get("graphs", {}).get("check", {})}
     failed = {k: v for k, v in checks.items() if v != "ok"}
     print(f"checks: {len(checks) - len(failed)} ok; not ok: {failed or 'none'}")
-    for key, entry in report.get("graphs", {}).items():
-        if key != "check":
-            cells = [f"{m} {r['ratio']:.2f}" if "ratio" in r else f"{m} FAILS"
-                     for m, r in entry["results"].items()]  # fmt: skip
-            plain = entry["results"].get("plain", {}).get("seconds", float("nan")) * 1e3
-            print(f"{key} graphed (plain {plain:.2f} ms): " + ", ".join(cells))
-    for key, entry in report.get("zoo", {}).items():
+    graphed = {f"{k} graphed": v for k, v in report.get("graphs", {}).items() if k != "check"}
+    for key, entry in {**graphed, **report.get("zoo", {})}.items():
         cells = []
         for method, r in entry["results"].items():
             if "ratio" in r:
