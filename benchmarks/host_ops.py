@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -33,21 +35,24 @@ TABLES = [
 ]
 
 
-def act_as(device: str) -> None:
+def act_as(device: str, set_attr: Callable[[Any, str, Any], None] = setattr) -> None:
     """Give the CPU ``device``'s settings (a device without its own entry: the default),
     and on behalf of a GPU no buffer pool and no ``F.unfold`` (both change how convs
-    unfold; CUDA's ``F.unfold`` is one operator but n kernel launches) and GroupNorm's
-    dγ and dβ from its backward kernel."""
+    unfold; CUDA's ``F.unfold`` is one operator but n kernel launches), GroupNorm's dγ and
+    dβ from its backward kernel and LayerNorm's x̂ from ``layer_norm``. Each setting is
+    replaced through ``set_attr`` (a test's ``monkeypatch.setattr`` undoes them)."""
     if device != "cpu":
-        _alloc._MIN_BYTES = sys.maxsize
-        conv._BATCHED_UNFOLD.discard("cpu")
-        normalization._GN_KERNEL_DEVICES.add("cpu")
+        set_attr(_alloc, "_MIN_BYTES", sys.maxsize)
+        set_attr(conv, "_BATCHED_UNFOLD", conv._BATCHED_UNFOLD - {"cpu"})
+        set_attr(normalization, "_GN_KERNEL_DEVICES", normalization._GN_KERNEL_DEVICES | {"cpu"})
+        set_attr(normalization, "_LN_SAVED_DEVICES", normalization._LN_SAVED_DEVICES - {"cpu"})
     for module, name in TABLES:
-        table = getattr(module, name)
+        table = dict(getattr(module, name))
         if device in table:
             table["cpu"] = table[device]
         else:
             table.pop("cpu", None)
+        set_attr(module, name, table)
 
 
 def main() -> None:

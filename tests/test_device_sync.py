@@ -13,8 +13,8 @@ offsets on the host to refuse ones that would give wrong per-example results.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,9 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from zoo import CASES
 
 import indigrad
-import indigrad._joint as joint
-from indigrad import _alloc, bench
-from indigrad.rules import _cost, conv, normalization
+from indigrad import bench
+from indigrad.rules import _cost, normalization
 
 # operators whose result the host reads, by overload packet
 _WAITS = {
@@ -215,19 +214,14 @@ for _case in CASES:
 
 @pytest.fixture(params=["cpu", "gpu"])
 def settings(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The rules' CPU settings, or a GPU's: no buffer pool, no ``F.unfold``, GroupNorm's
-    kernel, the cost tables' defaults."""
+    """The rules' CPU settings, or a GPU's (``benchmarks/host_ops.py``'s ``act_as``: no
+    buffer pool, no ``F.unfold``, GroupNorm's kernel, the cost tables' defaults)."""
     if request.param == "gpu":
-        monkeypatch.setattr(_alloc, "_MIN_BYTES", sys.maxsize)
-        monkeypatch.setattr(conv, "_BATCHED_UNFOLD", set())
-        monkeypatch.setattr(normalization, "_GN_KERNEL_DEVICES", {"cpu", "cuda"})
-        for module, table in [
-            (_cost, "_PASS_COST"),
-            (_cost, "_GROWTH"),
-            (_cost, "_BUDGET_SHARE"),
-            (joint, "_MAX_ELEMENTS"),
-        ]:
-            monkeypatch.delitem(getattr(module, table), "cpu", raising=False)
+        monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+        from host_ops import act_as
+
+        act_as("cuda", monkeypatch.setattr)
+        assert "cpu" in normalization._GN_KERNEL_DEVICES and not _cost._PASS_COST
     return request.param
 
 
