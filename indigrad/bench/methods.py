@@ -71,13 +71,15 @@ def norms(p: Problem) -> Step:
     return step
 
 
-def clipped(p: Problem) -> Step:
+def clipped(p: Problem, noise: GaussianNoise | None = None) -> Step:
     model = p.model()
     opt = _sgd(model)
 
     def step() -> None:
         with capture(model) as cap:
             cap.clip_(p.loss(model(p.x), p.y), max_norm=1.0)
+        if noise is not None:
+            noise.add_(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -85,18 +87,7 @@ def clipped(p: Problem) -> Step:
 
 
 def dp(p: Problem) -> Step:
-    model = p.model()
-    opt = _sgd(model)
-    noise = GaussianNoise(noise_multiplier=1.0, max_norm=1.0, expected_batch_size=p.batch, seed=0)
-
-    def step() -> None:
-        with capture(model) as cap:
-            cap.clip_(p.loss(model(p.x), p.y), max_norm=1.0)
-        noise.add_(model)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return clipped(p, GaussianNoise(1.0, max_norm=1.0, expected_batch_size=p.batch, seed=0))
 
 
 def loop(p: Problem) -> Step:
