@@ -26,12 +26,18 @@ from torch.autograd.graph import get_gradient_edge
 _ACCUMULATE = getattr(torch._C._functions, "AccumulateGrad")  # noqa: B009
 
 
-def _check_accounted(root: Any, calls: list[Any], trainable: dict[int, str]) -> list[Any]:
+def _check_accounted(
+    root: Any, calls: list[Any], trainable: dict[int, str]
+) -> tuple[list[Any], dict[Any, list[tuple[Any, Any]]]]:
     """Raise if the losses reach no recorded call, or reach a trainable parameter outside
-    the calls of its module. Returns the calls whose outputs the losses depend on."""
+    the calls of its module. Returns the calls whose outputs the losses depend on, and
+    for each call without a rule (the generic rule's) the edges ``(node, parameter)``
+    from inside the call into its parameters' accumulators: the parameters' uses."""
     accounted: set[tuple[Any, int]] = set()
+    uses: dict[Any, list[tuple[Any, Any]]] = {}
     for call in calls:
         owned = {id(p) for p in call.params.values()}
+        found = uses.setdefault(call, []) if call.rule is None else None
         stop = call.boundary  # a few nodes: a list is searched faster than a set is built
         stack = [e.node for e in call.edges]
         seen: set[Any] = set()
@@ -46,6 +52,8 @@ def _check_accounted(root: Any, calls: list[Any], trainable: dict[int, str]) -> 
                 if type(v) is _ACCUMULATE:
                     if id(v.variable) in owned:
                         accounted.add((u, id(v.variable)))
+                        if found is not None:
+                            found.append((u, v.variable))
                 else:
                     stack.append(v)
 
@@ -83,7 +91,7 @@ def _check_accounted(root: Any, calls: list[Any], trainable: dict[int, str]) -> 
             "its module's forward, call modules as module(x) (not "
             "module.forward(x)), or freeze it with requires_grad_(False)."
         )
-    return reached
+    return reached, uses
 
 
 # Backward nodes of ops that broadcast their operands elementwise.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -27,6 +27,7 @@ from ._batch import has_batch
 from ._graph import _boundary, _check_accounted
 from .quantities import PerExample
 from .rules import Rule, lookup_rule
+from .rules import direct as _direct
 
 # a module owning captured parameters: the module, its name, those parameters, its rule
 _Plan = tuple[nn.Module, str, dict[str, nn.Parameter], "Rule | None"]
@@ -52,6 +53,11 @@ class _Call:
     rule: Rule | None = None  # its rule, looked up once when the capture began; None: generic
     saved: Any = None  # what the rule's ``saved`` took from the graph before the backward
     grad_outputs: tuple[Tensor | None, ...] = ()
+    # no rule: the uses of its parameters, where the generic rule's fast path applies
+    direct: list[_direct.Use] | None = None
+    inner_value: Any = None  # what the rule's ``inner`` found (None: nothing)
+    inner: list[GradientEdge] = field(default_factory=list)  # edges inside the call
+    inner_grads: tuple[Tensor | None, ...] = ()  # their gradients
 
     @property
     def label(self) -> str:
@@ -355,7 +361,7 @@ class capture:
             raise RuntimeError(
                 "the losses do not depend on any trainable parameter (they have no grad_fn)"
             )
-        calls = _check_accounted(losses.grad_fn, calls, self._names)
+        calls, uses = _check_accounted(losses.grad_fn, calls, self._names)
         for call in calls:
             if call.module.training != call.training:
                 raise RuntimeError(
@@ -370,16 +376,31 @@ class capture:
                         "(e.g. `x += ...`, `relu_(x)`), so its recorded input is no longer "
                         "the one the layer saw. Use an out-of-place op there."
                     )
-        for call in calls:
-            if call.rule is not None and call.rule.saved is not None:
-                call.saved = call.rule.saved(call.edges[0].node)  # freed by the backward
+        for call in calls:  # before the backward, which frees what the nodes saved
+            rule = call.rule
+            if rule is None:
+                call.direct = _direct.plan(call, uses[call], n, bd)
+                call.inner = [use.edge for use in call.direct or ()]
+                continue
+            if rule.saved is not None:
+                call.saved = rule.saved(call.edges[0].node)
+            if rule.inner is not None:
+                found = rule.inner(call.module, call.edges[0].node, call.boundary)
+                if found is not None:
+                    call.inner_value, call.inner = found.value, list(found.edges)
         edges = [e for call in calls for e in call.edges]
+        edges += [e for call in calls for e in call.inner]
         outs = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
         pos = 0
-        reached = []
         for call in calls:
             call.grad_outputs = outs[pos : pos + len(call.edges)]
             pos += len(call.edges)
+        for call in calls:
+            if call.inner:
+                call.inner_grads = outs[pos : pos + len(call.inner)]
+                pos += len(call.inner)
+        reached = []
+        for call in calls:
             if all(g is None for g in call.grad_outputs):
                 continue
             for g in call.grad_outputs:

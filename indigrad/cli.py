@@ -38,8 +38,9 @@ def _bench(args: argparse.Namespace) -> None:
             )
         }
     else:
-        available = bench.zoo(args.device)
-        names = args.problems.split(",") if args.problems else list(available)
+        zoo = bench.zoo(args.device)
+        available = {**zoo, **bench.extras(args.device)}
+        names = args.problems.split(",") if args.problems else list(zoo)
         unknown = [n for n in names if n not in available]
         if unknown:
             raise SystemExit(f"unknown problems {unknown}; choose from {list(available)}")
@@ -117,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     bench = sub.add_parser("bench", help="time indigrad against plain training and peers")
     bench.add_argument(
-        "--problems", help="comma-separated problems of the zoo (default: all of them)"
+        "--problems",
+        help="comma-separated problems of the zoo (default: all of them), or the extra "
+        "'vit' (torchvision's VisionTransformer)",
     )
     bench.add_argument("--sizes", help="a custom MLP instead, e.g. 784-512-256-10")
     bench.add_argument("--batch", type=int, help="batch size of the custom MLP (256)")

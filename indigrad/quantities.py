@@ -23,7 +23,9 @@ from ._batch import has_batch
 from ._joint import Joint
 from ._precision import _exact, _param_dtype, _upcast
 from .rules import Rule, _cost, tied
+from .rules import direct as _direct
 from .rules.generic import generic_grads
+from .rules.registry import Taken
 
 if TYPE_CHECKING:
     from .capture import _Call, capture
@@ -45,6 +47,8 @@ class _Entry:
             self.inputs = tuple(_upcast(_batch_first(t, n, bd), dtype) for t in inputs)
             if self.rule.saved is not None:
                 self.inputs += (call.saved,)
+            if self.rule.inner is not None and call.inner_value is not None:
+                self.inputs += (Taken(call.inner_value, call.inner_grads),)
             leaves = list(call.out_leaves)
             for i, g in zip(call.edge_index, call.grad_outputs, strict=True):
                 leaves[i] = None if g is None else _upcast(_batch_first(g, n, bd), dtype)
@@ -79,6 +83,8 @@ class _Entry:
             if self.n == 0:  # an empty batch (Poisson sampling): no rule needs to run
                 params = self.call.params.items()
                 self._grads = {k: p.new_zeros((0, *p.shape)) for k, p in params}
+            elif self.rule is None and self.call.direct is not None:
+                self._grads = _direct.grads(self.call, self.n, self.cap.batch_dim)
             elif self.rule is None:
                 with self.cap._pause():
                     self._grads = generic_grads(self.call, self.n, self.cap.batch_dim)
@@ -124,7 +130,7 @@ class _Entry:
     def held(self) -> int:
         """Floating-point elements this call still holds: its inputs and output gradients
         (while not released) and its materialised gradients."""
-        tensors = [*getattr(self, "inputs", ()), *self.call.grad_outputs]
+        tensors = [*getattr(self, "inputs", ()), *self.call.grad_outputs, *self.call.inner_grads]
         if self._grads is not None:
             tensors.extend(self._grads.values())
         return sum(t.numel() for t in tensors if isinstance(t, Tensor) and t.is_floating_point())
@@ -137,7 +143,8 @@ class _Entry:
         self.inputs, self.G = (), None
         call = self.call
         call.args, call.kwargs, call.grad_outputs, call.versions = (), {}, (), []
-        call.saved = None
+        call.saved, call.direct, call.inner_value = None, None, None
+        call.inner, call.inner_grads = [], ()
 
 
 class PerExample:

@@ -206,3 +206,15 @@ def test_gpu_check_runs_its_parts_on_cpu(tmp_path):
     graphs = report["graphs"]["check"]
     assert len(graphs) == 4 and set(graphs.values()) == {"skipped"}  # CUDA only
     assert "zoo" not in report and "variants" not in report
+
+
+def test_bench_extra_vit_problem_is_named_not_run_by_default():
+    from indigrad import bench, cli
+
+    assert "vit" in bench.extras() and "vit" not in bench.zoo()
+    with pytest.raises(SystemExit, match=r"unknown problems.*'vit'"):
+        cli.main(["bench", "--problems", "no-such-problem"])
+    pytest.importorskip("torchvision")
+    problem = bench.vit_problem(batch=3, layers=1, d=8, heads=2)
+    results = bench.run(problem, ["plain", "norms", "clipped"], repeats=1, warmup=1)
+    assert all("seconds" in r for r in results.values()), results

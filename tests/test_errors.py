@@ -188,15 +188,22 @@ def test_bad_max_norm(max_norm):
 
 
 def test_generic_rule_refuses_randomness():
-    model = nn.Sequential(nn.Linear(5, 4), DropoutScale(4), nn.Linear(4, 3)).double().train()
+    model = nn.Sequential(nn.Linear(5, 4), DropoutMatmul(4), nn.Linear(4, 3)).double().train()
     x, y = _xy()
     with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="random numbers"):
         cap.grads(F.cross_entropy(model(x), y, reduction="none"))
 
 
-class DropoutScale(Scale):
+class DropoutMatmul(nn.Module):
+    """A custom layer that the generic rule re-runs (its parameter meets the batch in a
+    matmul), with dropout: the re-run could not reproduce the mask."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.eye(d))
+
     def forward(self, x):
-        return F.dropout(super().forward(x), 0.5, self.training)
+        return F.dropout(x @ self.w, 0.5, self.training)
 
 
 def test_not_a_module_and_bad_batch_dim():

@@ -234,11 +234,55 @@ def test_mha_eval_mode_with_dropout():
     indigrad.testing.check(model.eval(), model, *batch)
 
 
-def test_mha_dropout_in_training_mode_raises():
-    model, batch = _build(BY_NAME["self"], dropout=0.1)
+def test_mha_dropout_in_training_mode_raises_where_the_rule_recomputes():
+    model, batch = _build(BY_NAME["cross_kv"], dropout=0.1)
     model.train()
     with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"dropout=0\.0"):
         cap.norms(model(*batch))
+
+
+def _reads_the_graph(cfg: Cfg) -> bool:
+    """The configurations whose gradients the rule reads from the graph (no recompute)."""
+    return cfg.kv == "self" and cfg.kdim is None and not (cfg.add_bias_kv or cfg.add_zero_attn)
+
+
+@pytest.mark.parametrize("cfg", CFGS, ids=lambda c: c.name)
+def test_self_attention_is_read_from_the_graph(cfg, monkeypatch):
+    """Self-attention is not recomputed (its forward would raise) and still matches the
+    loop; every other configuration recomputes."""
+    recomputed = []
+    original = attention._forward
+
+    def forward(mha, inputs):
+        recomputed.append(cfg.name)
+        if _reads_the_graph(cfg):
+            raise AssertionError("recomputed")
+        return original(mha, inputs)
+
+    monkeypatch.setattr(attention, "_forward", forward)
+    model, batch = _build(cfg)
+    indigrad.testing.check(model, model, *batch)
+    assert bool(recomputed) != _reads_the_graph(cfg)
+
+
+def test_self_attention_with_dropout_in_training_mode():
+    """Read from the graph, the attention's own dropout masks are those of the forward:
+    the per-example gradients sum to the batch gradient of the same forward."""
+    model, batch = _build(BY_NAME["self"], dropout=0.3)
+    model.train()
+    torch.manual_seed(5)
+    with indigrad.capture(model) as cap:
+        per = cap.backward(model(*batch))
+        grads, norms = per.grads(), per.norms()
+    torch.manual_seed(5)
+    model(*batch).sum().backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k].sum(0), p.grad, msg=k)
+    torch.testing.assert_close(norms, indigrad.testing.norms_of(grads))
+    torch.manual_seed(6)  # another mask: another gradient, so the masks were not all-ones
+    with indigrad.capture(model) as cap:
+        other = cap.grads(model(*batch))
+    assert not torch.allclose(other["attn.in_proj_weight"], grads["attn.in_proj_weight"])
 
 
 def test_mha_batch_of_one():

@@ -26,7 +26,17 @@ from typing import Any
 import torch
 
 from .methods import METHODS, graphed
-from .problems import MLP, Problem, cnn_problem, gpt_problem, mlp_problem, resnet18_problem, zoo
+from .problems import (
+    MLP,
+    Problem,
+    cnn_problem,
+    extras,
+    gpt_problem,
+    mlp_problem,
+    resnet18_problem,
+    vit_problem,
+    zoo,
+)
 
 __all__ = [
     "METHODS",
@@ -34,12 +44,14 @@ __all__ = [
     "Problem",
     "cnn_problem",
     "count_ops",
+    "extras",
     "gpt_problem",
     "mlp_problem",
     "plot",
     "resnet18_problem",
     "run",
     "table",
+    "vit_problem",
     "zoo",
 ]
 

@@ -189,6 +189,42 @@ def gpt_problem(
     )
 
 
+def vit_problem(
+    batch: int = 32,
+    layers: int = 4,
+    d: int = 128,
+    heads: int = 4,
+    device: str = "cpu",
+) -> Problem:
+    """torchvision's VisionTransformer on 32×32 images in 4×4 patches (65 tokens), no
+    dropout: its class token and position embedding are parameters that the model and its
+    encoder use directly, and its attention is ``nn.MultiheadAttention``."""
+    import torchvision
+
+    def make() -> nn.Module:
+        return torchvision.models.VisionTransformer(
+            image_size=32,
+            patch_size=4,
+            num_layers=layers,
+            num_heads=heads,
+            hidden_dim=d,
+            mlp_dim=2 * d,
+            num_classes=10,
+        )
+
+    g = _generator(device)
+    x = torch.randn(batch, 3, 32, 32, device=device, generator=g)
+    y = torch.randint(0, 10, (batch,), device=device, generator=g)
+    return Problem(f"ViT {layers}×{d}, 32² in 4² patches, n={batch}", make, x, y, _cross_entropy)
+
+
+def extras(device: str = "cpu", sizes: str | None = None) -> dict[str, Callable[[], Problem]]:
+    """Problems beside the zoo, run when named (``indigrad bench --problems vit``)."""
+    if (sizes or device) == "cpu":
+        return {"vit": lambda: vit_problem(batch=32, device=device)}
+    return {"vit": lambda: vit_problem(256, 6, 384, 6, device=device)}
+
+
 def zoo(device: str = "cpu", sizes: str | None = None) -> dict[str, Callable[[], Problem]]:
     """The benchmark problems on ``device``, sized for a 2-core CPU or for a GPU (by
     ``device``, or by ``sizes``: ``"cpu"`` or another device's)."""

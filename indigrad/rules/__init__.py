@@ -11,11 +11,21 @@ from . import linear as linear
 from . import normalization as normalization
 from . import recurrent as recurrent
 from .registry import (
+    Inner,
     Rule,
+    Taken,
     lookup_rule,
     register_rule,
     registered_rules,
     unregister_rule,
 )
 
-__all__ = ["Rule", "lookup_rule", "register_rule", "registered_rules", "unregister_rule"]
+__all__ = [
+    "Inner",
+    "Rule",
+    "Taken",
+    "lookup_rule",
+    "register_rule",
+    "registered_rules",
+    "unregister_rule",
+]

@@ -33,7 +33,18 @@ Then every projection is a Linear layer with ``T`` extra dims, and its grads, no
 
     d bias_k_i = G_K,i[S],  d bias_v_i = G_V,i[S]    (n, 1, 1, E)
 
-Dropout on the attention weights in training mode draws masks that cannot be
+**Self-attention read from the graph.** In the common case (``query is key is value``,
+the packed ``in_proj_weight``, no ``bias_k``/``bias_v``, no zero attention, both
+projection weights trained) nothing is recomputed: before the backward the rule finds, in
+the call's part of the autograd graph, ``F.multi_head_attention_forward``'s two matrix
+products, the in-projection ``X W_inᵀ`` (rows in its internal (L, n) order, as the view to
+``(L, n, 3E)`` above it shows) and the out-projection ``O W_oᵀ``. The backward then returns
+the gradient ``[G_Q, G_K, G_V]`` at the in-projection's output beside ``G_Y``, and ``O`` is
+what the out-projection saved. The core's backward above is then autograd's own, so
+attention dropout in training mode, masks and ``need_weights`` need nothing of the rule.
+Where the graph does not show that pattern, the rule recomputes as above.
+
+Recomputing, dropout on the attention weights in training mode draws masks that cannot be
 reproduced: the rule raises (use ``dropout=0.0`` or eval mode). Unbatched (2-D) inputs
 raise too: there is no example to attribute them to.
 """
@@ -41,15 +52,17 @@ raise too: there is no example to attribute them to.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from .linear import linear_grads, linear_sq_norms, linear_weighted_sum
-from .registry import register_rule
+from .registry import Inner, Rule, Taken, register_rule
 
 _DEFAULTS = (None, True, None, True, False)  # key_padding_mask … is_causal
 
@@ -196,12 +209,114 @@ def _in_proj(mha: nn.MultiheadAttention) -> list[tuple[Tensor, Tensor | None]]:
     return list(zip(Ws, bs, strict=True))
 
 
+_PRODUCTS = ("AddmmBackward0", "MmBackward0")  # F.linear on rows, with and without a bias
+_RESHAPES = ("ViewBackward0", "UnsafeViewBackward0")  # rows back to (L, n, ·), row-major
+
+
+def _product_with(node: Any, weight: Tensor) -> bool:
+    """``node`` is F.linear's matrix product of rows with ``weight`` (through ``weightᵀ``)."""
+    if type(node).__name__ not in _PRODUCTS:
+        return False
+    for v, _ in node.next_functions:
+        if v is not None and type(v).__name__ == "TBackward0":
+            acc = v.next_functions[0][0]
+            if acc is not None and getattr(acc, "variable", None) is weight:
+                return True
+    return False
+
+
+def _rows(product: Any) -> Any:
+    """The rows a product of :data:`_PRODUCTS` saved: F.linear's input, flattened."""
+    if type(product).__name__ == "AddmmBackward0":
+        return product._saved_mat1
+    return product._saved_self
+
+
+def attention_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner | None:
+    """Self-attention's out-projection input ``O`` ``(L·n, E)`` and the edge of its
+    in-projection's output ``(L·n, 3E)``, found below the call's output ``node``; None
+    where the graph does not have the expected pattern (the rule then recomputes)."""
+    mha = cast(nn.MultiheadAttention, module)
+    if not (mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn):
+        return None
+    W_in, W_o = mha.in_proj_weight, mha.out_proj.weight
+    if not (W_in.requires_grad and W_o.requires_grad):
+        return None
+    u = node  # the output: [transposed to batch first] ← view (L, n, E) ← O W_oᵀ (L·n, E)
+    if mha.batch_first:
+        if type(u).__name__ != "TransposeBackward0":
+            return None
+        u = u.next_functions[0][0]
+    if type(u).__name__ not in _RESHAPES or len(u._input_metadata[0].shape) != 3:
+        return None
+    L, n, E = u._input_metadata[0].shape
+    out = u.next_functions[0][0]
+    if not _product_with(out, W_o):
+        return None
+    O = _rows(out)
+    if not isinstance(O, Tensor) or tuple(O.shape) != (L * n, E):
+        return None
+    found = None  # X W_inᵀ (L·n, 3E), read through a view as (L, n, 3E)
+    seen: set[Any] = set()
+    stack = [out]
+    while stack and len(seen) < 512:
+        u = stack.pop()
+        if u in seen or u in stop:
+            continue
+        seen.add(u)
+        for v, _ in u.next_functions:
+            if v is None or type(v).__name__ == "AccumulateGrad":
+                continue
+            if not _product_with(v, W_in):
+                stack.append(v)
+                continue
+            viewed = tuple(u._input_metadata[0].shape)
+            if found not in (None, v) or type(u).__name__ not in _RESHAPES:
+                return None  # several in-projections, or read other than by the view
+            if viewed != (L, n, 3 * E) or tuple(v._input_metadata[0].shape) != (L * n, 3 * E):
+                return None
+            found = v
+    if found is None or stack:
+        return None
+    return Inner(O, (GradientEdge(found, 0),))
+
+
+def _taken_pieces(
+    mha: nn.MultiheadAttention, inputs: tuple[Any, ...], G: Any, taken: Taken
+) -> list[_Proj]:
+    """The out- and in-projection of a self-attention call from what
+    :func:`attention_inner` found and the backward returned."""
+    G_Y = G[0] if isinstance(G, tuple | list) else G  # the output's (the weights' is in G_in)
+    X = inputs[0]  # (n, L, E), or (L, n, E) unless batch first
+    if not mha.batch_first:
+        X = X.transpose(0, 1)  # (n, L, E)
+        G_Y = None if G_Y is None else G_Y.transpose(0, 1)  # (n, L, E)
+    n, L, E = X.shape
+    O = taken.value.reshape(L, n, E).transpose(0, 1).to(X.dtype)  # (n, L, E)
+    G_in = taken.grads[0]  # (L·n, 3E), rows in (L, n) order
+    if G_in is None:
+        G_in = X.new_zeros(L * n, 3 * E)
+    G_in = G_in.reshape(L, n, 3 * E).transpose(0, 1).to(X.dtype)  # (n, L, 3E)
+    if G_Y is None:  # only the attention weights reach the losses
+        G_Y = O.new_zeros(n, L, E)  # (n, L, E)
+    b_o, b_in = mha.out_proj.bias, mha.in_proj_bias
+    rows = slice(0, 3 * E)
+    out_b = None if b_o is None else ("out_proj.bias", slice(None), b_o)
+    in_b = None if b_in is None else ("in_proj_bias", rows, b_in)
+    return [
+        _Proj.make(("out_proj.weight", slice(None), mha.out_proj.weight), out_b, O, G_Y),
+        _Proj.make(("in_proj_weight", rows, mha.in_proj_weight), in_b, X, G_in),
+    ]
+
+
 def _pieces(
     module: nn.Module, inputs: tuple[Any, ...], G: Any
 ) -> tuple[list[_Proj], dict[str, Tensor]]:
     """The call's trainable Linear maps with their inputs and output gradients, and the
     per-example gradients of ``bias_k`` and ``bias_v``."""
     mha = cast(nn.MultiheadAttention, module)
+    if inputs and isinstance(inputs[-1], Taken):
+        return _taken_pieces(mha, inputs[:-1], G, inputs[-1]), {}
     X, Qh, Kh, Vh, P, O, need_weights, average = _forward(mha, inputs)
     G_Y, G_P = G if isinstance(G, tuple | list) else (G, None)  # output, weights (batch first)
     if G_Y is not None and not mha.batch_first:
@@ -310,9 +425,12 @@ def attention_weighted_sum(
 
 MULTIHEAD_ATTENTION = register_rule(
     nn.MultiheadAttention,
-    grads=attention_grads,
-    sq_norms=attention_sq_norms,
-    weighted_sum=attention_weighted_sum,
-    raw_layout=True,
-    subtree=True,
+    Rule(
+        attention_grads,
+        attention_sq_norms,
+        attention_weighted_sum,
+        raw_layout=True,
+        subtree=True,
+        inner=attention_inner,
+    ),
 )

@@ -16,11 +16,12 @@ per-example gradients once and derives both from them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 GradsFn = Callable[[nn.Module, tuple[Any, ...], Any], dict[str, Tensor]]
 SqNormsFn = Callable[[nn.Module, tuple[Any, ...], Any], dict[str, Tensor]]
@@ -59,6 +60,14 @@ class Rule:
             before the backward frees what that node saved, for a rule that reuses what
             the forward computed (GroupNorm's statistics). Its result comes last in the
             rule's ``inputs``; a rule called without a recorded graph gets no such entry.
+        inner: ``(module, node, stop) -> Inner | None``, called like ``saved`` (``stop``:
+            the nodes of the call's tensor inputs, where the call's part of the graph
+            ends), for a rule that reads the forward's intermediate results and the
+            gradients at edges inside the call rather than recomputing them
+            (``nn.MultiheadAttention``'s input projection). The gradients at
+            ``Inner.edges`` come from the same backward as ``G``; the rule's ``inputs``
+            then end with ``Taken(value, grads)``. None (or no ``inner``): no such entry,
+            and the rule works from its inputs alone.
 
     Every function only needs to return entries for the module's trainable parameters;
     extra entries for frozen parameters are ignored. Results must be new tensors, not
@@ -73,6 +82,23 @@ class Rule:
     supports: Callable[[nn.Module], bool] | None = None
     materialise: MaterialiseFn | None = None
     saved: Callable[[Any], Any] | None = None
+    inner: Callable[[nn.Module, Any, Sequence[Any]], Inner | None] | None = None
+
+
+class Inner(NamedTuple):
+    """What a rule's ``inner`` found in the graph before the backward: a value of its
+    own (saved tensors, say) and edges inside the call whose gradients it needs."""
+
+    value: Any
+    edges: tuple[GradientEdge, ...]
+
+
+class Taken(NamedTuple):
+    """The last of a rule's ``inputs`` when its ``inner`` found something: the value, and
+    the gradients at its edges (None where the losses do not reach one)."""
+
+    value: Any
+    grads: tuple[Tensor | None, ...]
 
 
 _RULES: dict[type[nn.Module] | str, Rule] = {}

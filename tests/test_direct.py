@@ -1,0 +1,244 @@
+"""Parameters used directly in a forward (class tokens, position embeddings, layer scales):
+the generic rule's fast path, against the per-example loop, and where it must step aside."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import indigrad
+from indigrad import quantities
+from indigrad.rules import direct
+
+D = torch.float64
+
+
+@pytest.fixture
+def no_rerun(monkeypatch):
+    """Fail if the generic rule re-runs a module: the fast path must cover it."""
+
+    def rerun(call, n, bd):
+        raise AssertionError(f"the generic rule re-ran {call.label}")
+
+    monkeypatch.setattr(quantities, "generic_grads", rerun)
+
+
+@pytest.fixture
+def reruns(monkeypatch):
+    """The labels of the calls that the generic rule re-ran."""
+    labels = []
+    original = quantities.generic_grads
+
+    def spy(call, n, bd):
+        labels.append(call.label)
+        return original(call, n, bd)
+
+    monkeypatch.setattr(quantities, "generic_grads", spy)
+    return labels
+
+
+class Token(nn.Module):
+    """A ViT's embedding: a class token expanded to the batch, a position embedding added."""
+
+    def __init__(self, d, T):
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(1, 1, d, dtype=D))
+        self.pos = nn.Parameter(torch.randn(1, T + 1, d, dtype=D))
+        self.unused = nn.Parameter(torch.randn(d, dtype=D))
+
+    def forward(self, x):  # (n, T, d)
+        tok = self.token.expand(x.shape[0], -1, -1)  # (n, 1, d)
+        return torch.cat([tok, x], dim=1) + self.pos  # (n, T + 1, d)
+
+
+class Ops(nn.Module):
+    """Every op of the table, with scales, both operand orders and a parameter used twice."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.a = nn.Parameter(torch.linspace(-1, 1, d, dtype=D))
+        self.b = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=D))
+        self.c = nn.Parameter(torch.linspace(0.1, 0.3, d, dtype=D).reshape(1, d))
+        self.gamma = nn.Parameter(torch.linspace(0.7, 1.3, d, dtype=D))
+
+    def forward(self, x):  # (n, T, d)
+        h = torch.sub(x, self.a, alpha=2.0)  # x − 2a
+        h = torch.sub(self.b, torch.tanh(h), alpha=0.5)  # b − 0.5 tanh(·)
+        h = h.add(self.c, alpha=3.0) * self.gamma  # (· + 3c) ⊙ γ
+        return self.gamma * torch.tanh(h) + self.a  # γ and a used twice
+
+
+class Net(nn.Module):
+    def __init__(self, body, d, k):
+        super().__init__()
+        self.inp = nn.Linear(d, d).double()
+        self.body = body
+        self.head = nn.Linear(d, k).double()
+
+    def forward(self, x):
+        return self.head(self.body(self.inp(x)).mean(1))
+
+
+def _data(n=5, T=3, d=4, k=3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, T, d, dtype=D, generator=g), torch.randint(0, k, (n,), generator=g)
+
+
+def _check(model, x, y):
+    def losses(x, y):
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    indigrad.testing.check(model, losses, x, y)
+
+
+@pytest.mark.parametrize("body", ["token", "ops"])
+def test_direct_uses_match_the_loop(body, no_rerun):
+    torch.manual_seed(0)
+    x, y = _data()
+    model = Net(Token(4, 3) if body == "token" else Ops(4), 4, 3)
+    _check(model, x, y)
+
+
+def test_direct_uses_with_the_batch_second(no_rerun):
+    """A sequence-first model: a position embedding (T, 1, d), batch in dimension 1."""
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(3, 1, 4, dtype=D))
+            self.head = nn.Linear(4, 3).double()
+
+        def forward(self, x):  # (T, n, d)
+            return self.head(torch.tanh(x + self.pos))  # (T, n, k)
+
+    torch.manual_seed(0)
+    x, y = _data()
+    model = SeqFirst()
+    indigrad.testing.check(
+        model,
+        lambda x, y: F.cross_entropy(model(x).mean(0), y[0], reduction="none"),
+        x.transpose(0, 1),
+        y[None],  # (1, n): sliced along the batch dimension as well
+        batch_dim=1,
+    )
+
+
+def test_the_zoo_raw_parameters_take_the_fast_path(no_rerun):
+    from zoo import BY_NAME
+
+    for name in ("raw_params", "generic_scale", "seq_first_generic"):
+        case = BY_NAME[name]
+        model, loss_fn, x, y = case.build()
+        indigrad.testing.check(model, loss_fn, x, y, batch_dim=case.batch_dim)
+
+
+class MatmulScale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.eye(d, dtype=D) + 0.1)
+        self.s = nn.Parameter(torch.ones(d, dtype=D))
+
+    def forward(self, x):
+        return (x @ self.w) * self.s  # w through a matmul: not in the table
+
+
+class ViewedPos(nn.Module):
+    def __init__(self, T, d):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(T * d, dtype=D))
+        self.T, self.d = T, d
+
+    def forward(self, x):
+        return x + self.pos.view(1, self.T, self.d)  # reaches the add through a view
+
+
+class SquareScale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=D))
+
+    def forward(self, x):
+        return x * (self.s * self.s)  # s ⊙ s has no batch
+
+
+@pytest.mark.parametrize("body", ["matmul", "view", "square"])
+def test_other_uses_rerun_the_module(body, reruns):
+    """One use outside the table sends the whole module to the generic rule (all its
+    parameters), which still matches the loop."""
+    torch.manual_seed(0)
+    x, y = _data()
+    module = {"matmul": MatmulScale(4), "view": ViewedPos(3, 4), "square": SquareScale(4)}[body]
+    model = Net(module, 4, 3)
+    _check(model, x, y)
+    assert reruns and set(reruns) == {f"{type(module).__name__} 'body'"}
+
+
+def test_a_second_dimension_of_n_entries_reruns_the_module(reruns):
+    """With T = n a broadcast parameter cannot tell the batch from the positions: the
+    module is re-run rather than the batch guessed."""
+    torch.manual_seed(0)
+    x, y = _data(n=3, T=3)
+    model = Net(Ops(4), 4, 3)
+    _check(model, x, y)
+    assert set(reruns) == {"Ops 'body'"}
+    reruns.clear()
+    x, y = _data(n=4, T=3)
+    _check(model, x, y)
+    assert reruns == []
+
+
+def test_broadcast_test():
+    p = torch.zeros(1, 1, 4)
+    assert direct._broadcasts(p, (5, 3, 4), 5, 0)
+    assert not direct._broadcasts(p, (5, 5, 4), 5, 0)  # positions as many as examples
+    assert direct._broadcasts(p, (1, 1, 4), 1, 0)
+    assert not direct._broadcasts(torch.zeros(5, 1, 4), (5, 3, 4), 5, 0)  # p has the batch's
+    assert not direct._broadcasts(p, (3, 5, 4), 5, 0)  # dimension 0 is not the batch
+    assert direct._broadcasts(torch.zeros(3, 1, 4), (3, 5, 4), 5, 1)
+    assert not direct._broadcasts(torch.zeros(2, 4), (5, 3, 4), 5, 0)  # does not broadcast
+
+
+class DropoutToken(Token):
+    def forward(self, x):
+        return F.dropout(super().forward(x), 0.5, self.training)
+
+
+def test_dropout_after_a_direct_use(no_rerun):
+    """Random masks after the uses are the forward's own (no re-run has to reproduce
+    them): the per-example gradients sum to the batch gradient of the same forward, and
+    the norms and clipped sum agree with them."""
+    torch.manual_seed(0)
+    x, y = _data()
+    model = Net(DropoutToken(4, 3), 4, 3).train()
+    torch.manual_seed(1)
+    with indigrad.capture(model) as cap:
+        per = cap.backward(F.cross_entropy(model(x), y, reduction="none"))
+        grads, norms = per.grads(), per.norms()
+    torch.manual_seed(1)
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    for k, p in model.named_parameters():
+        batch = torch.zeros_like(p) if p.grad is None else p.grad  # the unused one: None
+        torch.testing.assert_close(grads[k].sum(0), batch, msg=k)
+        p.grad = None
+    torch.testing.assert_close(norms, indigrad.testing.norms_of(grads))
+    assert grads["body.token"].abs().sum() > 0 and grads["body.unused"].abs().sum() == 0
+
+
+def test_vision_transformer_takes_the_fast_path(no_rerun):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = (
+        tv.models.VisionTransformer(
+            image_size=16,
+            patch_size=8,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=8,
+            mlp_dim=16,
+            num_classes=3,
+        )
+        .double()
+        .eval()
+    )
+    x, y = torch.randn(3, 3, 16, 16, dtype=D), torch.tensor([0, 2, 1])
+    _check(model, x, y)
