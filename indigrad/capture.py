@@ -55,6 +55,7 @@ class _Call:
     grad_outputs: tuple[Tensor | None, ...] = ()
     # no rule: the uses of its parameters, where the generic rule's fast path applies
     direct: list[_direct.Use] | None = None
+    rerun_because: str = ""  # why not: for the generic rule's messages
     inner_value: Any = None  # what the rule's ``inner`` found (None: nothing)
     inner: list[GradientEdge] = field(default_factory=list)  # edges inside the call
     inner_grads: tuple[Tensor | None, ...] = ()  # their gradients

@@ -208,13 +208,16 @@ def test_gpu_check_runs_its_parts_on_cpu(tmp_path):
     assert "zoo" not in report and "variants" not in report
 
 
-def test_bench_extra_vit_problem_is_named_not_run_by_default():
+def test_bench_extra_problems_are_named_not_run_by_default():
     from indigrad import bench, cli
 
-    assert "vit" in bench.extras() and "vit" not in bench.zoo()
+    assert {"vit", "convnext"} <= set(bench.extras()) and "vit" not in bench.zoo()
     with pytest.raises(SystemExit, match=r"unknown problems.*'vit'"):
         cli.main(["bench", "--problems", "no-such-problem"])
     pytest.importorskip("torchvision")
-    problem = bench.vit_problem(batch=3, layers=1, d=8, heads=2)
-    results = bench.run(problem, ["plain", "norms", "clipped"], repeats=1, warmup=1)
-    assert all("seconds" in r for r in results.values()), results
+    for problem in (
+        bench.vit_problem(batch=3, layers=1, d=8, heads=2),
+        bench.convnext_problem(batch=3, widths=(4, 8)),
+    ):
+        results = bench.run(problem, ["plain", "norms", "clipped"], repeats=1, warmup=1)
+        assert all("seconds" in r for r in results.values()), results

@@ -187,11 +187,36 @@ def test_a_second_dimension_of_n_entries_reruns_the_module(reruns):
     assert reruns == []
 
 
+def test_why_a_module_with_randomness_cannot_be_rerun():
+    """Where the graph cannot be read, the error says why the module had to be re-run."""
+    torch.manual_seed(0)
+    model = Net(DropoutOps(4), 4, 3).train()
+    x, y = _data(n=3, T=3)  # (3, 3, 4): positions as many as examples
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"dimensions \[1\]"):
+        cap.grads(F.cross_entropy(model(x), y, reduction="none"))
+    x, y = _data(n=4, T=3)
+    with indigrad.capture(model) as cap:  # another batch size: read from the graph
+        cap.grads(F.cross_entropy(model(x), y, reduction="none"))
+    model = Net(DropoutMatmul(4), 4, 3).train()
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="'w' meets the batch"):
+        cap.grads(F.cross_entropy(model(x), y, reduction="none"))
+
+
+class DropoutOps(Ops):
+    def forward(self, x):
+        return F.dropout(super().forward(x), 0.5, self.training)
+
+
+class DropoutMatmul(MatmulScale):
+    def forward(self, x):
+        return F.dropout(super().forward(x), 0.5, self.training)
+
+
 def test_broadcast_test():
     p = torch.zeros(1, 1, 4)
-    assert direct._broadcasts(p, (5, 3, 4), 5, 0)
-    assert not direct._broadcasts(p, (5, 5, 4), 5, 0)  # positions as many as examples
-    assert direct._broadcasts(p, (1, 1, 4), 1, 0)
+    assert direct._broadcasts(p, (5, 3, 4), 5, 0) and not direct._also_n(p, (5, 3, 4), 5, 0)
+    assert direct._also_n(p, (5, 5, 4), 5, 0) == [1]  # positions as many as examples
+    assert direct._broadcasts(p, (1, 1, 4), 1, 0) and not direct._also_n(p, (1, 1, 4), 1, 0)
     assert not direct._broadcasts(torch.zeros(5, 1, 4), (5, 3, 4), 5, 0)  # p has the batch's
     assert not direct._broadcasts(p, (3, 5, 4), 5, 0)  # dimension 0 is not the batch
     assert direct._broadcasts(torch.zeros(3, 1, 4), (3, 5, 4), 5, 1)

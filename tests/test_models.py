@@ -84,6 +84,47 @@ def test_vision_transformer():
     _check(model.eval(), _ce(model), x, y)
 
 
+def _convnext(stochastic_depth_prob):
+    tv = _require("torchvision")
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    settings = [CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)]
+    return ConvNeXt(settings, stochastic_depth_prob, num_classes=3).double(), tv
+
+
+def test_convnext(monkeypatch):
+    """Depthwise 7×7 convs, torchvision's LayerNorm2d and each block's layer scale (a raw
+    parameter, read from the graph): nothing is re-run by the generic rule."""
+    from indigrad import quantities
+
+    model, _ = _convnext(0.0)
+
+    def rerun(call, n, bd):
+        raise AssertionError(f"the generic rule re-ran {call.label}")
+
+    monkeypatch.setattr(quantities, "generic_grads", rerun)
+    x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 2, 1])
+    _check(model, _ce(model), x, y)
+
+
+def test_convnext_with_stochastic_depth_in_training_mode():
+    """Stochastic depth drops blocks at random: the per-example gradients of one forward
+    sum to that forward's batch gradient (the loop would draw other masks)."""
+    model, _ = _convnext(0.5)
+    model.train()
+    # n = 5: no feature map is 5 wide, so every layer scale is read from the graph (with
+    # n = 4 the 4×4 maps could be the batch as well, and the blocks would be re-run)
+    x, y = torch.randn(5, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    torch.manual_seed(3)
+    with indigrad.capture(model) as cap:
+        grads = cap.grads(F.cross_entropy(model(x), y, reduction="none"))
+    torch.manual_seed(3)
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k].sum(0), p.grad, msg=k)
+
+
 def _gpt2(**kw):
     transformers = _require("transformers")
     config = transformers.GPT2Config(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -215,7 +216,8 @@ def test_cost_widths_match_the_factors(conf):
 @pytest.mark.parametrize("conf", CONFS, ids=lambda c: c.name)
 def test_unfold_and_strided_copy_build_the_same_factors(conf, monkeypatch):
     # on CPU a 2-d conv with symmetric zero padding unfolds with F.unfold, except into the
-    # pool's large buffers and on devices whose F.unfold loops over the examples (CUDA):
+    # pool's large buffers, where a kernel row is longer than an output row (copied
+    # position by position) and on devices whose F.unfold loops over the examples (CUDA):
     # all must give the strided copy's im2col, bit for bit
     layer = conf.layer().double()
     x = torch.randn(conf.x_shape, dtype=torch.float64)
@@ -226,19 +228,56 @@ def test_unfold_and_strided_copy_build_the_same_factors(conf, monkeypatch):
     L, R = conv._factors(layer, x, G)  # (n·g, a, P), (n·g, b, P)
     two_d = isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"
     pads = conv._pad_list(layer)
-    assert bool(unfolded) == (two_d and pads[0] == pads[1] and pads[2] == pads[3])
+    by_position = layer.kernel_size[-1] > G.shape[-1]
+    symmetric = two_d and pads[0] == pads[1] and pads[2] == pads[3]
+    assert bool(unfolded) == (symmetric and not by_position)
     unfolded.clear()
     with monkeypatch.context() as m:
         m.setattr(conv._alloc, "pooled", lambda shape, like: True)  # no F.unfold
         L2, R2 = conv._factors(layer, x, G)
     assert torch.equal(L, L2) and torch.equal(R, R2)
     monkeypatch.setattr(conv, "_BATCHED_UNFOLD", set())  # as on CUDA: no F.unfold
+    monkeypatch.setattr(conv, "_BY_POSITION", set())  # nor copies by position
     L3, R3 = conv._factors(layer, x, G)
     assert torch.equal(L, L3) and torch.equal(R, R3)
     assert not unfolded
 
 
+@pytest.mark.parametrize(
+    "layer, x_shape",
+    [
+        (lambda: nn.Conv2d(6, 6, 7, padding=3, groups=6), (3, 6, 2, 2)),  # ConvNeXt's, late
+        (lambda: nn.Conv2d(4, 6, (3, 5), stride=(1, 2), padding=2, groups=2), (2, 4, 4, 5)),
+        (lambda: nn.Conv1d(2, 4, 5, dilation=2, padding=3), (3, 2, 4)),
+        (lambda: nn.ConvTranspose2d(4, 2, 5, stride=2, groups=2), (2, 4, 2, 1)),
+    ],
+    ids=["depthwise_7x7", "grouped_strided", "conv1d_dilated", "transposed_grouped"],
+)
+def test_im2col_by_position(layer, x_shape, monkeypatch):
+    """Kernel rows longer than output rows: im2col copied position by position (CPU),
+    the same factors as the strided copy, and every quantity as the loop's."""
+    torch.manual_seed(0)
+    layer = layer().double()
+    x = torch.randn(x_shape, dtype=torch.float64)
+    G = torch.randn_like(layer(x).detach())  # (n, C_out, *out)
+    copied = []
+    real = conv._alloc.empty
+    monkeypatch.setattr(conv._alloc, "empty", lambda s, like: copied.append(s) or real(s, like))
+    L, R = conv._factors(layer, x, G)  # (n·g, a, P), (n·g, b, P)
+    g, k = layer.groups, layer.kernel_size
+    assert copied and copied[0][-len(k) - 1 :] == ((R.shape[1] // math.prod(k)), *k)
+    with monkeypatch.context() as m:
+        m.setattr(conv, "_BY_POSITION", set())
+        L2, R2 = conv._factors(layer, x, G)
+    assert torch.equal(L, L2) and torch.equal(R, R2) and R.shape[0] == x.shape[0] * g
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+    model(x)  # materialise the lazy head
+    y = torch.tensor([0, 2, 1])[: x.shape[0]]
+    indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
+
+
 def test_ghost_and_materialised_branches_are_both_taken(monkeypatch):
+    monkeypatch.setattr(conv, "_DEPTHWISE_BY_CONV", set())  # the depthwise case's choice too
     taken = []
     real = conv._ghost
     monkeypatch.setattr(conv, "_ghost", lambda P, a, b: taken.append(real(P, a, b)) or taken[-1])
@@ -420,3 +459,39 @@ def test_shapes(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(conv, "_ghost", lambda P, a, b: ghost)
         indigrad.testing.check(layer, losses, x, max_norm=max_norm)
+
+
+@pytest.mark.parametrize(
+    "layer, x_shape",
+    [
+        (lambda: nn.Conv2d(6, 6, 7, padding=3, groups=6), (3, 6, 2, 3)),
+        (lambda: nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=4), (2, 4, 7, 6)),  # ×2
+        (lambda: nn.Conv2d(3, 3, (3, 2), stride=(2, 3), dilation=(2, 1), groups=3), (2, 3, 9, 8)),
+        (lambda: nn.Conv2d(3, 3, 3, padding=2, padding_mode="reflect", groups=3), (2, 3, 5, 5)),
+        (lambda: nn.Conv1d(2, 6, 4, padding="same", groups=2), (3, 2, 7)),
+        (lambda: nn.Conv3d(2, 2, 3, stride=2, padding=1, groups=2, bias=False), (2, 2, 5, 4, 5)),
+    ],
+    ids=["7x7", "multiplier_strided", "dilated_strided", "reflect", "conv1d_same", "conv3d"],
+)
+def test_depthwise_by_one_convolution(layer, x_shape, monkeypatch):
+    """A depthwise conv's per-example gradients from one convolution of the batch as
+    channels: those of im2col and the batched product, and the loop's."""
+    torch.manual_seed(0)
+    layer = layer().double()
+    x = torch.randn(x_shape, dtype=torch.float64)
+    G = torch.randn_like(layer(x).detach())  # (n, C_out, *out)
+    assert conv._depthwise(layer, x)
+    by_conv = conv.conv_grads(layer, (x,), G)
+    sq = conv.conv_sq_norms(layer, (x,), G)
+    with monkeypatch.context() as m:
+        m.setattr(conv, "_DEPTHWISE_BY_CONV", set())
+        by_product = conv.conv_grads(layer, (x,), G)
+    for k in by_product:
+        torch.testing.assert_close(by_conv[k], by_product[k], rtol=1e-12, atol=1e-12)
+    flat = torch.cat([g.flatten(1) for g in by_product.values()], 1)  # (n, P)
+    total = sum(sq.values())
+    torch.testing.assert_close(total, flat.square().sum(1), rtol=1e-12, atol=1e-12)
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+    model(x)  # materialise the lazy head
+    y = torch.tensor([0, 2, 1])[: x.shape[0]]
+    indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)

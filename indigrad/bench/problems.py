@@ -218,11 +218,37 @@ def vit_problem(
     return Problem(f"ViT {layers}×{d}, 32² in 4² patches, n={batch}", make, x, y, _cross_entropy)
 
 
+def convnext_problem(
+    batch: int = 32, widths: tuple[int, ...] = (32, 64, 128), device: str = "cpu"
+) -> Problem:
+    """torchvision's ConvNeXt on 32×32 images, two blocks per stage, stochastic depth 0.1
+    (training mode draws it): 7×7 depthwise convs, LayerNorm2d, and each block's layer
+    scale, a parameter the block uses directly."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    def make() -> nn.Module:
+        ends = [*widths[1:], None]
+        stages = [CNBlockConfig(w, e, 2) for w, e in zip(widths, ends, strict=True)]
+        return ConvNeXt(stages, stochastic_depth_prob=0.1, num_classes=10)
+
+    g = _generator(device)
+    x = torch.randn(batch, 3, 32, 32, device=device, generator=g)
+    y = torch.randint(0, 10, (batch,), device=device, generator=g)
+    name = f"ConvNeXt {'-'.join(map(str, widths))} ×2, 32², n={batch}"
+    return Problem(name, make, x, y, _cross_entropy)
+
+
 def extras(device: str = "cpu", sizes: str | None = None) -> dict[str, Callable[[], Problem]]:
-    """Problems beside the zoo, run when named (``indigrad bench --problems vit``)."""
+    """Problems beside the zoo, run when named (``indigrad bench --problems vit,convnext``)."""
     if (sizes or device) == "cpu":
-        return {"vit": lambda: vit_problem(batch=32, device=device)}
-    return {"vit": lambda: vit_problem(256, 6, 384, 6, device=device)}
+        return {
+            "vit": lambda: vit_problem(batch=32, device=device),
+            "convnext": lambda: convnext_problem(batch=32, device=device),
+        }
+    return {
+        "vit": lambda: vit_problem(256, 6, 384, 6, device=device),
+        "convnext": lambda: convnext_problem(256, (64, 128, 256), device=device),
+    }
 
 
 def zoo(device: str = "cpu", sizes: str | None = None) -> dict[str, Callable[[], Problem]]:

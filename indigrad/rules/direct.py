@@ -69,25 +69,30 @@ def _coef(node: Any, slot: int) -> float | None:
 
 def _broadcasts(p: Tensor, shape: tuple[int, ...], n: int, bd: int) -> bool:
     """``p`` broadcasts to ``shape``, whose dimension ``bd`` is the batch of ``n``, without
-    an entry of its own in that dimension, and no other dimension of ``shape`` that ``p``
-    is broadcast along has ``n`` entries."""
+    an entry of its own in that dimension."""
     if len(shape) <= bd or shape[bd] != n or p.dim() > len(shape):
         return False
     full = (1,) * (len(shape) - p.dim()) + tuple(p.shape)
-    if full[bd] != 1 or any(a not in (1, b) for a, b in zip(full, shape, strict=True)):
-        return False
-    # Another dimension of n entries along which p is broadcast could be the batch as
-    # well (a layout transposed inside the module, with T = n): refuse to guess.
-    return n == 1 or not any(
-        a == 1 and b == n for d, (a, b) in enumerate(zip(full, shape, strict=True)) if d != bd
-    )
+    return full[bd] == 1 and all(a in (1, b) for a, b in zip(full, shape, strict=True))
+
+
+def _also_n(p: Tensor, shape: tuple[int, ...], n: int, bd: int) -> list[int]:
+    """Dimensions of ``shape`` other than ``bd`` with ``n`` entries along which ``p`` is
+    broadcast: each could be the batch as well (a layout transposed inside the module,
+    with T = n), so indigrad refuses to guess."""
+    if n == 1:
+        return []  # summing a dimension of one entry or not is the same
+    full = (1,) * (len(shape) - p.dim()) + tuple(p.shape)
+    pairs = enumerate(zip(full, shape, strict=True))
+    return [d for d, (a, b) in pairs if a == 1 and b == n and d != bd]
 
 
 def plan(call: _Call, found: Iterable[tuple[Any, Tensor]], n: int, bd: int) -> list[Use] | None:
     """The uses of ``call``'s parameters, from the edges ``(node, parameter)`` into their
     accumulators that the graph walk found inside the call; None where one of them is
-    not an op of this module's table (the generic rule then re-runs the module). Call
-    before the backward, which frees the tensors that a ``mul`` saved."""
+    not an op of this module's table (the generic rule then re-runs the module, and
+    ``call.rerun_because`` says why). Call before the backward, which frees the tensors
+    that a ``mul`` saved."""
     local = {id(p): k for k, p in call.params.items()}
     uses: list[Use] = []
     seen: set[tuple[int, int]] = set()
@@ -98,22 +103,52 @@ def plan(call: _Call, found: Iterable[tuple[Any, Tensor]], n: int, bd: int) -> l
         seen.add(key)
         slots = [i for i, (v, _) in enumerate(node.next_functions) if _variable(v) is p]
         shape = tuple(node._input_metadata[0].shape)
-        if len(node._input_metadata) != 1 or not _broadcasts(p, shape, n, bd):
+        op = type(node).__name__
+        use = _use(node, op, slots, local[id(p)], p, shape, n, bd)
+        if use is None:
+            call.rerun_because = (
+                f"its parameter {local[id(p)]!r} meets the batch in {op} (output "
+                f"{shape}), which is not an expand, add, sub or mul that broadcasts it "
+                f"along the batch dimension {bd}"
+            )
             return None
-        edge = GradientEdge(node, 0)
-        if type(node).__name__ == "MulBackward0":
-            if slots not in ([0], [1]):
-                return None  # p ⊙ p: not a product with the batch
-            other = node._saved_other if slots == [0] else node._saved_self
-            if not isinstance(other, Tensor):
-                return None
-            uses.append(Use(local[id(p)], edge, shape, 1.0, other))
-            continue
-        coefs = [_coef(node, i) for i in slots]
-        if not slots or any(c is None for c in coefs):
+        also = _also_n(p, shape, n, bd)
+        if also:
+            call.rerun_because = (
+                f"its parameter {local[id(p)]!r} is broadcast by {op} to {shape}, whose "
+                f"dimensions {also} have as many entries as the batch ({n}), so which of "
+                "them is the batch cannot be told; with another batch size the gradient is "
+                "read from the graph and nothing is re-run"
+            )
             return None
-        uses.append(Use(local[id(p)], edge, shape, sum(c for c in coefs if c is not None), None))
+        uses.append(use)
     return uses
+
+
+def _use(
+    node: Any,
+    op: str,
+    slots: list[int],
+    local: str,
+    p: Tensor,
+    shape: tuple[int, ...],
+    n: int,
+    bd: int,
+) -> Use | None:
+    """The use of ``p`` in ``node`` (its inputs ``slots``), or None where the table does
+    not cover it."""
+    if len(node._input_metadata) != 1 or not _broadcasts(p, shape, n, bd):
+        return None
+    edge = GradientEdge(node, 0)
+    if op == "MulBackward0":
+        if slots not in ([0], [1]):
+            return None  # p ⊙ p: not a product with the batch
+        other = node._saved_other if slots == [0] else node._saved_self
+        return Use(local, edge, shape, 1.0, other) if isinstance(other, Tensor) else None
+    coefs = [_coef(node, i) for i in slots]
+    if not slots or any(c is None for c in coefs):
+        return None
+    return Use(local, edge, shape, sum(c for c in coefs if c is not None), None)
 
 
 def _variable(node: Any) -> Any:

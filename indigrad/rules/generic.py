@@ -68,9 +68,11 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
     except RuntimeError as err:
         if "randomness" not in str(err):
             raise
+        why = f" It is re-run because {call.rerun_because}." if call.rerun_because else ""
         raise RuntimeError(
             f"{call.label} has no rule of its own, and the generic rule cannot re-run its "
-            "forward because it draws random numbers (dropout in training mode?). Put the "
-            "module in eval mode, or register a rule for it with indigrad.register_rule."
+            "forward because it draws random numbers (dropout in training mode?)."
+            f"{why} Put the module in eval mode, or register a rule for it with "
+            "indigrad.register_rule."
         ) from err
     return out

@@ -8,7 +8,7 @@ on the parameters and each example's gradient is the last step by hand:
 
     LayerNorm, RMSNorm       x (n, *, *S), γ and β of shape S; positions r: the * dims
     GroupNorm, InstanceNorm, x (n, C, *), γ and β of shape (C,); positions r: the * dims
-    BatchNorm (eval)
+    BatchNorm (eval), torchvision's LayerNorm2d (ConvNeXt: LayerNorm over the channels)
 
 Summing over the positions ``r`` that share the parameters (no reshape, no copy):
 
@@ -125,6 +125,12 @@ def _rms_norm(module: Any, x: Tensor) -> Tensor:
 
 def _group_norm(module: Any, x: Tensor) -> Tensor:
     return torch.group_norm(x, module.num_groups, None, None, module.eps)  # (n, C, *)
+
+
+def _layer_norm_2d(module: Any, x: Tensor) -> Tensor:
+    """torchvision's ``LayerNorm2d``: LayerNorm over the channels of (n, C, H, W)."""
+    xhat = torch.layer_norm(x.permute(0, 2, 3, 1), module.normalized_shape, None, None, module.eps)
+    return xhat.permute(0, 3, 1, 2)  # (n, C, H, W)
 
 
 def _instance_norm(module: Any, x: Tensor) -> Tensor:
@@ -312,5 +318,9 @@ LAYER_NORM = register_rule(
 RMS_NORM = _make_rule(nn.RMSNorm, _rms_norm, _trailing_only, params_last=True)
 GROUP_NORM = register_rule(nn.GroupNorm, Rule(_group_norm_grads, saved=_group_norm_saved))
 INSTANCE_NORM = _make_rule(_InstanceNorm, _instance_norm, _channels_second, params_last=False)
+LAYER_NORM_2D = register_rule(  # by name: torchvision need not be installed
+    "torchvision.models.convnext.LayerNorm2d",
+    grads=_make_grads(_layer_norm_2d, _channels_second, params_last=False),
+)
 BATCH_NORM = _make_rule(_BatchNorm, _batch_norm, _running_stats, params_last=False)
 SYNC_BATCH_NORM = register_rule(nn.SyncBatchNorm, BATCH_NORM)  # eval mode: F.batch_norm too
