@@ -40,6 +40,7 @@ class _Entry:
         self.n = n
         self.rule: Rule | None = call.rule
         self._grads: dict[str, Tensor] | None = None
+        self._prepared: Any = None  # the rule's ``prepare`` result, once asked for
         if self.rule is not None:
             bd = 0 if self.rule.raw_layout else cap.batch_dim  # raw: nothing is moved
             dtype = _param_dtype(call)
@@ -90,7 +91,7 @@ class _Entry:
                     self._grads = generic_grads(self.call, self.n, self.cap.batch_dim)
             else:
                 self._grads = self._own(
-                    self.rule.grads(self.call.module, self.inputs, self.G), "grads"
+                    self.rule.grads(self.call.module, self.inputs, self._g()), "grads"
                 )
         return self._grads
 
@@ -111,7 +112,8 @@ class _Entry:
         ``take(local_name, g)`` accepts (for a :class:`Joint`) are left out."""
         if self._fast(clipping):
             assert self.rule is not None and self.rule.sq_norms is not None
-            return self._own(self.rule.sq_norms(self.call.module, self.inputs, self.G), "sq_norms")
+            sq = self.rule.sq_norms(self.call.module, self.inputs, self._g())
+            return self._own(sq, "sq_norms")
         grads = self.grads().items()
         return {k: _sq_norm(g) for k, g in grads if take is None or not take(k, g)}
 
@@ -122,10 +124,20 @@ class _Entry:
         if self._grads is None and fast and self.n > 0:
             assert self.rule is not None and self.rule.weighted_sum is not None
             return self._own(
-                self.rule.weighted_sum(self.call.module, self.inputs, self.G, coef),
+                self.rule.weighted_sum(self.call.module, self.inputs, self._g(), coef),
                 "weighted_sum",
             )
         return {k: _contract(coef, g) for k, g in self.grads().items() if k not in skip}
+
+    def _g(self) -> Any:
+        """What the rule's functions take as ``G``: the rule's ``prepare`` result, computed
+        once for the call, where it has one."""
+        rule = self.rule
+        if rule is None or rule.prepare is None:
+            return self.G
+        if self._prepared is None:
+            self._prepared = rule.prepare(self.call.module, self.inputs, self.G)
+        return self._prepared
 
     def held(self) -> int:
         """Floating-point elements this call still holds: its inputs and output gradients
@@ -140,7 +152,7 @@ class _Entry:
         materialised gradients) once it is no longer needed."""
         if not keep_grads:
             self._grads = None
-        self.inputs, self.G = (), None
+        self.inputs, self.G, self._prepared = (), None, None
         call = self.call
         call.args, call.kwargs, call.grad_outputs, call.versions = (), {}, (), []
         call.saved, call.direct, call.inner_value = None, None, None

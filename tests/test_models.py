@@ -159,6 +159,54 @@ def test_gpt2_tied_embeddings():
     _check(model, _lm_losses(model), ids)
 
 
+def _hf_vit(dropout):
+    transformers = _require("transformers")
+    config = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_labels=3,
+        hidden_dropout_prob=dropout,
+    )
+    torch.manual_seed(0)
+    return transformers.ViTForImageClassification(config).double()
+
+
+def test_hugging_face_vit(monkeypatch):
+    """Its embeddings' class token and position embeddings are read from the graph."""
+    from indigrad import quantities
+
+    model = _hf_vit(0.0).eval()
+
+    def rerun(call, n, bd):
+        raise AssertionError(f"the generic rule re-ran {call.label}")
+
+    monkeypatch.setattr(quantities, "generic_grads", rerun)
+
+    def losses(x, y):
+        return F.cross_entropy(model(pixel_values=x).logits, y, reduction="none")
+
+    _check(model, losses, torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 1]))
+
+
+def test_hugging_face_vit_with_dropout_in_training_mode():
+    """Dropout right after the embeddings' position embedding (which the generic rule
+    could not re-run): the per-example gradients of one forward sum to its batch gradient."""
+    model = _hf_vit(0.2).train()
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
+    torch.manual_seed(3)
+    with indigrad.capture(model) as cap:
+        grads = cap.grads(F.cross_entropy(model(pixel_values=x).logits, y, reduction="none"))
+    torch.manual_seed(3)
+    F.cross_entropy(model(pixel_values=x).logits, y, reduction="sum").backward()
+    for k, p in model.named_parameters():
+        expected = torch.zeros_like(p) if p.grad is None else p.grad  # the unused mask token
+        torch.testing.assert_close(grads[k].sum(0), expected, msg=k)
+
+
 def test_bert_sequence_classification():
     transformers = _require("transformers")
     config = transformers.BertConfig(

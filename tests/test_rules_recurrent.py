@@ -369,3 +369,32 @@ def test_unbatched_input_is_an_error():
     with indigrad.capture(gru) as cap, pytest.raises(RuntimeError, match="unbatched"):
         out, _ = gru(torch.randn(5, 3, dtype=torch.float64))
         cap.grads(out.sum(1))
+
+
+@pytest.mark.parametrize("materialise", [False, True], ids=["ghost", "materialised"])
+def test_recurrence_is_recomputed_once_per_call(materialise, monkeypatch):
+    """A clipped sum needs the norms and the weighted sum of every gate; the recurrence
+    behind them is recomputed once per call, not once per quantity."""
+    from indigrad.rules import _cost, recurrent
+
+    monkeypatch.setattr(_cost, "materialise_to_clip", lambda *a, **k: materialise)
+    torch.manual_seed(0)
+    model = Classifier(nn.LSTM).double()
+    tokens, features = torch.randint(0, 11, (5, 7)), torch.randn(5, 2, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    calls = []
+    real = recurrent._pieces
+    monkeypatch.setattr(recurrent, "_pieces", lambda *a: calls.append(1) or real(*a))
+    with indigrad.capture(model) as cap:
+        cap.clip_(F.cross_entropy(model(tokens, features), y, reduction="none"), max_norm=0.1)
+    assert len(calls) == 1
+    calls.clear()
+    with indigrad.capture(model) as cap:
+        per = cap.backward(F.cross_entropy(model(tokens, features), y, reduction="none"))
+        per.norms(), per.grads()
+    assert len(calls) == 1
+
+    def losses(tokens, features, y):
+        return F.cross_entropy(model(tokens, features), y, reduction="none")
+
+    indigrad.testing.check(model, losses, tokens, features, y)

@@ -238,16 +238,46 @@ def convnext_problem(
     return Problem(name, make, x, y, _cross_entropy)
 
 
+class RNNClassifier(nn.Module):
+    """Token embeddings, a 2-layer ``nn.LSTM`` (or GRU, RNN), a head on the last step."""
+
+    def __init__(self, kind: str, vocab: int, d: int, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.rnn = getattr(nn, kind)(d, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, ids: Tensor) -> Tensor:  # (n, T)
+        out, _ = self.rnn(self.embed(ids))  # (n, T, hidden)
+        return self.head(out[:, -1])  # (n, classes)
+
+
+def lstm_problem(batch: int = 32, T: int = 32, hidden: int = 128, device: str = "cpu") -> Problem:
+    """A 2-layer LSTM classifier on random tokens: its rule recomputes the recurrence."""
+    g = _generator(device)
+    ids = torch.randint(0, 1000, (batch, T), device=device, generator=g)
+    y = torch.randint(0, 5, (batch,), device=device, generator=g)
+    return Problem(
+        f"LSTM 2×{hidden}, T={T}, n={batch}",
+        lambda: RNNClassifier("LSTM", 1000, 64, hidden, 5),
+        ids,
+        y,
+        _cross_entropy,
+    )
+
+
 def extras(device: str = "cpu", sizes: str | None = None) -> dict[str, Callable[[], Problem]]:
-    """Problems beside the zoo, run when named (``indigrad bench --problems vit,convnext``)."""
+    """Problems beside the zoo, run when named (``indigrad bench --problems vit,convnext,lstm``)."""
     if (sizes or device) == "cpu":
         return {
             "vit": lambda: vit_problem(batch=32, device=device),
             "convnext": lambda: convnext_problem(batch=32, device=device),
+            "lstm": lambda: lstm_problem(device=device),
         }
     return {
         "vit": lambda: vit_problem(256, 6, 384, 6, device=device),
         "convnext": lambda: convnext_problem(256, (64, 128, 256), device=device),
+        "lstm": lambda: lstm_problem(256, 64, 512, device=device),
     }
 
 

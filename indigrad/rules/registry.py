@@ -60,6 +60,11 @@ class Rule:
             before the backward frees what that node saved, for a rule that reuses what
             the forward computed (GroupNorm's statistics). Its result comes last in the
             rule's ``inputs``; a rule called without a recorded graph gets no such entry.
+        prepare: ``(module, inputs, G) -> Any``, for rules whose three functions start with
+            the same expensive work (a recurrence or an attention core recomputed): run
+            once per call, the first time one of them is asked for, and its result is
+            passed to them in place of ``G``. They should accept ``G`` itself too, for
+            calls without ``prepare``.
         inner: ``(module, node, stop) -> Inner | None``, called like ``saved`` (``stop``:
             the nodes of the call's tensor inputs, where the call's part of the graph
             ends), for a rule that reads the forward's intermediate results and the
@@ -83,6 +88,7 @@ class Rule:
     materialise: MaterialiseFn | None = None
     saved: Callable[[Any], Any] | None = None
     inner: Callable[[nn.Module, Any, Sequence[Any]], Inner | None] | None = None
+    prepare: Callable[[nn.Module, tuple[Any, ...], Any], Any] | None = None
 
 
 class Inner(NamedTuple):
