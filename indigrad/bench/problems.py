@@ -219,7 +219,10 @@ def vit_problem(
 
 
 def convnext_problem(
-    batch: int = 32, widths: tuple[int, ...] = (32, 64, 128), device: str = "cpu"
+    batch: int = 32,
+    widths: tuple[int, ...] = (32, 64, 128),
+    device: str = "cpu",
+    stochastic_depth: float = 0.1,
 ) -> Problem:
     """torchvision's ConvNeXt on 32×32 images, two blocks per stage, stochastic depth 0.1
     (training mode draws it): 7×7 depthwise convs, LayerNorm2d, and each block's layer
@@ -229,7 +232,7 @@ def convnext_problem(
     def make() -> nn.Module:
         ends = [*widths[1:], None]
         stages = [CNBlockConfig(w, e, 2) for w, e in zip(widths, ends, strict=True)]
-        return ConvNeXt(stages, stochastic_depth_prob=0.1, num_classes=10)
+        return ConvNeXt(stages, stochastic_depth_prob=stochastic_depth, num_classes=10)
 
     g = _generator(device)
     x = torch.randn(batch, 3, 32, 32, device=device, generator=g)
