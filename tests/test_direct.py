@@ -4,6 +4,7 @@ the generic rule's fast path, against the per-example loop, and where it must st
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_sums_to_batch_gradient
 from torch import nn
 
 import indigrad
@@ -11,16 +12,6 @@ from indigrad import quantities
 from indigrad.rules import direct
 
 D = torch.float64
-
-
-@pytest.fixture
-def no_rerun(monkeypatch):
-    """Fail if the generic rule re-runs a module: the fast path must cover it."""
-
-    def rerun(call, n, bd):
-        raise AssertionError(f"the generic rule re-ran {call.label}")
-
-    monkeypatch.setattr(quantities, "generic_grads", rerun)
 
 
 @pytest.fixture
@@ -230,40 +221,13 @@ class DropoutToken(Token):
 
 def test_dropout_after_a_direct_use(no_rerun):
     """Random masks after the uses are the forward's own (no re-run has to reproduce
-    them): the per-example gradients sum to the batch gradient of the same forward, and
-    the norms and clipped sum agree with them."""
+    them)."""
     torch.manual_seed(0)
     x, y = _data()
     model = Net(DropoutToken(4, 3), 4, 3).train()
-    torch.manual_seed(1)
-    with indigrad.capture(model) as cap:
-        per = cap.backward(F.cross_entropy(model(x), y, reduction="none"))
-        grads, norms = per.grads(), per.norms()
-    torch.manual_seed(1)
-    F.cross_entropy(model(x), y, reduction="sum").backward()
-    for k, p in model.named_parameters():
-        batch = torch.zeros_like(p) if p.grad is None else p.grad  # the unused one: None
-        torch.testing.assert_close(grads[k].sum(0), batch, msg=k)
-        p.grad = None
-    torch.testing.assert_close(norms, indigrad.testing.norms_of(grads))
+
+    def losses(x, y):
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    grads, _ = assert_sums_to_batch_gradient(model, losses, x, y)
     assert grads["body.token"].abs().sum() > 0 and grads["body.unused"].abs().sum() == 0
-
-
-def test_vision_transformer_takes_the_fast_path(no_rerun):
-    tv = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = (
-        tv.models.VisionTransformer(
-            image_size=16,
-            patch_size=8,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=8,
-            mlp_dim=16,
-            num_classes=3,
-        )
-        .double()
-        .eval()
-    )
-    x, y = torch.randn(3, 3, 16, 16, dtype=D), torch.tensor([0, 2, 1])
-    _check(model, x, y)

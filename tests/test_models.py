@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_sums_to_batch_gradient
 from torch import nn
 
 import indigrad
@@ -68,7 +69,9 @@ def test_resnet18(norm):
     _check(model, _ce(model), x, y)
 
 
-def test_vision_transformer():
+def test_vision_transformer(no_rerun):
+    """Its class token (the model's own) and position embedding (the encoder's) are read
+    from the graph, as is its self-attention."""
     tv = _require("torchvision")
     torch.manual_seed(0)
     model = tv.models.VisionTransformer(
@@ -93,36 +96,22 @@ def _convnext(stochastic_depth_prob):
     return ConvNeXt(settings, stochastic_depth_prob, num_classes=3).double(), tv
 
 
-def test_convnext(monkeypatch):
+def test_convnext(no_rerun):
     """Depthwise 7×7 convs, torchvision's LayerNorm2d and each block's layer scale (a raw
     parameter, read from the graph): nothing is re-run by the generic rule."""
-    from indigrad import quantities
-
     model, _ = _convnext(0.0)
-
-    def rerun(call, n, bd):
-        raise AssertionError(f"the generic rule re-ran {call.label}")
-
-    monkeypatch.setattr(quantities, "generic_grads", rerun)
     x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 2, 1])
     _check(model, _ce(model), x, y)
 
 
-def test_convnext_with_stochastic_depth_in_training_mode():
-    """Stochastic depth drops blocks at random: the per-example gradients of one forward
-    sum to that forward's batch gradient (the loop would draw other masks)."""
+def test_convnext_with_stochastic_depth_in_training_mode(no_rerun):
+    """Stochastic depth drops blocks at random, which a re-run could not reproduce."""
     model, _ = _convnext(0.5)
     model.train()
     # n = 5: no feature map is 5 wide, so every layer scale is read from the graph (with
     # n = 4 the 4×4 maps could be the batch as well, and the blocks would be re-run)
     x, y = torch.randn(5, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
-    torch.manual_seed(3)
-    with indigrad.capture(model) as cap:
-        grads = cap.grads(F.cross_entropy(model(x), y, reduction="none"))
-    torch.manual_seed(3)
-    F.cross_entropy(model(x), y, reduction="sum").backward()
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(grads[k].sum(0), p.grad, msg=k)
+    assert_sums_to_batch_gradient(model, _ce(model), x, y)
 
 
 def _gpt2(**kw):
@@ -175,36 +164,23 @@ def _hf_vit(dropout):
     return transformers.ViTForImageClassification(config).double()
 
 
-def test_hugging_face_vit(monkeypatch):
+def _vit_losses(model):
+    return lambda x, y: F.cross_entropy(model(pixel_values=x).logits, y, reduction="none")
+
+
+def test_hugging_face_vit(no_rerun):
     """Its embeddings' class token and position embeddings are read from the graph."""
-    from indigrad import quantities
-
     model = _hf_vit(0.0).eval()
-
-    def rerun(call, n, bd):
-        raise AssertionError(f"the generic rule re-ran {call.label}")
-
-    monkeypatch.setattr(quantities, "generic_grads", rerun)
-
-    def losses(x, y):
-        return F.cross_entropy(model(pixel_values=x).logits, y, reduction="none")
-
-    _check(model, losses, torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 1]))
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
+    _check(model, _vit_losses(model), x, y)
 
 
-def test_hugging_face_vit_with_dropout_in_training_mode():
-    """Dropout right after the embeddings' position embedding (which the generic rule
-    could not re-run): the per-example gradients of one forward sum to its batch gradient."""
+def test_hugging_face_vit_with_dropout_in_training_mode(no_rerun):
+    """Dropout right after the embeddings' position embedding, which a re-run could not
+    reproduce."""
     model = _hf_vit(0.2).train()
     x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
-    torch.manual_seed(3)
-    with indigrad.capture(model) as cap:
-        grads = cap.grads(F.cross_entropy(model(pixel_values=x).logits, y, reduction="none"))
-    torch.manual_seed(3)
-    F.cross_entropy(model(pixel_values=x).logits, y, reduction="sum").backward()
-    for k, p in model.named_parameters():
-        expected = torch.zeros_like(p) if p.grad is None else p.grad  # the unused mask token
-        torch.testing.assert_close(grads[k].sum(0), expected, msg=k)
+    assert_sums_to_batch_gradient(model, _vit_losses(model), x, y)
 
 
 def test_bert_sequence_classification():

@@ -116,6 +116,13 @@ def _token_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(n * T, V), y.reshape(n * T), reduction="none").view(n, T)
 
 
+def _images(batch: int, device: str) -> tuple[Tensor, Tensor]:
+    """Random 32×32 RGB images and labels of 10 classes, the same for a seed and device."""
+    g = _generator(device)
+    x = torch.randn(batch, 3, 32, 32, device=device, generator=g)  # (n, 3, 32, 32)
+    return x, torch.randint(0, 10, (batch,), device=device, generator=g)  # (n,)
+
+
 def _generator(device: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(1)
 
@@ -143,9 +150,7 @@ def mlp_problem(
 
 def cnn_problem(batch: int = 64, width: int = 32, device: str = "cpu") -> Problem:
     """The GroupNorm CNN on random 32×32 images."""
-    g = _generator(device)
-    x = torch.randn(batch, 3, 32, 32, device=device, generator=g)
-    y = torch.randint(0, 10, (batch,), device=device, generator=g)
+    x, y = _images(batch, device)  # (n, 3, 32, 32), (n,)
     return Problem(
         f"GroupNorm CNN w={width}, 32², n={batch}",
         lambda: small_cnn(10, width),
@@ -162,9 +167,7 @@ def resnet18_problem(batch: int = 32, device: str = "cpu") -> Problem:
     def make() -> nn.Module:
         return torchvision.models.resnet18(num_classes=10, norm_layer=lambda c: nn.GroupNorm(32, c))
 
-    g = _generator(device)
-    x = torch.randn(batch, 3, 32, 32, device=device, generator=g)
-    y = torch.randint(0, 10, (batch,), device=device, generator=g)
+    x, y = _images(batch, device)  # (n, 3, 32, 32), (n,)
     return Problem(f"ResNet-18 GroupNorm, 32², n={batch}", make, x, y, _cross_entropy)
 
 
@@ -212,9 +215,7 @@ def vit_problem(
             num_classes=10,
         )
 
-    g = _generator(device)
-    x = torch.randn(batch, 3, 32, 32, device=device, generator=g)
-    y = torch.randint(0, 10, (batch,), device=device, generator=g)
+    x, y = _images(batch, device)  # (n, 3, 32, 32), (n,)
     return Problem(f"ViT {layers}×{d}, 32² in 4² patches, n={batch}", make, x, y, _cross_entropy)
 
 
@@ -234,9 +235,7 @@ def convnext_problem(
         stages = [CNBlockConfig(w, e, 2) for w, e in zip(widths, ends, strict=True)]
         return ConvNeXt(stages, stochastic_depth_prob=stochastic_depth, num_classes=10)
 
-    g = _generator(device)
-    x = torch.randn(batch, 3, 32, 32, device=device, generator=g)
-    y = torch.randint(0, 10, (batch,), device=device, generator=g)
+    x, y = _images(batch, device)  # (n, 3, 32, 32), (n,)
     name = f"ConvNeXt {'-'.join(map(str, widths))} ×2, 32², n={batch}"
     return Problem(name, make, x, y, _cross_entropy)
 
