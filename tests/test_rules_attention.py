@@ -94,6 +94,7 @@ CFGS = [
         vdim=3,
     ),
     Cfg("weights_only", need_weights=True, weights_loss=True, output_loss=False, add_bias_kv=True),
+    Cfg("weights_only_self", need_weights=True, weights_loss=True, output_loss=False),
     Cfg(
         "weights_masked",
         need_weights=True,

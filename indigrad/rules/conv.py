@@ -264,18 +264,20 @@ def conv_materialise(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, clip
 
 # Devices where a depthwise conv's per-example gradients come from one convolution rather
 # than im2col and a batched product: on a CPU, for ConvNeXt's 7×7 depthwise convs at
-# n = 32 (float32), 0.45–1.1 ms against 2.7–3.9 ms per call.
+# n = 32 (float32), 0.45–1.1 ms against 2.7–3.9 ms per call. Not in float64, whose CPU
+# convolution of n·C groups took 16–34 ms against 2.5–4 ms.
 _DEPTHWISE_BY_CONV = {"cpu"}
 _CONV_FORWARD = (F.conv1d, F.conv2d, F.conv3d)
 
 
 def _depthwise(conv: _ConvNd, x: Tensor) -> bool:
-    """A conv with one input channel per group (depthwise, with any multiplier), on a
-    device where :func:`_depthwise_grads` applies."""
+    """A grouped conv with one input channel per group (depthwise, with any multiplier),
+    on a device where :func:`_depthwise_grads` applies."""
     return (
         not conv.transposed
-        and conv.groups == conv.in_channels
+        and 1 < conv.groups == conv.in_channels
         and x.device.type in _DEPTHWISE_BY_CONV
+        and x.dtype != torch.float64
     )
 
 
@@ -286,10 +288,8 @@ def _depthwise_grads(conv: _ConvNd, x: Tensor, G: Tensor) -> Tensor:
     dilation swapped. ``(n, C_out, 1, *k)``."""
     n, C, C_out = x.shape[0], x.shape[1], G.shape[1]
     xp = _pad(conv, x)  # (n, C, *padded)
-    d = _dims(conv)
-    W = _CONV_FORWARD[
-        d - 1
-    ](
+    conv_nd = _CONV_FORWARD[_dims(conv) - 1]
+    W = conv_nd(
         xp.reshape(1, n * C, *xp.shape[2:]),  # (1, n·C, *padded)
         G.reshape(n * C_out, 1, *G.shape[2:]),  # (n·C_out, 1, *out)
         None,
