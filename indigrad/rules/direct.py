@@ -18,7 +18,10 @@ module:
 parameter used several times sums its uses. The path is taken for a call only when every
 use of every one of the module's own trainable parameters is such an op, on an output
 with ``n`` entries in the batch dimension where the parameter has one; otherwise the
-generic rule re-runs the module per example, as before.
+generic rule re-runs the module per example, as before. So does a use whose output has
+``n`` entries in another dimension along which the parameter is broadcast too: a layout
+transposed inside the module (sequence first, with T = n) would make that dimension the
+batch, and the two cannot be told apart (the generic rule's errors then say so).
 
 A module of the root's (a torchvision ``VisionTransformer`` owns its class token) would
 otherwise re-run the whole model for each example.
