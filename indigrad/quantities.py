@@ -25,7 +25,7 @@ from ._precision import _exact, _param_dtype, _upcast
 from .rules import Rule, _cost, tied
 from .rules import direct as _direct
 from .rules.generic import generic_grads
-from .rules.registry import Taken
+from .rules.registry import Prepared, Taken
 
 if TYPE_CHECKING:
     from .capture import _Call, capture
@@ -136,7 +136,7 @@ class _Entry:
         if rule is None or rule.prepare is None:
             return self.G
         if self._prepared is None:
-            self._prepared = rule.prepare(self.call.module, self.inputs, self.G)
+            self._prepared = Prepared(rule.prepare(self.call.module, self.inputs, self.G))
         return self._prepared
 
     def held(self) -> int:

@@ -382,9 +382,9 @@ def test_recurrence_is_recomputed_once_per_call(materialise, monkeypatch):
     model = Classifier(nn.LSTM).double()
     tokens, features = torch.randint(0, 11, (5, 7)), torch.randn(5, 2, dtype=torch.float64)
     y = torch.randint(0, 3, (5,))
-    calls = []
-    real = recurrent._pieces
-    monkeypatch.setattr(recurrent, "_pieces", lambda *a: calls.append(1) or real(*a))
+    calls = []  # unrolled recurrences
+    real = recurrent._unroll
+    monkeypatch.setattr(recurrent, "_unroll", lambda *a: calls.append(1) or real(*a))
     with indigrad.capture(model) as cap:
         cap.clip_(F.cross_entropy(model(tokens, features), y, reduction="none"), max_norm=0.1)
     assert len(calls) == 1

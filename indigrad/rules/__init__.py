@@ -12,9 +12,11 @@ from . import normalization as normalization
 from . import recurrent as recurrent
 from .registry import (
     Inner,
+    Prepared,
     Rule,
     Taken,
     lookup_rule,
+    prepared,
     register_rule,
     registered_rules,
     unregister_rule,
@@ -22,9 +24,11 @@ from .registry import (
 
 __all__ = [
     "Inner",
+    "Prepared",
     "Rule",
     "Taken",
     "lookup_rule",
+    "prepared",
     "register_rule",
     "registered_rules",
     "unregister_rule",

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 from .linear import linear_grads, linear_sq_norms, linear_weighted_sum
-from .registry import Inner, Rule, Taken, register_rule
+from .registry import Inner, Rule, Taken, prepared, register_rule
 
 _DEFAULTS = (None, True, None, True, False)  # key_padding_mask … is_causal
 
@@ -376,27 +376,6 @@ def _pieces(
     return pieces, direct
 
 
-class _Prepared(NamedTuple):
-    """The Linear maps of one call (and ``bias_k``/``bias_v``'s gradients), built once for
-    its grads, norms and weighted sum."""
-
-    pieces: list[_Proj]
-    direct: dict[str, Tensor]
-
-
-def attention_prepare(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> _Prepared:
-    return _Prepared(*_pieces(module, inputs, G))
-
-
-def _shared(
-    module: nn.Module, inputs: tuple[Any, ...], G: Any
-) -> tuple[list[_Proj], dict[str, Tensor]]:
-    """The call's pieces: prepared once, or built for a rule function called alone."""
-    if isinstance(G, _Prepared):
-        return G.pieces, G.direct
-    return _pieces(module, inputs, G)
-
-
 _Blocks = dict[str, list[tuple[slice, Tensor]]]
 
 
@@ -422,14 +401,14 @@ def _join(blocks: _Blocks, dim: int) -> dict[str, Tensor]:
 
 
 def attention_grads(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> dict[str, Tensor]:
-    pieces, direct = _shared(module, inputs, G)
+    pieces, direct = prepared(_pieces, module, inputs, G)
     out = dict(direct)  # a new dict: the prepared one is shared with the other functions
     out.update(_join(_collect(pieces, linear_grads), 1))  # (n, *param.shape)
     return out
 
 
 def attention_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> dict[str, Tensor]:
-    pieces, direct = _shared(module, inputs, G)
+    pieces, direct = prepared(_pieces, module, inputs, G)
     out = {k: g.flatten(1).square().sum(1) for k, g in direct.items()}  # (n,)
     for name, parts in _collect(pieces, linear_sq_norms).items():
         out[name] = torch.stack([t for _, t in parts]).sum(0)  # (n,): disjoint rows add
@@ -439,7 +418,7 @@ def attention_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> di
 def attention_weighted_sum(
     module: nn.Module, inputs: tuple[Any, ...], G: Any, coef: Tensor
 ) -> dict[str, Tensor]:
-    pieces, direct = _shared(module, inputs, G)
+    pieces, direct = prepared(_pieces, module, inputs, G)
     out = {k: torch.tensordot(coef.to(g.dtype), g, dims=1) for k, g in direct.items()}
     out.update(_join(_collect(pieces, linear_weighted_sum, coef), 0))  # param.shape
     return out
@@ -454,6 +433,6 @@ MULTIHEAD_ATTENTION = register_rule(
         raw_layout=True,
         subtree=True,
         inner=attention_inner,
-        prepare=attention_prepare,
+        prepare=_pieces,  # recomputed once per call where it is not read from the graph
     ),
 )

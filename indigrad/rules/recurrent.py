@@ -41,7 +41,7 @@ reproduced: an error.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .linear import linear_grads, linear_sq_norms, linear_weighted_sum
-from .registry import Rule, register_rule
+from .registry import Rule, prepared, register_rule
 
 _MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
 
@@ -256,24 +256,6 @@ def _pieces(
     return [(p, u.values[p.value], d[p.step]) for p in pieces]
 
 
-class _Prepared(NamedTuple):
-    """The pieces of one call, recomputed once for its grads, norms and weighted sum."""
-
-    pieces: list[tuple[_Piece, Tensor, Tensor]]  # (piece, A, G) of each Linear map
-
-
-def rnn_prepare(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> _Prepared:
-    return _Prepared(_pieces(module, inputs, G))
-
-
-_Pieces = list[tuple[_Piece, Tensor, Tensor]]
-
-
-def _shared(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> _Pieces:
-    """The call's pieces: prepared once, or recomputed for a rule function called alone."""
-    return G.pieces if isinstance(G, _Prepared) else _pieces(module, inputs, G)
-
-
 def _named(piece: _Piece, result: dict[str, Tensor]) -> dict[str, Tensor]:
     weight, bias = piece.names
     out = {weight: result["weight"]} if "weight" in result else {}
@@ -288,14 +270,14 @@ def _as_linear(piece: _Piece) -> nn.Module:
 
 def rnn_grads(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
-    for piece, A, Gp in _shared(module, inputs, G):  # (n, T, d_in), (n, T, d_out)
+    for piece, A, Gp in prepared(_pieces, module, inputs, G):  # (n, T, d_in), (n, T, d_out)
         out |= _named(piece, linear_grads(_as_linear(piece), (A,), Gp))
     return out
 
 
 def rnn_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
-    for piece, A, Gp in _shared(module, inputs, G):  # (n, T, d_in), (n, T, d_out)
+    for piece, A, Gp in prepared(_pieces, module, inputs, G):  # (n, T, d_in), (n, T, d_out)
         out |= _named(piece, linear_sq_norms(_as_linear(piece), (A,), Gp))
     return out
 
@@ -304,7 +286,7 @@ def rnn_weighted_sum(
     module: nn.Module, inputs: tuple[Any, ...], G: Any, coef: Tensor
 ) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
-    for piece, A, Gp in _shared(module, inputs, G):  # (n, T, d_in), (n, T, d_out)
+    for piece, A, Gp in prepared(_pieces, module, inputs, G):  # (n, T, d_in), (n, T, d_out)
         out |= _named(piece, linear_weighted_sum(_as_linear(piece), (A,), Gp, coef))
     return out
 
@@ -312,7 +294,7 @@ def rnn_weighted_sum(
 RNN, LSTM, GRU = (
     register_rule(
         cls,
-        Rule(rnn_grads, rnn_sq_norms, rnn_weighted_sum, raw_layout=True, prepare=rnn_prepare),
+        Rule(rnn_grads, rnn_sq_norms, rnn_weighted_sum, raw_layout=True, prepare=_pieces),
     )
     for cls in (nn.RNN, nn.LSTM, nn.GRU)
 )

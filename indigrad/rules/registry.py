@@ -63,8 +63,9 @@ class Rule:
         prepare: ``(module, inputs, G) -> Any``, for rules whose three functions start with
             the same expensive work (a recurrence or an attention core recomputed): run
             once per call, the first time one of them is asked for, and its result is
-            passed to them in place of ``G``. They should accept ``G`` itself too, for
-            calls without ``prepare``.
+            passed to them as ``Prepared(result)`` in place of ``G``. In the functions,
+            :func:`prepared` gives the result either way (computing it for a function
+            called directly, with ``G`` itself).
         inner: ``(module, node, stop) -> Inner | None``, called like ``saved`` (``stop``:
             the nodes of the call's tensor inputs, where the call's part of the graph
             ends), for a rule that reads the forward's intermediate results and the
@@ -97,6 +98,23 @@ class Inner(NamedTuple):
 
     value: Any
     edges: tuple[GradientEdge, ...]
+
+
+class Prepared(NamedTuple):
+    """A rule's ``prepare`` result for a call, as its functions receive it in place of ``G``."""
+
+    value: Any
+
+
+def prepared(
+    prepare: Callable[[nn.Module, tuple[Any, ...], Any], Any],
+    module: nn.Module,
+    inputs: tuple[Any, ...],
+    G: Any,
+) -> Any:
+    """In a rule's function: what ``prepare`` gives for this call, handed over by indigrad
+    (``G`` is then :class:`Prepared`) or computed now (``G`` is the output gradient)."""
+    return G.value if isinstance(G, Prepared) else prepare(module, inputs, G)
 
 
 class Taken(NamedTuple):
