@@ -389,19 +389,14 @@ class capture:
                 found = rule.inner(call.module, call.edges[0].node, call.boundary)
                 if found is not None:
                     call.inner_value, call.inner = found.value, list(found.edges)
-        edges = [e for call in calls for e in call.edges]
-        edges += [e for call in calls for e in call.inner]
+        edges = [e for call in calls for e in (*call.edges, *call.inner)]
         outs = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
         pos = 0
-        for call in calls:
-            call.grad_outputs = outs[pos : pos + len(call.edges)]
-            pos += len(call.edges)
-        for call in calls:
-            if call.inner:
-                call.inner_grads = outs[pos : pos + len(call.inner)]
-                pos += len(call.inner)
         reached = []
         for call in calls:
+            end = pos + len(call.edges)
+            call.grad_outputs, call.inner_grads = outs[pos:end], outs[end : end + len(call.inner)]
+            pos = end + len(call.inner)
             if all(g is None for g in call.grad_outputs):
                 continue
             for g in call.grad_outputs:
