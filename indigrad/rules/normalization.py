@@ -129,8 +129,7 @@ def _group_norm(module: Any, x: Tensor) -> Tensor:
 
 def _layer_norm_2d(module: Any, x: Tensor) -> Tensor:
     """torchvision's ``LayerNorm2d``: LayerNorm over the channels of (n, C, H, W)."""
-    xhat = torch.layer_norm(x.permute(0, 2, 3, 1), module.normalized_shape, None, None, module.eps)
-    return xhat.permute(0, 3, 1, 2)  # (n, C, H, W)
+    return _layer_norm(module, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (n, C, H, W)
 
 
 def _instance_norm(module: Any, x: Tensor) -> Tensor:
