@@ -380,7 +380,7 @@ class capture:
         for call in calls:  # before the backward, which frees what the nodes saved
             rule = call.rule
             if rule is None:
-                call.direct = _direct.plan(call, uses[call], n, bd)
+                call.direct = _direct.plan(call, uses[call], n, bd, calls)
                 call.inner = [use.edge for use in call.direct or ()]
                 continue
             if rule.saved is not None:

@@ -85,7 +85,7 @@ class _Entry:
                 params = self.call.params.items()
                 self._grads = {k: p.new_zeros((0, *p.shape)) for k, p in params}
             elif self.rule is None and self.call.direct is not None:
-                self._grads = _direct.grads(self.call, self.n, self.cap.batch_dim)
+                self._grads = _direct.grads(self.call, self.n)
             elif self.rule is None:
                 with self.cap._pause():
                     self._grads = generic_grads(self.call, self.n, self.cap.batch_dim)

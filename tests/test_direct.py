@@ -164,26 +164,66 @@ def test_other_uses_rerun_the_module(body, reruns):
     assert reruns and set(reruns) == {f"{type(module).__name__} 'body'"}
 
 
-def test_a_second_dimension_of_n_entries_reruns_the_module(reruns):
-    """With T = n a broadcast parameter cannot tell the batch from the positions: the
-    module is re-run rather than the batch guessed."""
+class Transposed(nn.Module):
+    """The batch moved inside the module: the parameters broadcast along it in dimension 1
+    (transposed) or 2 (permuted)."""
+
+    def __init__(self, d, how):
+        super().__init__()
+        shape = (d, 1) if how == "permute" else (d,)
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=D).reshape(shape))
+        self.b = nn.Parameter(torch.linspace(-0.2, 0.2, d, dtype=D).reshape(shape))
+        self.how = how
+
+    def forward(self, x):  # (n, T, d)
+        if self.how == "transpose":
+            h = x.transpose(-3, -2)  # (T, n, d)
+            return (torch.tanh(h * self.s) - self.b).transpose(0, 1)  # (n, T, d)
+        if self.how == "permute":
+            h = torch.tanh(x).permute(-2, -1, 0)  # (T, d, n)
+            return (torch.tanh(h * self.s) - self.b).permute(2, 0, 1)  # (n, T, d)
+        # (1, n, T, d): a view, which the trace does not follow
+        return (torch.tanh(x.unsqueeze(0) * self.s) - self.b)[0]  # (n, T, d)
+
+
+class Viewed(Ops):
+    def forward(self, x):  # (n, T, d): a view between the input and the uses
+        return super().forward(x.flatten(1).view(x.shape))
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_the_batch_is_traced_through_the_graph(n, no_rerun):
+    """Where a parameter is broadcast along more than one dimension of ``n`` entries (T =
+    n), or along one that is not the capture's batch dimension (a layout transposed inside
+    the module), the batch is traced back to the module's input."""
+    torch.manual_seed(0)
+    x, y = _data(n=n, T=3)
+    for body in (Ops(4), Transposed(4, "transpose"), Transposed(4, "permute")):
+        _check(Net(body, 4, 3), x, y)
+
+
+def test_an_untraceable_batch_reruns_the_module(reruns):
+    """Through a view the batch cannot be traced: with T = n the module is re-run rather
+    than the batch guessed; with another batch size the capture's batch dimension is the
+    only candidate, and nothing is re-run."""
     torch.manual_seed(0)
     x, y = _data(n=3, T=3)
-    model = Net(Ops(4), 4, 3)
-    _check(model, x, y)
-    assert set(reruns) == {"Ops 'body'"}
+    _check(Net(Viewed(4), 4, 3), x, y)
+    assert set(reruns) == {"Viewed 'body'"}
     reruns.clear()
     x, y = _data(n=4, T=3)
-    _check(model, x, y)
+    _check(Net(Viewed(4), 4, 3), x, y)
     assert reruns == []
+    _check(Net(Transposed(4, "unsqueeze"), 4, 3), x, y)  # the batch in dimension 1
+    assert reruns == ["Transposed 'body'"] * len(reruns) and reruns
 
 
 def test_why_a_module_with_randomness_cannot_be_rerun():
     """Where the graph cannot be read, the error says why the module had to be re-run."""
     torch.manual_seed(0)
-    model = Net(DropoutOps(4), 4, 3).train()
+    model = Net(DropoutViewed(4), 4, 3).train()
     x, y = _data(n=3, T=3)  # (3, 3, 4): positions as many as examples
-    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"dimensions \[1\]"):
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"dimensions \[0, 1\]"):
         cap.grads(F.cross_entropy(model(x), y, reduction="none"))
     x, y = _data(n=4, T=3)
     with indigrad.capture(model) as cap:  # another batch size: read from the graph
@@ -193,7 +233,7 @@ def test_why_a_module_with_randomness_cannot_be_rerun():
         cap.grads(F.cross_entropy(model(x), y, reduction="none"))
 
 
-class DropoutOps(Ops):
+class DropoutViewed(Viewed):
     def forward(self, x):
         return F.dropout(super().forward(x), 0.5, self.training)
 
@@ -205,9 +245,10 @@ class DropoutMatmul(MatmulScale):
 
 def test_broadcast_test():
     p = torch.zeros(1, 1, 4)
-    assert direct._broadcasts(p, (5, 3, 4), 5, 0) and not direct._also_n(p, (5, 3, 4), 5, 0)
-    assert direct._also_n(p, (5, 5, 4), 5, 0) == [1]  # positions as many as examples
-    assert direct._broadcasts(p, (1, 1, 4), 1, 0) and not direct._also_n(p, (1, 1, 4), 1, 0)
+    assert direct._broadcasts(p, (5, 3, 4), 5, 0) and direct._candidates(p, (5, 3, 4), 5) == [0]
+    assert direct._candidates(p, (5, 5, 4), 5) == [0, 1]  # positions as many as examples
+    assert direct._candidates(torch.zeros(5, 1, 4), (5, 5, 4), 5) == [1]
+    assert direct._broadcasts(p, (1, 1, 4), 1, 0)
     assert not direct._broadcasts(torch.zeros(5, 1, 4), (5, 3, 4), 5, 0)  # p has the batch's
     assert not direct._broadcasts(p, (3, 5, 4), 5, 0)  # dimension 0 is not the batch
     assert direct._broadcasts(torch.zeros(3, 1, 4), (3, 5, 4), 5, 1)

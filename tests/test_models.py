@@ -96,21 +96,24 @@ def _convnext(stochastic_depth_prob):
     return ConvNeXt(settings, stochastic_depth_prob, num_classes=3).double(), tv
 
 
-def test_convnext(no_rerun):
+@pytest.mark.parametrize("n", [3, 4])
+def test_convnext(n, no_rerun):
     """Depthwise 7×7 convs, torchvision's LayerNorm2d and each block's layer scale (a raw
-    parameter, read from the graph): nothing is re-run by the generic rule."""
+    parameter, read from the graph): nothing is re-run by the generic rule. With n = 4 the
+    second stage's 4×4 maps have as many rows and columns as the batch: which is the batch
+    is traced through the block's permutation back to its last Linear."""
     model, _ = _convnext(0.0)
-    x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 2, 1])
+    x, y = torch.randn(n, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 2, 1, 1][:n])
     _check(model, _ce(model), x, y)
 
 
-def test_convnext_with_stochastic_depth_in_training_mode(no_rerun):
-    """Stochastic depth drops blocks at random, which a re-run could not reproduce."""
+@pytest.mark.parametrize("n", [4, 5, 8])
+def test_convnext_with_stochastic_depth_in_training_mode(n, no_rerun):
+    """Stochastic depth drops blocks at random, which a re-run could not reproduce; at
+    n = 4 and 8 the feature maps are as wide as the batch in one stage."""
     model, _ = _convnext(0.5)
     model.train()
-    # n = 5: no feature map is 5 wide, so every layer scale is read from the graph (with
-    # n = 4 the 4×4 maps could be the batch as well, and the blocks would be re-run)
-    x, y = torch.randn(5, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    x, y = torch.randn(n, 3, 32, 32, dtype=torch.float64), torch.arange(n) % 3
     assert_sums_to_batch_gradient(model, _ce(model), x, y)
 
 

@@ -18,10 +18,17 @@ module:
 parameter used several times sums its uses. The path is taken for a call only when every
 use of every one of the module's own trainable parameters is such an op, on an output
 with ``n`` entries in the batch dimension where the parameter has one; otherwise the
-generic rule re-runs the module per example, as before. So does a use whose output has
-``n`` entries in another dimension along which the parameter is broadcast too: a layout
-transposed inside the module (sequence first, with T = n) would make that dimension the
-batch, and the two cannot be told apart (the generic rule's errors then say so).
+generic rule re-runs the module per example, as before.
+
+Which dimension of the op's output is the batch: where the parameter is broadcast along
+only one dimension of ``n`` entries and that is the capture's batch dimension, that one.
+Where it is broadcast along several (a layer scale on ``(n, C, H, W)`` maps with ``H =
+n``), or along one elsewhere (a layout transposed inside the module), the op's other
+operand is followed back through the graph, through elementwise ops and permutations, to
+a tensor whose batch dimension is known: the module's input, or a recorded layer's
+output. The candidate that lands on that tensor's batch dimension is the batch. Where the
+path leads through anything else (a view, a matmul), the two cannot be told apart and the
+module is re-run (the generic rule's errors then say so).
 
 A module of the root's (a torchvision ``VisionTransformer`` owns its class token) would
 otherwise re-run the whole model for each example.
@@ -35,8 +42,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils._pytree import tree_leaves
 
+from .._graph import _POINTWISE
 from .._precision import _param_dtype, _upcast
 
 if TYPE_CHECKING:
@@ -52,6 +61,7 @@ class Use:
     shape: tuple[int, ...]  # the op's output shape, batch included
     coef: float  # the factor of G in the parameter's gradient (±α, or 1)
     other: Tensor | None  # mul: the other factor; None for a scaled G
+    batch: int  # the batch dimension of the op's output
 
 
 def _coef(node: Any, slot: int) -> float | None:
@@ -79,26 +89,28 @@ def _broadcasts(p: Tensor, shape: tuple[int, ...], n: int, bd: int) -> bool:
     return full[bd] == 1 and all(a in (1, b) for a, b in zip(full, shape, strict=True))
 
 
-def _also_n(p: Tensor, shape: tuple[int, ...], n: int, bd: int) -> list[int]:
-    """Dimensions of ``shape`` other than ``bd`` with ``n`` entries along which ``p`` is
-    broadcast: each could be the batch as well (a layout transposed inside the module,
-    with T = n), so indigrad refuses to guess."""
-    if n == 1:
-        return []  # summing a dimension of one entry or not is the same
+def _candidates(p: Tensor, shape: tuple[int, ...], n: int) -> list[int]:
+    """The dimensions of ``shape`` that could be the batch: ``n`` entries, along which
+    ``p`` is broadcast."""
+    if p.dim() > len(shape):
+        return []
     full = (1,) * (len(shape) - p.dim()) + tuple(p.shape)
-    pairs = enumerate(zip(full, shape, strict=True))
-    return [d for d, (a, b) in pairs if a == 1 and b == n and d != bd]
+    return [d for d, (a, b) in enumerate(zip(full, shape, strict=True)) if a == 1 and b == n]
 
 
-def plan(call: _Call, found: Iterable[tuple[Any, Tensor]], n: int, bd: int) -> list[Use] | None:
+def plan(
+    call: _Call, found: Iterable[tuple[Any, Tensor]], n: int, bd: int, calls: Iterable[_Call]
+) -> list[Use] | None:
     """The uses of ``call``'s parameters, from the edges ``(node, parameter)`` into their
     accumulators that the graph walk found inside the call; None where one of them is
     not an op of this module's table (the generic rule then re-runs the module, and
-    ``call.rerun_because`` says why). Call before the backward, which frees the tensors
-    that a ``mul`` saved."""
+    ``call.rerun_because`` says why). ``calls``: the capture's calls, whose outputs have
+    a known batch dimension. Call before the backward, which frees the tensors that a
+    ``mul`` saved."""
     local = {id(p): k for k, p in call.params.items()}
     uses: list[Use] = []
     seen: set[tuple[int, int]] = set()
+    known: set[tuple[Any, int]] | None = None  # built where a batch must be traced
     for node, p in found:
         key = (id(node), id(p))
         if key in seen:
@@ -107,21 +119,26 @@ def plan(call: _Call, found: Iterable[tuple[Any, Tensor]], n: int, bd: int) -> l
         slots = [i for i, (v, _) in enumerate(node.next_functions) if _variable(v) is p]
         shape = tuple(node._input_metadata[0].shape)
         op = type(node).__name__
-        use = _use(node, op, slots, local[id(p)], p, shape, n, bd)
+        cands = [bd] if n == 1 else _candidates(p, shape, n)  # n = 1: summed or not alike
+        batch: int | None = bd
+        if cands != [bd]:
+            if known is None:
+                known = _batched(call, calls, n, bd)
+            batch = _trace(node, slots, cands, bd, known) if cands else None
+        use = None if batch is None else _use(node, op, slots, local[id(p)], p, shape, n, batch)
+        if use is None and len(cands) > 1:
+            call.rerun_because = (
+                f"its parameter {local[id(p)]!r} is broadcast by {op} to {shape}, whose "
+                f"dimensions {cands} have as many entries as the batch ({n}), and the "
+                "graph does not show which of them is the batch; with another batch size "
+                "the gradient is read from the graph and nothing is re-run"
+            )
+            return None
         if use is None:
             call.rerun_because = (
                 f"its parameter {local[id(p)]!r} meets the batch in {op} (output "
                 f"{shape}), which is not an expand, add, sub or mul that broadcasts it "
                 f"along the batch dimension {bd}"
-            )
-            return None
-        also = _also_n(p, shape, n, bd)
-        if also:
-            call.rerun_because = (
-                f"its parameter {local[id(p)]!r} is broadcast by {op} to {shape}, whose "
-                f"dimensions {also} have as many entries as the batch ({n}), so which of "
-                "them is the batch cannot be told; with another batch size the gradient is "
-                "read from the graph and nothing is re-run"
             )
             return None
         uses.append(use)
@@ -136,29 +153,112 @@ def _use(
     p: Tensor,
     shape: tuple[int, ...],
     n: int,
-    bd: int,
+    batch: int,
 ) -> Use | None:
-    """The use of ``p`` in ``node`` (its inputs ``slots``), or None where the table does
-    not cover it."""
-    if len(node._input_metadata) != 1 or not _broadcasts(p, shape, n, bd):
+    """The use of ``p`` in ``node`` (its inputs ``slots``), with the batch in dimension
+    ``batch`` of its output, or None where the table does not cover it."""
+    if len(node._input_metadata) != 1 or not _broadcasts(p, shape, n, batch):
         return None
     edge = GradientEdge(node, 0)
     if op == "MulBackward0":
         if slots not in ([0], [1]):
             return None  # p ⊙ p: not a product with the batch
         other = node._saved_other if slots == [0] else node._saved_self
-        return Use(local, edge, shape, 1.0, other) if isinstance(other, Tensor) else None
+        if not isinstance(other, Tensor):
+            return None
+        return Use(local, edge, shape, 1.0, other, batch)
     coefs = [_coef(node, i) for i in slots]
     if not slots or any(c is None for c in coefs):
         return None
-    return Use(local, edge, shape, sum(c for c in coefs if c is not None), None)
+    return Use(local, edge, shape, sum(c for c in coefs if c is not None), None, batch)
+
+
+# Backward nodes (without their number) of ops whose output takes each input of its own
+# shape entry for entry: a dimension stays where it is through them.
+_UNARY = """Clone ToCopy Neg Abs Exp Log Sqrt Rsqrt Pow Tanh Sigmoid Relu LeakyRelu Gelu Silu
+Elu Hardtanh Hardswish Hardsigmoid Mish Softplus NativeDropout"""
+_SAME_PLACE = frozenset(
+    [k.rstrip("0123456789") for k in _POINTWISE] + [f"{op}Backward" for op in _UNARY.split()]
+)
+_LIMIT = 64  # nodes visited before giving up
+
+
+def _dim(d: int, ndim: int) -> int:
+    """A dimension saved by a node, possibly negative and stored unsigned, as 0..ndim-1."""
+    return (d - 2**64 if d >= 2**63 else d) % ndim
+
+
+def _batched(call: _Call, calls: Iterable[_Call], n: int, bd: int) -> set[tuple[Any, int]]:
+    """The edges ``(node, output_nr)`` of tensors whose batch dimension is ``bd``: the
+    recorded calls' outputs and ``call``'s inputs, where they have ``n`` entries there
+    (the assumption by which the capture reads them too)."""
+    known = set()
+    for c in calls:
+        if not c.broadcast:
+            for e in c.edges:
+                shape = e.node._input_metadata[e.output_nr].shape
+                if len(shape) > bd and shape[bd] == n:
+                    known.add((e.node, e.output_nr))
+    for t in tree_leaves((call.args, call.kwargs)):
+        if isinstance(t, Tensor) and t.requires_grad and t.dim() > bd and t.shape[bd] == n:
+            e = get_gradient_edge(t)
+            known.add((e.node, e.output_nr))
+    return known
+
+
+def _trace(
+    node: Any, slots: list[int], cands: list[int], bd: int, known: set[tuple[Any, int]]
+) -> int | None:
+    """Which of the dimensions ``cands`` of ``node``'s output is the batch: followed back
+    from the op's other operands, through ops that keep or permute dimensions, to a
+    tensor of ``known`` (batch in ``bd``). None where no path shows it."""
+    shape = tuple(node._input_metadata[0].shape)
+    start = tuple(cands)  # where each candidate is, in the tensor reached
+    stack = [
+        (v, nr, start)
+        for i, (v, nr) in enumerate(node.next_functions)
+        if i not in slots and v is not None and _shape(v, nr) == shape
+    ]
+    seen: set[tuple[Any, int, tuple[int, ...]]] = set()
+    while stack and len(seen) < _LIMIT:
+        v, nr, at = stack.pop()
+        if (v, nr) in known:
+            hits = [c for c, d in zip(cands, at, strict=True) if d == bd]
+            return hits[0] if len(hits) == 1 else None
+        if (v, nr, at) in seen:
+            continue
+        seen.add((v, nr, at))
+        kind = type(v).__name__.rstrip("0123456789")
+        here = _shape(v, nr)
+        if kind in _SAME_PLACE:
+            moved = at
+        elif kind == "PermuteBackward":  # output dimension j is input dimension dims[j]
+            dims = [_dim(d, len(here)) for d in v._saved_dims]
+            moved = tuple(dims[d] for d in at)
+        elif kind in ("TransposeBackward", "TBackward"):
+            a, b = (0, 1) if kind == "TBackward" else (v._saved_dim0, v._saved_dim1)
+            swap = {_dim(a, len(here)): _dim(b, len(here)), _dim(b, len(here)): _dim(a, len(here))}
+            moved = tuple(swap.get(d, d) for d in at)
+        else:
+            continue  # a view, a reduction, a product: the dimensions cannot be followed
+        for w, wnr in v.next_functions:
+            if w is None:
+                continue
+            if kind not in _SAME_PLACE or _shape(w, wnr) == here:
+                stack.append((w, wnr, moved))
+    return None
+
+
+def _shape(node: Any, nr: int) -> tuple[int, ...]:
+    """The shape of output ``nr`` of ``node``'s op."""
+    return tuple(node._input_metadata[nr].shape)
 
 
 def _variable(node: Any) -> Any:
     return getattr(node, "variable", None) if node is not None else None
 
 
-def grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
+def grads(call: _Call, n: int) -> dict[str, Tensor]:
     """Per-example gradients ``{local_name: (n, *shape)}`` of ``call``'s parameters from
     the gradients of their uses' outputs (``call.inner_grads``, in ``call.direct``'s
     order); zeros for a parameter whose uses got no gradient."""
@@ -169,14 +269,14 @@ def grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
         if G is None:
             continue
         p = call.params[use.local]
-        g = _upcast(G, dtype)  # (*shape), n at bd
+        g = _upcast(G, dtype)  # (*shape), n at use.batch
         if use.other is not None:
             g = g * _upcast(use.other, dtype)  # (*shape)
         elif use.coef != 1.0:
             g = g * use.coef  # (*shape)
-        g = g.movedim(bd, 0)  # (n, *rest)
+        g = g.movedim(use.batch, 0)  # (n, *rest)
         full = (1,) * (len(use.shape) - p.dim()) + tuple(p.shape)
-        rest = full[:bd] + full[bd + 1 :]
+        rest = full[: use.batch] + full[use.batch + 1 :]
         summed = [d + 1 for d, (a, b) in enumerate(zip(rest, g.shape[1:], strict=True)) if a < b]
         if summed:
             g = g.sum(summed, keepdim=True)  # (n, *rest of p)
