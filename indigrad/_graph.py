@@ -19,11 +19,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 # typed in some torch releases and not in others: looked up by name
 _ACCUMULATE = getattr(torch._C._functions, "AccumulateGrad")  # noqa: B009
+# reentrant activation checkpointing's node: the region's parameters are not behind it
+_REENTRANT = torch.utils.checkpoint.CheckpointFunction._backward_cls
 
 
 def _check_accounted(
@@ -73,6 +76,15 @@ def _check_accounted(
                 if name is not None and (u, id(v.variable)) not in accounted:
                     unaccounted = unaccounted or (name, u)
             elif v not in seen:
+                if type(v) is _REENTRANT:
+                    raise RuntimeError(
+                        "the forward runs a region under reentrant activation checkpointing "
+                        "(torch.utils.checkpoint with use_reentrant=True), which hides the "
+                        "region's layers from the autograd graph: their per-example "
+                        "gradients cannot be computed. Use use_reentrant=False (for Hugging "
+                        "Face models: gradient_checkpointing_enable(gradient_checkpointing_"
+                        'kwargs={"use_reentrant": False})).'
+                    )
                 seen.add(v)
                 stack.append(v)
 

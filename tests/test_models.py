@@ -151,6 +151,16 @@ def test_gpt2_tied_embeddings():
     _check(model, _lm_losses(model), ids)
 
 
+def test_gpt2_with_gradient_checkpointing():
+    """Each block's forward is recomputed in the backward; what the rules read from the
+    graph before it (LayerNorm statistics) comes from the recomputation."""
+    model = _gpt2()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # checkpointing is only active in training mode
+    ids = torch.randint(0, 50, (3, 7))
+    _check(model, _lm_losses(model), ids)
+
+
 def _hf_vit(dropout):
     transformers = _require("transformers")
     config = transformers.ViTConfig(
