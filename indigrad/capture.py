@@ -49,6 +49,8 @@ class _Call:
     boundary: list[Any]  # autograd nodes of the tensor inputs, at call time
     versions: list[tuple[Tensor, int]]  # tensor inputs and their version counters at call time
     broadcast: bool = False  # called without the batch dimension; outputs expanded to it
+    # broadcast: the call's own arguments and output shapes, before the expansion
+    shared: tuple[tuple[Any, ...], dict[str, Any], list[torch.Size]] | None = None
     training: bool = True  # the module's mode at call time
     rule: Rule | None = None  # its rule, looked up once when the capture began; None: generic
     saved: Any = None  # what the rule's ``saved`` took from the graph before the backward
@@ -173,6 +175,9 @@ class capture:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        shared = [call for call in self._calls if call.shared is not None]
+        if isinstance(exc, Exception) and shared:  # the forward failed after an expansion
+            exc.add_note(_expanded_note(shared, self._n))
         self._remove()
 
     @property
@@ -279,17 +284,27 @@ class capture:
                 broadcast = (  # the output first: batched, it settles the question
                     not batched
                     and any(isinstance(t, Tensor) for t in in_leaves)
-                    and not any(has_batch(t, n, bd) for t in in_leaves)
+                    and (
+                        not any(has_batch(t, n, bd) for t in in_leaves)
+                        # batched inputs read for their shape only (BART's decoder
+                        # positions): every output has one entry in the batch dimension
+                        or all(_one_entry(leaves[i], bd) for i in edge_index)
+                    )
                 )
+            shared = None
             if broadcast:
-                # A call on tensors without the batch dimension (a position embedding of
-                # arange(T)): its output is shared by all examples. Expand it to the batch
-                # so that autograd yields one output gradient per example; the expanded
-                # inputs make it an ordinary batched call for the rules.
+                # A call whose output all examples share (a position embedding of
+                # arange(T)). Expand it to the batch so that autograd yields one output
+                # gradient per example; the inputs expanded likewise make it an ordinary
+                # batched call for the rules (the generic rule takes the call as it was).
                 assert n is not None
+                shared = (args, kwargs, [leaves[i].shape for i in edge_index])
                 for i in edge_index:
                     leaves[i] = _expand(leaves[i], n, bd)
-                in_leaves = [_expand(t, n, bd) if isinstance(t, Tensor) else t for t in in_leaves]
+                in_leaves = [
+                    _expand(t, n, bd) if isinstance(t, Tensor) and not has_batch(t, n, bd) else t
+                    for t in in_leaves
+                ]
                 if in_spec is None:
                     args = tuple(in_leaves)
                 else:
@@ -312,6 +327,7 @@ class capture:
                     boundary=boundary,
                     versions=versions,
                     broadcast=broadcast,
+                    shared=shared,
                     training=module.training,
                     rule=rule,
                 )
@@ -537,6 +553,25 @@ def _select(model: nn.Module, params: Iterable[str | nn.Parameter]) -> set[str]:
             raise ValueError(f"params: {name!r} is frozen (requires_grad=False)")
         chosen.add(name)
     return chosen
+
+
+def _expanded_note(shared: list[_Call], n: int | None) -> str:
+    """What to tell a user whose forward failed after indigrad expanded shared outputs."""
+    expanded = ", ".join(
+        f"{call.label} {tuple(shape)}" for call in shared if call.shared for shape in call.shared[2]
+    )
+    return (
+        f"indigrad expanded the outputs of layers called without the batch dimension to the "
+        f"batch of {n}: {expanded}. If the error comes from reshaping or permuting such an "
+        "output before it meets the batch (T5's relative position bias is permuted), indigrad "
+        "cannot read its per-example gradients: freeze that layer "
+        "(module.requires_grad_(False)) or call it on inputs with the batch dimension."
+    )
+
+
+def _one_entry(t: Any, bd: int) -> bool:
+    """``t`` is a tensor with one entry in the batch dimension ``bd``."""
+    return isinstance(t, Tensor) and t.dim() > bd and t.shape[bd] == 1
 
 
 def _expand(t: Tensor, n: int, bd: int) -> Tensor:

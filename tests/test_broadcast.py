@@ -114,3 +114,71 @@ def test_ids_shared_by_the_batch(pos_ids, options):
         return F.cross_entropy(model(ids).transpose(1, 2), y, reduction="none")
 
     indigrad.testing.check(model, losses, ids, y)
+
+
+class Positions(nn.Embedding):
+    """BART's learned positions: handed the batch's ids for their shape only, and the
+    position ids ``(T,)``, it returns ``(1, T, d)`` for all examples. Its own forward
+    sends it to the generic rule, which reshapes its arguments."""
+
+    def forward(self, ids, position_ids=None):  # ids (n, T), position_ids (T,)
+        if position_ids is None:
+            position_ids = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+        else:
+            position_ids = position_ids.unsqueeze(0)  # (1, T)
+        return super().forward(position_ids + 1)  # (n or 1, T, d)
+
+
+class Decoder(nn.Module):
+    def __init__(self, vocab=11, d=6, given=True):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = Positions(10, d)
+        self.head = nn.Linear(d, vocab)
+        self.given = given
+
+    def forward(self, ids):  # (n, T)
+        positions = torch.arange(ids.shape[1]) if self.given else None
+        shape_of = ids[:1] if self.given == "first" else ids  # (1, T): no batched input
+        h = self.tok(ids) + self.pos(shape_of, positions)  # (n, T, d)
+        return self.head(torch.tanh(h))  # (n, T, vocab)
+
+
+@pytest.mark.parametrize("given", [True, False, "first"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_batched_input_read_for_its_shape_only(given, n):
+    """With position ids given, the positions' output has one entry in the batch dimension
+    although the batch's ids are among the call's inputs: it is shared, not refused."""
+    torch.manual_seed(n)
+    model = Decoder(given=given).double()
+    ids, y = torch.randint(0, 11, (n, 5)), torch.randint(0, 11, (n, 5))
+    indigrad.testing.check(model, _losses(model), ids, y)
+
+
+class RelativeBias(nn.Module):
+    """T5's relative position bias: an embedding of (T, T) bucket ids, permuted to heads
+    first before it is added to the batch's scores."""
+
+    def __init__(self, heads=2, d=4):
+        super().__init__()
+        self.bias = nn.Embedding(9, heads)
+        self.fc = nn.Linear(d, heads)
+
+    def forward(self, x):  # (n, T, d)
+        T = x.shape[1]
+        buckets = torch.arange(T)[None, :] - torch.arange(T)[:, None] + 4  # (T, T)
+        bias = self.bias(buckets).permute(2, 0, 1)  # (heads, T, T)
+        scores = self.fc(x).transpose(1, 2)[..., None] + bias  # (n, heads, T, T)
+        return scores.mean((1, 2, 3))  # (n,)
+
+
+def test_a_shared_output_reshaped_before_the_batch_says_what_to_do():
+    model = RelativeBias().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as info, indigrad.capture(model):
+        model(x)
+    assert "RelativeBias" not in str(info.value.__notes__) and "Embedding 'bias'" in str(
+        info.value.__notes__
+    )
+    model.bias.requires_grad_(False)  # frozen: not expanded, and the rest is exact
+    indigrad.testing.check(model, model, x)

@@ -161,6 +161,35 @@ def test_gpt2_with_gradient_checkpointing():
     _check(model, _lm_losses(model), ids)
 
 
+def test_bart_sequence_classification():
+    """BART's decoder hands its learned positions the position ids (T,) and gets (1, T, d)
+    back, shared by the batch; its embeddings override ``forward`` (the generic rule)."""
+    transformers = _require("transformers")
+    config = transformers.BartConfig(
+        vocab_size=40,
+        d_model=8,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        max_position_embeddings=16,
+        num_labels=3,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.BartForSequenceClassification(config).double().eval()
+    ids = torch.randint(3, 40, (3, 6))
+    ids[:, -1] = config.eos_token_id  # the classification head reads the last eos
+
+    def losses(ids, y):
+        return F.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
+
+    _check(model, losses, ids, torch.tensor([0, 2, 1]))
+
+
 def _hf_vit(dropout):
     transformers = _require("transformers")
     config = transformers.ViTConfig(

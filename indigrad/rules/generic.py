@@ -9,6 +9,8 @@ with that example's output gradient, with respect to the module's *direct* param
 Each example is run as a batch of one, so forwards that look at ``x.shape[0]`` work. A
 tensor argument counts as batched when its batch dimension has the losses' ``n`` entries;
 anything else (masks without a batch dimension, numbers, flags) is shared by all examples.
+A call whose output all examples share (a position embedding of ``arange(T)``, called
+without the batch) is run once as it was called, and only ``G_i`` is vmapped.
 This is correct for any forward that treats examples independently and uses no
 randomness (dropout in training mode is refused: its masks could not be reproduced). It
 re-runs the module's forward, so it is the fallback, not the fast path.
@@ -34,14 +36,24 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
     """Per-example gradients ``{local_name: (n, *shape)}`` of ``call.module``'s own
     trainable parameters for one recorded call."""
     module = call.module
-    in_leaves, in_spec = tree_flatten((call.args, call.kwargs))
-    batched = [i for i, t in enumerate(in_leaves) if has_batch(t, n, bd)]
+    dtype = _param_dtype(call)
     used = [k for k, g in enumerate(call.grad_outputs) if g is not None]
     out_index = [call.edge_index[k] for k in used]
-    dtype = _param_dtype(call)
     cotangents = tuple(
         _upcast(g, dtype) for g in call.grad_outputs if g is not None
     )  # each (…, n at bd, …)
+    if call.shared is None:
+        in_leaves, in_spec = tree_flatten((call.args, call.kwargs))
+        batched = [i for i, t in enumerate(in_leaves) if has_batch(t, n, bd)]
+        g_dim = bd
+    else:  # an output that all examples share (module(x) itself has no batch): only G is
+        args, kwargs, shapes = call.shared
+        in_leaves, in_spec = tree_flatten((args, kwargs))
+        batched = []
+        cotangents = tuple(
+            c.movedim(bd, 0).reshape(n, *shapes[k]) for k, c in zip(used, cotangents, strict=True)
+        )  # each (n, *the call's own output shape)
+        g_dim = 0
     params = {k: p.detach() for k, p in call.params.items()}
     fixed = [_upcast(t.detach(), dtype) if isinstance(t, Tensor) else t for t in in_leaves]
 
@@ -56,13 +68,15 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
             return tuple(out_leaves[j] for j in out_index)
 
         pullback = vjp(f, params)[1]
-        (g,) = pullback(tuple(c.unsqueeze(bd) for c in gs))
+        if call.shared is None:
+            gs = tuple(c.unsqueeze(bd) for c in gs)
+        (g,) = pullback(gs)
         return g
 
     xs = tuple(fixed[i] for i in batched)
     try:
         with torch.no_grad():
-            out: dict[str, Tensor] = vmap(one_example, in_dims=(bd, bd), randomness="error")(
+            out: dict[str, Tensor] = vmap(one_example, in_dims=(bd, g_dim), randomness="error")(
                 xs, cotangents
             )
     except RuntimeError as err:
