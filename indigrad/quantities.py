@@ -114,8 +114,25 @@ class _Entry:
             assert self.rule is not None and self.rule.sq_norms is not None
             sq = self.rule.sq_norms(self.call.module, self.inputs, self._g())
             return self._own(sq, "sq_norms")
+        if self._direct_lookups():  # tables looked up in a module's own forward
+            out = _direct.lookup_sq_norms(self.call)
+            rest = _direct.grads(self.call, self.n, [k for k in self.call.params if k not in out])
+            out.update((k, _sq_norm(g)) for k, g in rest.items() if take is None or not take(k, g))
+            return out
         grads = self.grads().items()
         return {k: _sq_norm(g) for k, g in grads if take is None or not take(k, g)}
+
+    def _direct_lookups(self) -> bool:
+        """Whether the call's parameters are read from the graph with embedding lookups
+        among their uses, whose norms and sums the ``nn.Embedding`` rule gives."""
+        direct = self.call.direct
+        return (
+            self.rule is None
+            and self._grads is None
+            and self.n > 0
+            and direct is not None
+            and any(use.lookup is not None for use in direct)
+        )
 
     def weighted_sum(self, coef: Tensor, skip: Container[str] = ()) -> dict[str, Tensor]:
         """``Σ_i coef_i g_i`` of the call's parameters, but for materialised ones in
@@ -127,6 +144,13 @@ class _Entry:
                 self.rule.weighted_sum(self.call.module, self.inputs, self._g(), coef),
                 "weighted_sum",
             )
+        if self._direct_lookups():
+            out = _direct.lookup_weighted_sums(self.call, coef)
+            rest = [k for k in self.call.params if k not in out and k not in skip]
+            out.update(
+                (k, _contract(coef, g)) for k, g in _direct.grads(self.call, self.n, rest).items()
+            )
+            return out
         return {k: _contract(coef, g) for k, g in self.grads().items() if k not in skip}
 
     def _g(self) -> Any:
@@ -288,8 +312,16 @@ class PerExample:
             return None
         factors = []
         for entry, local in uses:
-            make = tied.FACTORS.get(entry.rule) if entry.rule is not None else None
-            if make is None or entry._grads is not None:
+            if entry._grads is not None:
+                return None
+            if entry.rule is None:  # an embedding lookup read from the graph, or nothing
+                f = _direct.lookup_factors(entry.call, local) if entry.call.direct else None
+                if f is None:
+                    return None
+                factors.append(f)
+                continue
+            make = tied.FACTORS.get(entry.rule)
+            if make is None:
                 return None
             factors.append(make(entry.call.module, entry.inputs, entry.G, local))
         return tied.sq_norms(factors, self._params[name].numel())

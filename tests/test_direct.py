@@ -8,7 +8,7 @@ from conftest import assert_sums_to_batch_gradient
 from torch import nn
 
 import indigrad
-from indigrad import quantities
+from indigrad import _joint, quantities
 from indigrad.rules import direct
 
 D = torch.float64
@@ -272,3 +272,133 @@ def test_dropout_after_a_direct_use(no_rerun):
 
     grads, _ = assert_sums_to_batch_gradient(model, losses, x, y)
     assert grads["body.token"].abs().sum() > 0 and grads["body.unused"].abs().sum() == 0
+
+
+class Scaled(nn.Embedding):
+    """An embedding with a forward of its own (Hugging Face's scaled word embeddings): its
+    table meets the batch in the lookup, read from the graph like the ops above."""
+
+    def __init__(self, *args, buffer=False, gain=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if buffer:  # Gemma's: a buffer
+            self.register_buffer("scale", torch.tensor(1.5, dtype=D), persistent=False)
+        elif gain:  # a parameter of its own beside the table
+            self.scale = nn.Parameter(torch.linspace(0.5, 1.5, self.embedding_dim))
+        else:  # BART's: a number
+            self.scale = 1.5
+
+    def forward(self, ids):
+        return super().forward(ids) * self.scale
+
+
+class TwoLookups(nn.Module):
+    """One call that looks its table up twice: the uses' gradients are summed."""
+
+    def __init__(self, V, d):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(V, d))
+
+    def forward(self, ids):
+        return F.embedding(ids, self.table) - 0.5 * F.embedding(ids.flip(1), self.table)
+
+
+class Lookups(nn.Module):
+    def __init__(self, how, V=7, d=4, k=3, **options):
+        super().__init__()
+        if how == "two lookups":
+            self.emb = TwoLookups(V, d).double()
+        else:
+            self.emb = Scaled(V, d, buffer=how == "buffer", gain=how == "gain", **options)
+            self.emb.double()
+        self.head = nn.Linear(d, k).double()
+        self.how = how
+
+    def forward(self, ids):  # (n, T)
+        h = self.emb(ids)  # (n, T, d)
+        if self.how == "twice":  # the same table called again: two calls, one parameter
+            h = h + self.emb(ids.flip(1))
+        return self.head(torch.tanh(h).mean(1))  # (n, k)
+
+
+LOOKUP_OPTIONS = [
+    {},
+    {"padding_idx": 2},
+    {"scale_grad_by_freq": True},
+    {"padding_idx": 0, "scale_grad_by_freq": True},
+]
+
+
+def _ids(n=4, T=5, V=7):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, V, (n, T), generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("options", LOOKUP_OPTIONS, ids=str)
+@pytest.mark.parametrize("how", ["number", "buffer", "gain", "twice", "two lookups"])
+def test_lookups_match_the_loop(how, options, no_rerun):
+    if how == "two lookups" and options:
+        pytest.skip("a raw table has no options")
+    torch.manual_seed(0)
+    model = Lookups(how, **options)
+    ids, y = _ids()
+    _check(model, ids, y)
+
+
+@pytest.mark.parametrize("joint", [True, False])
+@pytest.mark.parametrize("how", ["number", "gain", "twice"])
+def test_lookup_norms_and_sums_take_no_per_example_tables(how, joint, monkeypatch):
+    """A table's norms and clipped sum come from the ``nn.Embedding`` rule's, without the
+    (n, V, d) per-example gradients; a table called twice takes the Grams of its uses.
+    A parameter beside it materialises, and joins the small gradients or not."""
+    if not joint:
+        monkeypatch.setitem(_joint._MAX_ELEMENTS, "cpu", 0)
+    torch.manual_seed(0)
+    model = Lookups(how, V=30, padding_idx=2)  # V d = 120 > (2 T)²: the Grams are smaller
+    ids, y = _ids(V=30)
+    with indigrad.capture(model) as cap:
+        per = cap.backward(F.cross_entropy(model(ids), y, reduction="none"))
+        expected = per.grads()
+    reference = torch.cat([g.flatten(1) for g in expected.values()], 1).norm(dim=1)
+
+    def materialised(*args):
+        raise AssertionError("per-example tables materialised")
+
+    monkeypatch.setattr(direct, "embedding_grads", materialised)
+    with indigrad.capture(model) as cap:
+        per = cap.backward(F.cross_entropy(model(ids), y, reduction="none"))
+        torch.testing.assert_close(per.norms(), reference)
+        per.clip_(0.5)
+    coef = (0.5 / reference).clamp(max=1.0)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, torch.einsum("n,n...->...", coef, expected[k]), msg=k)
+
+
+def test_lookup_with_ids_as_wide_as_the_batch_reruns(reruns):
+    """Ids (n, T) with T = n: either dimension could be the batch, so the module is re-run."""
+    torch.manual_seed(0)
+    model = Lookups("number")
+    ids, y = _ids(n=4, T=4)
+    _check(model, ids, y)
+    assert reruns == ["Scaled 'emb'"] * len(reruns) and reruns
+
+
+def test_lookup_with_the_batch_second(no_rerun):
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = Scaled(7, 4).double()
+            self.head = nn.Linear(4, 3).double()
+
+        def forward(self, ids):  # (T, n)
+            return self.head(self.emb(ids))  # (T, n, 3)
+
+    torch.manual_seed(0)
+    model = SeqFirst()
+    ids, y = _ids()
+    indigrad.testing.check(
+        model,
+        lambda ids, y: F.cross_entropy(model(ids).mean(0), y[0], reduction="none"),
+        ids.T,
+        y[None],
+        batch_dim=1,
+    )

@@ -13,6 +13,14 @@ module:
     add, sub   x + α p,  p + α x,  p − α x     g_i = Σ_b G_i       (α G_i for x + α p)
                x − α p                         g_i = −α Σ_b G_i
     mul        x ⊙ p,  p ⊙ x                   g_i = Σ_b (G ⊙ x)_i
+    embedding  F.embedding(ids, p)            the nn.Embedding rule on (ids, G)
+
+The last is how ``nn.Embedding`` subclasses with a forward of their own (Hugging Face's
+scaled word embeddings, ``embedding(ids) * scale``) use their table: a table looked up
+once per call takes the ``nn.Embedding`` rule's norms and weighted sum, never the
+``(n, V, d)`` per-example gradients, and a table called several times the Grams of its
+uses (:mod:`.tied`). Its ids must have the batch's ``n`` entries in the batch dimension
+and in no other.
 
 ``Σ_b`` sums the dimensions along which ``p`` was broadcast, other than the batch's. A
 parameter used several times sums its uses. The path is taken for a call only when every
@@ -36,8 +44,9 @@ otherwise re-run the whole model for each example.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,6 +56,8 @@ from torch.utils._pytree import tree_leaves
 
 from .._graph import _POINTWISE
 from .._precision import _param_dtype, _upcast
+from . import tied
+from .embedding import embedding_grads, embedding_sq_norms, embedding_weighted_sum
 
 if TYPE_CHECKING:
     from ..capture import _Call
@@ -62,6 +73,26 @@ class Use:
     coef: float  # the factor of G in the parameter's gradient (±α, or 1)
     other: Tensor | None  # mul: the other factor; None for a scaled G
     batch: int  # the batch dimension of the op's output
+    lookup: Lookup | None = None  # an embedding lookup: its ids and options
+
+
+@dataclass(frozen=True, eq=False)
+class Lookup:
+    """``F.embedding(ids, p)``: a table ``p`` (V, d) looked up by ``ids`` (batch in the
+    use's ``batch``), as ``nn.Embedding`` subclasses with a forward of their own do."""
+
+    ids: Tensor
+    padding_idx: int | None
+    scale_grad_by_freq: bool
+
+    def table(self, p: Tensor) -> Any:
+        """What the ``nn.Embedding`` rule reads of a module, for ``p``."""
+        return SimpleNamespace(
+            weight=p,
+            num_embeddings=p.shape[0],
+            padding_idx=self.padding_idx,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+        )
 
 
 def _coef(node: Any, slot: int) -> float | None:
@@ -119,6 +150,17 @@ def plan(
         slots = [i for i, (v, _) in enumerate(node.next_functions) if _variable(v) is p]
         shape = tuple(node._input_metadata[0].shape)
         op = type(node).__name__
+        if op == "EmbeddingBackward0":
+            lookup = _lookup(node, slots, local[id(p)], shape, n, bd)
+            if lookup is None:
+                call.rerun_because = (
+                    f"its parameter {local[id(p)]!r} is looked up by ids whose batch "
+                    f"dimension {bd} does not have the batch's {n} entries, or another "
+                    "dimension has as many"
+                )
+                return None
+            uses.append(lookup)
+            continue
         cands = [bd] if n == 1 else _candidates(p, shape, n)  # n = 1: summed or not alike
         batch: int | None = bd
         if cands != [bd]:
@@ -171,6 +213,23 @@ def _use(
     if not slots or any(c is None for c in coefs):
         return None
     return Use(local, edge, shape, sum(c for c in coefs if c is not None), None, batch)
+
+
+def _lookup(
+    node: Any, slots: list[int], local: str, shape: tuple[int, ...], n: int, bd: int
+) -> Use | None:
+    """The lookup of the table at ``slots`` of an ``EmbeddingBackward0`` ``node``, or None
+    where its ids do not have the batch in ``bd`` alone."""
+    ids = node._saved_indices  # (*, n at bd, *)
+    if slots != [0] or len(node._input_metadata) != 1 or ids.dim() <= bd:
+        return None
+    if n > 1 and [d for d, k in enumerate(ids.shape) if k == n] != [bd]:
+        return None  # a dimension of the ids other than bd could be the batch
+    if ids.shape[bd] != n:
+        return None
+    pad = node._saved_padding_idx  # -1 (or stored unsigned, 2⁶⁴ - 1): none
+    lookup = Lookup(ids, None if pad in (-1, 2**64 - 1) else pad, node._saved_scale_grad_by_freq)
+    return Use(local, GradientEdge(node, 0), shape, 1.0, None, bd, lookup)
 
 
 # Backward nodes (without their number) of ops whose output takes each input of its own
@@ -258,31 +317,95 @@ def _variable(node: Any) -> Any:
     return getattr(node, "variable", None) if node is not None else None
 
 
-def grads(call: _Call, n: int) -> dict[str, Tensor]:
-    """Per-example gradients ``{local_name: (n, *shape)}`` of ``call``'s parameters from
-    the gradients of their uses' outputs (``call.inner_grads``, in ``call.direct``'s
-    order); zeros for a parameter whose uses got no gradient."""
+def grads(call: _Call, n: int, names: Container[str] | None = None) -> dict[str, Tensor]:
+    """Per-example gradients ``{local_name: (n, *shape)}`` of ``call``'s parameters (of
+    ``names`` only, if given) from the gradients of their uses' outputs
+    (``call.inner_grads``, in ``call.direct``'s order); zeros for a parameter whose uses
+    got no gradient."""
     assert call.direct is not None
     dtype = _param_dtype(call)
     out: dict[str, Tensor] = {}
     for use, G in zip(call.direct, call.inner_grads, strict=True):
-        if G is None:
+        if G is None or (names is not None and use.local not in names):
             continue
         p = call.params[use.local]
         g = _upcast(G, dtype)  # (*shape), n at use.batch
-        if use.other is not None:
-            g = g * _upcast(use.other, dtype)  # (*shape)
-        elif use.coef != 1.0:
-            g = g * use.coef  # (*shape)
-        g = g.movedim(use.batch, 0)  # (n, *rest)
-        full = (1,) * (len(use.shape) - p.dim()) + tuple(p.shape)
-        rest = full[: use.batch] + full[use.batch + 1 :]
-        summed = [d + 1 for d, (a, b) in enumerate(zip(rest, g.shape[1:], strict=True)) if a < b]
-        if summed:
-            g = g.sum(summed, keepdim=True)  # (n, *rest of p)
-        g = g.reshape(n, *p.shape).to(p.dtype)  # (n, *p.shape)
+        if use.lookup is not None:
+            ids = use.lookup.ids.movedim(use.batch, 0)  # (n, *)
+            table = use.lookup.table(p)
+            g = embedding_grads(table, (ids,), g.movedim(use.batch, 0))["weight"]  # (n, V, d)
+            g = g.to(p.dtype)
+        else:
+            g = _reduce(use, g, p, n)  # (n, *p.shape)
         out[use.local] = g if use.local not in out else out[use.local] + g
     for k, p in call.params.items():
-        if k not in out:
+        if k not in out and (names is None or k in names):
             out[k] = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
     return out
+
+
+def _reduce(use: Use, G: Tensor, p: Tensor, n: int) -> Tensor:
+    """``(n, *p.shape)``: the per-example gradient of ``p`` from the gradient ``G`` at the
+    output of an expand, add, sub or mul."""
+    if use.other is not None:
+        G = G * _upcast(use.other, G.dtype)  # (*shape)
+    elif use.coef != 1.0:
+        G = G * use.coef  # (*shape)
+    G = G.movedim(use.batch, 0)  # (n, *rest)
+    full = (1,) * (len(use.shape) - p.dim()) + tuple(p.shape)
+    rest = full[: use.batch] + full[use.batch + 1 :]
+    summed = [d + 1 for d, (a, b) in enumerate(zip(rest, G.shape[1:], strict=True)) if a < b]
+    if summed:
+        G = G.sum(summed, keepdim=True)  # (n, *rest of p)
+    return G.reshape(n, *p.shape).to(p.dtype)  # (n, *p.shape)
+
+
+def _lookups(call: _Call) -> dict[str, tuple[Use, Tensor]]:
+    """The parameters whose one use with a gradient is an embedding lookup, with that use
+    and its output gradient (batch first): their norms and sums need no ``(n, V, d)``."""
+    assert call.direct is not None
+    counts: dict[str, int] = {}
+    found: dict[str, tuple[Use, Tensor]] = {}
+    for use, G in zip(call.direct, call.inner_grads, strict=True):
+        if G is None:
+            continue
+        counts[use.local] = counts.get(use.local, 0) + 1
+        if use.lookup is not None:
+            found[use.local] = (use, _upcast(G, _param_dtype(call)).movedim(use.batch, 0))
+    return {k: v for k, v in found.items() if counts[k] == 1}
+
+
+def lookup_sq_norms(call: _Call) -> dict[str, Tensor]:
+    """``{local_name: (n,)}``: the squared norms of the parameters of :func:`_lookups`, by
+    the ``nn.Embedding`` rule's own."""
+    out = {}
+    for k, (use, G) in _lookups(call).items():
+        assert use.lookup is not None
+        ids = use.lookup.ids.movedim(use.batch, 0)  # (n, *)
+        out[k] = embedding_sq_norms(use.lookup.table(call.params[k]), (ids,), G)["weight"]
+    return out
+
+
+def lookup_weighted_sums(call: _Call, coef: Tensor) -> dict[str, Tensor]:
+    """``{local_name: Σ_i coef_i g_i}`` of the parameters of :func:`_lookups`."""
+    out = {}
+    for k, (use, G) in _lookups(call).items():
+        assert use.lookup is not None
+        p = call.params[k]
+        ids = use.lookup.ids.movedim(use.batch, 0)  # (n, *)
+        ws = embedding_weighted_sum(use.lookup.table(p), (ids,), G, coef)["weight"]  # (V, d)
+        out[k] = ws.to(p.dtype)
+    return out
+
+
+def lookup_factors(call: _Call, local: str) -> Any:
+    """The one-hot factors (:mod:`.tied`) of parameter ``local``'s gradient where its one
+    use in ``call`` is an embedding lookup, for the norms of a table used by several calls;
+    else None."""
+    found = _lookups(call).get(local)
+    if found is None:
+        return None
+    use, G = found
+    assert use.lookup is not None
+    ids = use.lookup.ids.movedim(use.batch, 0)  # (n, *)
+    return tied.embedding_factors(use.lookup.table(call.params[local]), (ids,), G, local)

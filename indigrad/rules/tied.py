@@ -57,7 +57,7 @@ def _conv1d(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, local: str) -
     return f if f.R is None else Factors(f.R, f.L)  # the weight is (in, out)
 
 
-def _embedding(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, local: str) -> Factors:
+def embedding_factors(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, local: str) -> Factors:
     ids, G = _embedding_flat(module, inputs, G)  # (n, T), (n, T, d)
     pad = getattr(module, "padding_idx", None)
     if pad is not None:
@@ -66,7 +66,7 @@ def _embedding(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, local: str
 
 
 FactorsFn = Callable[[nn.Module, tuple[Any, ...], Any, str], Factors]
-FACTORS: dict[Rule, FactorsFn] = {LINEAR: _linear, HF_CONV1D: _conv1d, EMBEDDING: _embedding}
+FACTORS: dict[Rule, FactorsFn] = {LINEAR: _linear, HF_CONV1D: _conv1d, EMBEDDING: embedding_factors}
 
 
 def _gram_left(u: Factors, v: Factors, dtype: torch.dtype) -> Tensor:
