@@ -10,7 +10,11 @@ part, silently. The check walks the autograd graph in two passes:
    Every edge met from a node inside into the accumulator of a parameter the module owns
    is *accounted for*.
 2. Walk the whole graph from the losses. Any edge into the accumulator of a trainable
-   parameter that was not accounted for is an error.
+   parameter that was not accounted for is an error, unless the innermost recorded call
+   without a rule whose walk met it belongs to a module around the parameter's (Swin's
+   attention applying its ``qkv`` child's weight with ``F.linear``): that call then takes
+   the parameter as one of its own, for the generic rule, where it holds no use of the
+   parameter's that another call accounts for (which would be counted twice).
 """
 
 from __future__ import annotations
@@ -38,12 +42,15 @@ def _check_accounted(
     from inside the call into its parameters' accumulators: the parameters' uses."""
     accounted: set[tuple[Any, int]] = set()
     uses: dict[Any, list[tuple[Any, Any]]] = {}
+    regions: dict[Any, set[Any]] = {}  # the nodes inside each call without a rule
     for call in calls:
         owned = {id(p) for p in call.params.values()}
         found = uses.setdefault(call, []) if call.rule is None else None
         stop = call.boundary  # a few nodes: a list is searched faster than a set is built
         stack = [e.node for e in call.edges]
         seen: set[Any] = set()
+        if found is not None:
+            regions[call] = seen
         while stack:
             u = stack.pop()
             if u in seen or u in stop:
@@ -61,7 +68,7 @@ def _check_accounted(
                     stack.append(v)
 
     outputs = {e.node: call for call in calls for e in call.edges}
-    unaccounted: tuple[str, Any] | None = None
+    unaccounted: list[tuple[Any, Any]] = []  # edges (node, parameter)
     stack = [root]
     seen = {root}
     while stack:
@@ -72,9 +79,8 @@ def _check_accounted(
             if v in outputs:
                 _check_consumer(u, v, slot, outputs[v])
             if type(v) is _ACCUMULATE:
-                name = trainable.get(id(v.variable))
-                if name is not None and (u, id(v.variable)) not in accounted:
-                    unaccounted = unaccounted or (name, u)
+                if id(v.variable) in trainable and (u, id(v.variable)) not in accounted:
+                    unaccounted.append((u, v.variable))
             elif v not in seen:
                 if type(v) is _REENTRANT:
                     raise RuntimeError(
@@ -94,16 +100,56 @@ def _check_accounted(
             "the losses do not depend on any layer recorded in this capture: was the "
             "forward run inside the `with indigrad.capture(model)` block?"
         )
-    if unaccounted is not None:
-        name, node = unaccounted
+    for node, p in _adopt(unaccounted, accounted, regions, uses):
         raise RuntimeError(
-            f"parameter {name!r} receives gradient through {type(node).__name__}, "
-            "outside any recorded call of the module that owns it, so its "
-            "per-example gradient would be wrong. Use the parameter only inside "
-            "its module's forward, call modules as module(x) (not "
-            "module.forward(x)), or freeze it with requires_grad_(False)."
+            f"parameter {trainable[id(p)]!r} receives gradient through {type(node).__name__}, "
+            "outside any recorded call of the module that owns it or of a module "
+            "around it without a rule, so its per-example gradient would be wrong. Use "
+            "the parameter only inside its module's forward, call modules as module(x) "
+            "(not module.forward(x)), or freeze it with requires_grad_(False)."
         )
     return reached, uses
+
+
+def _adopt(
+    unaccounted: list[tuple[Any, Any]],
+    accounted: set[tuple[Any, int]],
+    regions: dict[Any, set[Any]],
+    uses: dict[Any, list[tuple[Any, Any]]],
+) -> list[tuple[Any, Any]]:
+    """Give each parameter used outside its module's calls, but inside the call of a module
+    around it that has no rule (Swin's attention applies its ``qkv`` child's weight with
+    ``F.linear``), to the innermost such call: the generic rule then takes its gradient
+    with the call's own parameters. Not where that call also holds a use of the parameter
+    by its own module's calls, whose gradient would then be counted twice. Returns the
+    edges left unaccounted."""
+    if not unaccounted:
+        return []
+    by_param: dict[int, list[tuple[Any, Any]]] = {}
+    for node, p in unaccounted:
+        by_param.setdefault(id(p), []).append((node, p))
+    left = []
+    for edges in by_param.values():
+        p = edges[0][1]
+        around = [
+            call
+            for call, region in regions.items()
+            if all(node in region for node, _ in edges) and _inside(p, call.module)
+        ]
+        call = max(around, key=lambda c: c.name.count(".") + bool(c.name), default=None)
+        if call is None or any(u in regions[call] for u, q in accounted if q == id(p)):
+            left.extend(edges)
+            continue
+        local = next(k for k, q in call.module.named_parameters() if q is p)
+        call.params = {**call.params, local: p}  # the dict is shared by the module's calls
+        call.adopted = (*call.adopted, local)
+        uses[call].extend(edges)
+        accounted.update((node, id(p)) for node, _ in edges)
+    return left
+
+
+def _inside(p: Any, module: nn.Module) -> bool:
+    return any(q is p for q in module.parameters())
 
 
 # Backward nodes of ops that broadcast their operands elementwise.

@@ -11,6 +11,7 @@ and hands ``(module, inputs, G)`` to each layer's rule.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class _Call:
     # no rule: the uses of its parameters, where the generic rule's fast path applies
     direct: list[_direct.Use] | None = None
     rerun_because: str = ""  # why not: for the generic rule's messages
+    rerun_param: str = ""  # the parameter that needs it
+    adopted: tuple[str, ...] = ()  # parameters of modules inside, used by this call's own code
     inner_value: Any = None  # what the rule's ``inner`` found (None: nothing)
     inner: list[GradientEdge] = field(default_factory=list)  # edges inside the call
     inner_grads: tuple[Tensor | None, ...] = ()  # their gradients
@@ -398,6 +401,14 @@ class capture:
             if rule is None:
                 call.direct = _direct.plan(call, uses[call], n, bd, calls)
                 call.inner = [use.edge for use in call.direct or ()]
+                if call.direct is None and call.rerun_param in call.adopted:
+                    warnings.warn(  # one place: shown once a process
+                        f"{call.label} uses {list(call.adopted)} of modules inside it "
+                        "directly, not by calling those modules, so it is re-run for each "
+                        f"example to take their gradients ({call.rerun_because}): correct, "
+                        "but slow. Calling the modules lets their rules take the gradients.",
+                        stacklevel=1,
+                    )
                 continue
             if rule.saved is not None:
                 call.saved = rule.saved(call.edges[0].node)

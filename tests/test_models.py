@@ -117,6 +117,27 @@ def test_convnext_with_stochastic_depth_in_training_mode(n, no_rerun):
     assert_sums_to_batch_gradient(model, _ce(model), x, y)
 
 
+def test_swin_transformer():
+    """Swin's attention applies its qkv and proj children's weights with F.linear and
+    indexes its relative position bias table: it takes them all, and the generic rule
+    re-runs it (for the table anyway, so without a warning)."""
+    _require("torchvision")
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=8,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=[2, 2],
+        stochastic_depth_prob=0.0,
+        num_classes=3,
+    ).double()
+    x, y = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 2])
+    _check(model, _ce(model), x, y)
+
+
 def _gpt2(**kw):
     transformers = _require("transformers")
     config = transformers.GPT2Config(

@@ -142,7 +142,8 @@ def plan(
     uses: list[Use] = []
     seen: set[tuple[int, int]] = set()
     known: set[tuple[Any, int]] | None = None  # built where a batch must be traced
-    for node, p in found:
+    adopted = set(call.adopted)  # last: where they alone need a re-run, capture says so
+    for node, p in sorted(found, key=lambda use: local[id(use[1])] in adopted):
         key = (id(node), id(p))
         if key in seen:
             continue
@@ -153,6 +154,7 @@ def plan(
         if op == "EmbeddingBackward0":
             lookup = _lookup(node, slots, local[id(p)], shape, n, bd)
             if lookup is None:
+                call.rerun_param = local[id(p)]
                 call.rerun_because = (
                     f"its parameter {local[id(p)]!r} is looked up by ids whose batch "
                     f"dimension {bd} does not have the batch's {n} entries, or another "
@@ -169,6 +171,7 @@ def plan(
             batch = _trace(node, slots, cands, bd, known) if cands else None
         use = None if batch is None else _use(node, op, slots, local[id(p)], p, shape, n, batch)
         if use is None and len(cands) > 1:
+            call.rerun_param = local[id(p)]
             call.rerun_because = (
                 f"its parameter {local[id(p)]!r} is broadcast by {op} to {shape}, whose "
                 f"dimensions {cands} have as many entries as the batch ({n}), and the "
@@ -177,6 +180,7 @@ def plan(
             )
             return None
         if use is None:
+            call.rerun_param = local[id(p)]
             call.rerun_because = (
                 f"its parameter {local[id(p)]!r} meets the batch in {op} (output "
                 f"{shape}), which is not an expand, add, sub or mul that broadcasts it "
