@@ -22,8 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.utils.parametrize import ParametrizationList
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from . import _reparam
 from ._batch import has_batch
 from ._graph import _boundary, _check_accounted
 from .quantities import PerExample
@@ -147,6 +149,10 @@ class capture:
                     self._handles.append(module.register_forward_pre_hook(self._bn_check(name)))
                 if skip is not None and name.startswith(skip):
                     continue
+                if isinstance(module, ParametrizationList):
+                    continue  # its parameters are its parametrized module's
+                if module._forward_pre_hooks:
+                    _refuse_hook_reparametrization(name, module)
                 rule = lookup_rule(module)
                 whole = rule is not None and rule.subtree
                 if whole:
@@ -530,6 +536,12 @@ def _own_params(module: nn.Module, whole: bool, trainable: dict[int, str]) -> di
         if p is not None and id(p) in trainable and id(p) not in seen:  # first name wins
             seen.add(id(p))
             own[n] = p
+    for locals_ in _reparam.parametrized(module).values():  # a parametrized weight's
+        for local in locals_:
+            p = module.get_parameter(local)
+            if id(p) in trainable and id(p) not in seen:
+                seen.add(id(p))
+                own[local] = p
     return own
 
 
@@ -578,6 +590,22 @@ def _expanded_note(shared: list[_Call], n: int | None) -> str:
         "cannot read its per-example gradients: freeze that layer "
         "(module.requires_grad_(False)) or call it on inputs with the batch dimension."
     )
+
+
+def _refuse_hook_reparametrization(name: str, module: nn.Module) -> None:
+    """The deprecated ``torch.nn.utils.weight_norm`` and ``spectral_norm`` compute the
+    weight in a forward pre-hook, outside what a call's rule sees."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm | SpectralNorm):
+            kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+            raise RuntimeError(
+                f"{type(module).__name__} {name!r} uses torch.nn.utils.{kind}, which "
+                "computes its weight in a forward pre-hook that indigrad cannot follow. Use "
+                f"torch.nn.utils.parametrizations.{kind}, which indigrad supports."
+            )
 
 
 def _one_entry(t: Any, bd: int) -> bool:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_unflatten
 
+from . import _reparam
 from ._batch import has_batch
 from ._joint import Joint
 from ._precision import _exact, _param_dtype, _upcast
@@ -41,6 +42,9 @@ class _Entry:
         self.rule: Rule | None = call.rule
         self._grads: dict[str, Tensor] | None = None
         self._prepared: Any = None  # the rule's ``prepare`` result, once asked for
+        # parametrized tensors (weight_norm, …): the rule's gradients of the tensor go to
+        # its originals by the chain rule, from materialised gradients
+        self.reparam = _reparam.parametrized(call.module) if self.rule is not None else {}
         if self.rule is not None:
             bd = 0 if self.rule.raw_layout else cap.batch_dim  # raw: nothing is moved
             dtype = _param_dtype(call)
@@ -90,9 +94,14 @@ class _Entry:
                 with self.cap._pause():
                     self._grads = generic_grads(self.call, self.n, self.cap.batch_dim)
             else:
-                self._grads = self._own(
-                    self.rule.grads(self.call.module, self.inputs, self._g()), "grads"
-                )
+                module, rule_grads = self.call.module, self.rule.grads
+                if self.reparam:
+                    values = _reparam.grads(
+                        rule_grads, module, self.inputs, self._g(), self.reparam
+                    )
+                else:
+                    values = rule_grads(module, self.inputs, self._g())
+                self._grads = self._own(values, "grads")
         return self._grads
 
     def _fast(self, clipping: bool) -> bool:
@@ -100,6 +109,8 @@ class _Entry:
         rule = self.rule
         if self._grads is not None or rule is None or rule.sq_norms is None or self.n == 0:
             return False
+        if self.reparam:
+            return False  # the rule's norms are the computed tensor's
         if clipping and rule.weighted_sum is None:
             return False  # the gradients are needed anyway; take the norms from them
         choose = rule.materialise
@@ -137,7 +148,7 @@ class _Entry:
     def weighted_sum(self, coef: Tensor, skip: Container[str] = ()) -> dict[str, Tensor]:
         """``Σ_i coef_i g_i`` of the call's parameters, but for materialised ones in
         ``skip`` (their sums come from a :class:`Joint`)."""
-        fast = self.rule is not None and self.rule.weighted_sum is not None
+        fast = self.rule is not None and self.rule.weighted_sum is not None and not self.reparam
         if self._grads is None and fast and self.n > 0:
             assert self.rule is not None and self.rule.weighted_sum is not None
             return self._own(
@@ -312,7 +323,7 @@ class PerExample:
             return None
         factors = []
         for entry, local in uses:
-            if entry._grads is not None:
+            if entry._grads is not None or entry.reparam:
                 return None
             if entry.rule is None:  # an embedding lookup read from the graph, or nothing
                 f = _direct.lookup_factors(entry.call, local) if entry.call.direct else None
