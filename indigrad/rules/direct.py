@@ -154,13 +154,12 @@ def plan(
         if op == "EmbeddingBackward0":
             lookup = _lookup(node, slots, local[id(p)], shape, n, bd)
             if lookup is None:
-                call.rerun_param = local[id(p)]
-                call.rerun_because = (
-                    f"its parameter {local[id(p)]!r} is looked up by ids whose batch "
-                    f"dimension {bd} does not have the batch's {n} entries, or another "
-                    "dimension has as many"
+                return _refuse(
+                    call,
+                    local[id(p)],
+                    f"is looked up by ids whose batch dimension {bd} does not have the "
+                    f"batch's {n} entries, or another dimension has as many",
                 )
-                return None
             uses.append(lookup)
             continue
         cands = [bd] if n == 1 else _candidates(p, shape, n)  # n = 1: summed or not alike
@@ -171,24 +170,31 @@ def plan(
             batch = _trace(node, slots, cands, bd, known) if cands else None
         use = None if batch is None else _use(node, op, slots, local[id(p)], p, shape, n, batch)
         if use is None and len(cands) > 1:
-            call.rerun_param = local[id(p)]
-            call.rerun_because = (
-                f"its parameter {local[id(p)]!r} is broadcast by {op} to {shape}, whose "
-                f"dimensions {cands} have as many entries as the batch ({n}), and the "
-                "graph does not show which of them is the batch; with another batch size "
-                "the gradient is read from the graph and nothing is re-run"
+            return _refuse(
+                call,
+                local[id(p)],
+                f"is broadcast by {op} to {shape}, whose dimensions {cands} have as many "
+                f"entries as the batch ({n}), and the graph does not show which of them is "
+                "the batch; with another batch size the gradient is read from the graph "
+                "and nothing is re-run",
             )
-            return None
         if use is None:
-            call.rerun_param = local[id(p)]
-            call.rerun_because = (
-                f"its parameter {local[id(p)]!r} meets the batch in {op} (output "
-                f"{shape}), which is not an expand, add, sub or mul that broadcasts it "
-                f"along the batch dimension {bd}"
+            return _refuse(
+                call,
+                local[id(p)],
+                f"meets the batch in {op} (output {shape}), which is not an expand, add, "
+                f"sub or mul that broadcasts it along the batch dimension {bd}, nor an "
+                "embedding lookup",
             )
-            return None
         uses.append(use)
     return uses
+
+
+def _refuse(call: _Call, local: str, because: str) -> list[Use] | None:
+    """Record why ``call`` must be re-run (for the generic rule's messages): its parameter
+    ``local`` ``because`` …; returns :func:`plan`'s None."""
+    call.rerun_param, call.rerun_because = local, f"its parameter {local!r} {because}"
+    return None
 
 
 def _use(
