@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 def parametrized(module: nn.Module) -> dict[str, list[str]]:
     """``{tensor name: local names of its trainable originals}`` of a parametrized module
     (``{}`` for any other)."""
-    lists = getattr(module, "parametrizations", None)
+    lists = module._modules.get("parametrizations")  # a dict lookup: asked of every call
     if not isinstance(lists, nn.ModuleDict) or not parametrize.is_parametrized(module):
         return {}
     return {
