@@ -236,21 +236,23 @@ def test_mha_eval_mode_with_dropout():
 
 
 def test_mha_dropout_in_training_mode_raises_where_the_rule_recomputes():
-    model, batch = _build(BY_NAME["cross_kv"], dropout=0.1)
+    model, batch = _build(BY_NAME["bias_kv_seq_first"], dropout=0.1)
     model.train()
     with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"dropout=0\.0"):
         cap.norms(model(*batch))
 
 
 def _reads_the_graph(cfg: Cfg) -> bool:
-    """The configurations whose gradients the rule reads from the graph (no recompute)."""
-    return cfg.kv == "self" and cfg.kdim is None and not (cfg.add_bias_kv or cfg.add_zero_attn)
+    """The configurations whose gradients the rule reads from the graph (no recompute):
+    all but those with ``bias_k``/``bias_v`` or zero attention."""
+    return not (cfg.add_bias_kv or cfg.add_zero_attn)
 
 
 @pytest.mark.parametrize("cfg", CFGS, ids=lambda c: c.name)
-def test_self_attention_is_read_from_the_graph(cfg, monkeypatch):
-    """Self-attention is not recomputed (its forward would raise) and still matches the
-    loop; every other configuration recomputes."""
+def test_attention_is_read_from_the_graph(cfg, monkeypatch):
+    """Self-, cross- and three-input attention, packed or separate projection weights, are
+    not recomputed (the forward would raise) and still match the loop; the forms with
+    ``bias_k``/``bias_v`` or zero attention recompute."""
     recomputed = []
     original = attention._forward
 
@@ -266,10 +268,11 @@ def test_self_attention_is_read_from_the_graph(cfg, monkeypatch):
     assert bool(recomputed) != _reads_the_graph(cfg)
 
 
-def test_self_attention_with_dropout_in_training_mode():
+@pytest.mark.parametrize("name", ["self", "cross_kv_seq_first", "separate_kdim_vdim"])
+def test_attention_with_dropout_in_training_mode(name):
     """Read from the graph, the attention's own dropout masks are those of the forward:
     the per-example gradients sum to the batch gradient of the same forward."""
-    model, batch = _build(BY_NAME["self"], dropout=0.3)
+    model, batch = _build(BY_NAME[name], dropout=0.3)
     model.train()
     torch.manual_seed(5)
     with indigrad.capture(model) as cap:
@@ -283,7 +286,8 @@ def test_self_attention_with_dropout_in_training_mode():
     torch.manual_seed(6)  # another mask: another gradient, so the masks were not all-ones
     with indigrad.capture(model) as cap:
         other = cap.grads(model(*batch))
-    assert not torch.allclose(other["attn.in_proj_weight"], grads["attn.in_proj_weight"])
+    key = "attn.out_proj.weight"
+    assert not torch.allclose(other[key], grads[key])
 
 
 def test_mha_batch_of_one():
@@ -476,6 +480,40 @@ def test_transformer_encoder(norm_first, mode):
         return model["head"](h).sin().sum((1, 2))
 
     indigrad.testing.check(model, losses, x, pad)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_decoder_with_dropout(batch_first, monkeypatch):
+    """``nn.Transformer``: the decoder's cross-attention (key is value: the encoder's
+    memory) is read from the graph like its self-attention, so dropout in training mode
+    works; its per-example gradients sum to the batch gradient of the same forward, and
+    in eval mode they match the loop."""
+    from conftest import assert_sums_to_batch_gradient
+
+    def recompute(mha, inputs):
+        raise AssertionError("attention recomputed")
+
+    monkeypatch.setattr(attention, "_forward", recompute)
+    torch.manual_seed(0)
+    transformer = nn.Transformer(
+        E, H, 1, 1, dim_feedforward=16, dropout=0.2, batch_first=batch_first
+    ).double()
+    model = nn.ModuleDict({"t": transformer, "head": nn.Linear(E, 3).double()})
+    src, tgt = torch.randn(N, S, E, dtype=torch.float64), torch.randn(N, L, E, dtype=torch.float64)
+    if not batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+    causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
+
+    def losses(src, tgt):
+        out = model["t"](src, tgt, tgt_mask=causal)  # (n, L, E) or (L, n, E)
+        return model["head"](out).sin().sum(-1).sum(1 if batch_first else 0)
+
+    bd = 0 if batch_first else 1
+    model.train()
+    if batch_first:
+        assert_sums_to_batch_gradient(model, losses, src, tgt)
+    model.eval()
+    indigrad.testing.check(model, losses, src, tgt, batch_dim=bd)
 
 
 # -- custom attention on F.scaled_dot_product_attention: the Linear rule alone ----------------

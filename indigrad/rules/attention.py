@@ -33,16 +33,19 @@ Then every projection is a Linear layer with ``T`` extra dims, and its grads, no
 
     d bias_k_i = G_K,i[S],  d bias_v_i = G_V,i[S]    (n, 1, 1, E)
 
-**Self-attention read from the graph.** In the common case (``query is key is value``,
-the packed ``in_proj_weight``, no ``bias_k``/``bias_v``, no zero attention, both
-projection weights trained) nothing is recomputed: before the backward the rule finds, in
-the call's part of the autograd graph, ``F.multi_head_attention_forward``'s two matrix
-products, the in-projection ``X W_inᵀ`` (rows in its internal (L, n) order, as the view to
-``(L, n, 3E)`` above it shows) and the out-projection ``O W_oᵀ``. The backward then returns
-the gradient ``[G_Q, G_K, G_V]`` at the in-projection's output beside ``G_Y``, and ``O`` is
-what the out-projection saved. The core's backward above is then autograd's own, so
-attention dropout in training mode, masks and ``need_weights`` need nothing of the rule.
-Where the graph does not show that pattern, the rule recomputes as above.
+**Read from the graph.** Unless the layer has ``bias_k``/``bias_v`` or zero attention (and
+while its projection weights train), nothing is recomputed: before the backward the rule
+finds, in the call's part of the autograd graph, ``F.multi_head_attention_forward``'s
+matrix products: the out-projection ``O W_oᵀ`` and the in-projections, each read back as
+``(T, n, rows)`` by a view that fixes its rows' (T, n) order. Self-attention (``query is
+key is value``) projects with the whole ``in_proj_weight``; cross-attention with ``key is
+value`` with its q rows and, on the key, its k and v rows together (a ``split`` of the
+weight in the graph); three distinct inputs with a ``chunk`` of it, or with the separate
+``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``. The backward then returns the
+gradient at each in-projection's output beside ``G_Y``, and ``O`` is what the
+out-projection saved. The core's backward above is then autograd's own, so attention
+dropout in training mode, masks and ``need_weights`` need nothing of the rule. Where the
+graph does not show that pattern, the rule recomputes as above.
 
 Recomputing, dropout on the attention weights in training mode draws masks that cannot be
 reproduced: the rule raises (use ``dropout=0.0`` or eval mode). Unbatched (2-D) inputs
@@ -213,16 +216,54 @@ _PRODUCTS = ("AddmmBackward0", "MmBackward0")  # F.linear on rows, with and with
 _RESHAPES = ("ViewBackward0", "UnsafeViewBackward0")  # rows back to (L, n, ·), row-major
 
 
+class _InProj(NamedTuple):
+    """One in-projection product found in the graph: rows ``rows`` of parameter ``name``
+    applied to input ``which`` (0 query, 1 key, 2 value)."""
+
+    name: str
+    rows: slice
+    which: int
+
+
 def _product_with(node: Any, weight: Tensor) -> bool:
     """``node`` is F.linear's matrix product of rows with ``weight`` (through ``weightᵀ``)."""
+    return _weight_of(node, {"w": weight}) == ("w", slice(0, weight.shape[0]))
+
+
+def _weight_of(node: Any, weights: dict[str, Tensor]) -> tuple[str, slice] | None:
+    """Which rows of which of ``weights`` the product ``node`` (of :data:`_PRODUCTS`)
+    multiplies by, through ``weightᵀ`` or a ``split``/``chunk`` of the weight's rows:
+    ``F.multi_head_attention_forward`` splits ``in_proj_weight`` for cross-attention."""
     if type(node).__name__ not in _PRODUCTS:
-        return False
+        return None
     for v, _ in node.next_functions:
-        if v is not None and type(v).__name__ == "TBackward0":
-            acc = v.next_functions[0][0]
-            if acc is not None and getattr(acc, "variable", None) is weight:
-                return True
-    return False
+        if v is None or type(v).__name__ != "TBackward0":
+            continue
+        w, nr = v.next_functions[0]
+        kind = type(w).__name__ if w is not None else ""
+        if kind in ("SplitBackward0", "SplitWithSizesBackward0") and w._saved_dim == 0:
+            acc = w.next_functions[0][0]
+            name = _named(acc, weights)
+            if name is None:
+                continue
+            total = weights[name].shape[0]
+            if kind == "SplitBackward0":
+                size = w._saved_split_size
+                sizes = [min(size, total - i) for i in range(0, total, size)]
+            else:
+                sizes = list(w._saved_split_sizes)
+            start = sum(sizes[:nr])
+            return name, slice(start, start + sizes[nr])
+        name = _named(w, weights)
+        if name is not None:
+            return name, slice(0, weights[name].shape[0])
+    return None
+
+
+def _named(acc: Any, weights: dict[str, Tensor]) -> str | None:
+    """The name in ``weights`` of the parameter whose accumulator ``acc`` is."""
+    variable = getattr(acc, "variable", None) if acc is not None else None
+    return next((k for k, w in weights.items() if w is variable), None)
 
 
 def _rows(product: Any) -> Any:
@@ -232,15 +273,30 @@ def _rows(product: Any) -> Any:
     return product._saved_self
 
 
+def _in_weights(mha: nn.MultiheadAttention) -> dict[str, Tensor]:
+    if mha._qkv_same_embed_dim:
+        return {"in_proj_weight": mha.in_proj_weight}
+    return {k: getattr(mha, k) for k in ("q_proj_weight", "k_proj_weight", "v_proj_weight")}
+
+
+def _input_of(mha: nn.MultiheadAttention, name: str, rows: slice) -> int:
+    """Which input (0 query, 1 key, 2 value) rows ``rows`` of ``name`` project."""
+    if name != "in_proj_weight":
+        return ("q_proj_weight", "k_proj_weight", "v_proj_weight").index(name)
+    return (rows.start or 0) // mha.embed_dim
+
+
 def attention_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner | None:
-    """Self-attention's out-projection input ``O`` ``(L·n, E)`` and the edge of its
-    in-projection's output ``(L·n, 3E)``, found below the call's output ``node``; None
-    where the graph does not have the expected pattern (the rule then recomputes)."""
+    """The out-projection's input ``O`` ``(L·n, E)`` and the edges of the in-projections'
+    outputs ``(T·n, rows)`` (one for self-attention, two for cross-attention with ``key
+    is value``, three otherwise), found below the call's output ``node``; None where the
+    graph does not have the expected pattern (the rule then recomputes)."""
     mha = cast(nn.MultiheadAttention, module)
-    if not (mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn):
+    if mha.bias_k is not None or mha.add_zero_attn:
         return None
-    W_in, W_o = mha.in_proj_weight, mha.out_proj.weight
-    if not (W_in.requires_grad and W_o.requires_grad):
+    weights = _in_weights(mha)
+    W_o = mha.out_proj.weight
+    if not (W_o.requires_grad and all(w.requires_grad for w in weights.values())):
         return None
     u = node  # the output: [transposed to batch first] ← view (L, n, E) ← O W_oᵀ (L·n, E)
     if mha.batch_first:
@@ -256,7 +312,7 @@ def attention_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner 
     O = _rows(out)
     if not isinstance(O, Tensor) or tuple(O.shape) != (L * n, E):
         return None
-    found = None  # X W_inᵀ (L·n, 3E), read through a view as (L, n, 3E)
+    found: dict[Any, _InProj] = {}  # each in-projection product X W_rowsᵀ (T·n, rows)
     seen: set[Any] = set()
     stack = [out]
     while stack and len(seen) < 512:
@@ -267,46 +323,74 @@ def attention_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner 
         for v, _ in u.next_functions:
             if v is None or type(v).__name__ == "AccumulateGrad":
                 continue
-            if not _product_with(v, W_in):
+            hit = _weight_of(v, weights)
+            if hit is None:
                 stack.append(v)
                 continue
-            viewed = tuple(u._input_metadata[0].shape)
-            if found not in (None, v) or type(u).__name__ not in _RESHAPES:
-                return None  # several in-projections, or read other than by the view
-            if viewed != (L, n, 3 * E) or tuple(v._input_metadata[0].shape) != (L * n, 3 * E):
+            name, rows = hit
+            viewed = tuple(u._input_metadata[0].shape)  # read as (T, n, rows), row-major
+            width = rows.stop - rows.start
+            if type(u).__name__ not in _RESHAPES or len(viewed) != 3 or viewed[1:] != (n, width):
                 return None
-            found = v
-    if found is None or stack:
+            if tuple(v._input_metadata[0].shape) != (viewed[0] * n, width):
+                return None
+            piece = _InProj(name, rows, _input_of(mha, name, rows))
+            if found.setdefault(v, piece) != piece:
+                return None
+    if stack or not found or not _covers(mha, weights, list(found.values())):
         return None
-    return Inner(O, (GradientEdge(found, 0),))
+    products = list(found)
+    return Inner((O, [found[v] for v in products]), tuple(GradientEdge(v, 0) for v in products))
+
+
+def _covers(mha: nn.MultiheadAttention, weights: dict[str, Tensor], pieces: list[_InProj]) -> bool:
+    """The pieces take each row of each in-projection weight once, and the packed weight
+    in whole blocks of ``E`` rows (q, k, v)."""
+    for name, w in weights.items():
+        spans = sorted((p.rows.start, p.rows.stop) for p in pieces if p.name == name)
+        ends = [0] + [stop for _, stop in spans]
+        if [start for start, _ in spans] != ends[:-1] or ends[-1] != w.shape[0]:
+            return False
+    E = mha.embed_dim
+    return all(p.name != "in_proj_weight" or p.rows.start % E == 0 for p in pieces)
 
 
 def _taken_pieces(
     mha: nn.MultiheadAttention, inputs: tuple[Any, ...], G: Any, taken: Taken
 ) -> list[_Proj]:
-    """The out- and in-projection of a self-attention call from what
-    :func:`attention_inner` found and the backward returned."""
+    """The out- and in-projections of a call from what :func:`attention_inner` found and
+    the backward returned."""
     G_Y = G[0] if isinstance(G, tuple | list) else G  # the output's (the weights' is in G_in)
-    X = inputs[0]  # (n, L, E), or (L, n, E) unless batch first
+    X = list(inputs[:3])  # query, key, value: (n, T, ·), or (T, n, ·) unless batch first
     if not mha.batch_first:
-        X = X.transpose(0, 1)  # (n, L, E)
+        X = [x.transpose(0, 1) for x in X]  # (n, T, ·)
         G_Y = None if G_Y is None else G_Y.transpose(0, 1)  # (n, L, E)
-    n, L, E = X.shape
-    O = taken.value.reshape(L, n, E).transpose(0, 1).to(X.dtype)  # (n, L, E)
-    G_in = taken.grads[0]  # (L·n, 3E), rows in (L, n) order
-    if G_in is None:
-        G_in = X.new_zeros(L * n, 3 * E)
-    G_in = G_in.reshape(L, n, 3 * E).transpose(0, 1).to(X.dtype)  # (n, L, 3E)
+    n, L, E = X[0].shape
+    O_rows, found = taken.value
+    O = O_rows.reshape(L, n, E).transpose(0, 1).to(X[0].dtype)  # (n, L, E)
     if G_Y is None:  # only the attention weights reach the losses
         G_Y = O.new_zeros(n, L, E)  # (n, L, E)
     b_o, b_in = mha.out_proj.bias, mha.in_proj_bias
-    rows = slice(0, 3 * E)
     out_b = None if b_o is None else ("out_proj.bias", slice(None), b_o)
-    in_b = None if b_in is None else ("in_proj_bias", rows, b_in)
-    return [
-        _Proj.make(("out_proj.weight", slice(None), mha.out_proj.weight), out_b, O, G_Y),
-        _Proj.make(("in_proj_weight", rows, mha.in_proj_weight), in_b, X, G_in),
-    ]
+    pieces = [_Proj.make(("out_proj.weight", slice(None), mha.out_proj.weight), out_b, O, G_Y)]
+    for piece, G_in in zip(found, taken.grads, strict=True):
+        A = X[piece.which]  # (n, T, d_in)
+        T, width = A.shape[1], piece.rows.stop - piece.rows.start
+        if G_in is None:
+            G_in = A.new_zeros(T * n, width)
+        G_in = G_in.reshape(T, n, width).transpose(0, 1).to(A.dtype)  # (n, T, rows)
+        rows = piece.rows if piece.name == "in_proj_weight" else _bias_rows(mha, piece.which)
+        w_rows = piece.rows if piece.name == "in_proj_weight" else slice(None)
+        weight = (piece.name, w_rows, getattr(mha, piece.name))
+        bias = None if b_in is None else ("in_proj_bias", rows, b_in)
+        pieces.append(_Proj.make(weight, bias, A, G_in))
+    return pieces
+
+
+def _bias_rows(mha: nn.MultiheadAttention, which: int) -> slice:
+    """The rows of ``in_proj_bias`` of input ``which``'s separate projection weight."""
+    E = mha.embed_dim
+    return slice(which * E, (which + 1) * E)
 
 
 def _pieces(
