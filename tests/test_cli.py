@@ -213,12 +213,16 @@ def test_gpu_check_runs_its_parts_on_cpu(tmp_path):
 def test_bench_extra_problems_are_named_not_run_by_default():
     from indigrad import bench, cli
 
-    assert set(bench.extras()) == {"vit", "convnext", "lstm"} and "vit" not in bench.zoo()
+    assert set(bench.extras()) == {"vit", "convnext", "lstm", "seq2seq"}
+    assert "vit" not in bench.zoo()
     with pytest.raises(SystemExit, match=r"unknown problems.*'vit'"):
         cli.main(["bench", "--problems", "no-such-problem"])
-    problem = bench.lstm_problem(batch=3, T=4, hidden=6)
-    results = bench.run(problem, ["plain", "norms", "clipped"], repeats=1, warmup=1)
-    assert all("seconds" in r for r in results.values()), results
+    for problem in (
+        bench.lstm_problem(batch=3, T=4, hidden=6),
+        bench.seq2seq_problem(batch=3, layers=1, d=8, heads=2, T=4, vocab=11),
+    ):
+        results = bench.run(problem, ["plain", "norms", "clipped"], repeats=1, warmup=1)
+        assert all("seconds" in r for r in results.values()), results
     pytest.importorskip("torchvision")
     for problem in (
         bench.vit_problem(batch=3, layers=1, d=8, heads=2),

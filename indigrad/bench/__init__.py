@@ -36,6 +36,7 @@ from .problems import (
     lstm_problem,
     mlp_problem,
     resnet18_problem,
+    seq2seq_problem,
     vit_problem,
     zoo,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "plot",
     "resnet18_problem",
     "run",
+    "seq2seq_problem",
     "table",
     "vit_problem",
     "zoo",

@@ -268,6 +268,48 @@ def lstm_problem(batch: int = 32, T: int = 32, hidden: int = 128, device: str = 
     )
 
 
+class Seq2Seq(nn.Module):
+    """``nn.Transformer`` between token embeddings and an LM head; its input is the source
+    and the target ids side by side, ``(n, S + T)``, the first ``source`` columns the source."""
+
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, source: int, dropout: float):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.transformer = nn.Transformer(
+            d, heads, layers, layers, 2 * d, dropout=dropout, batch_first=True
+        )
+        self.head = nn.Linear(d, vocab)
+        self.source = source
+
+    def forward(self, ids: Tensor) -> Tensor:  # (n, S + T)
+        src, tgt = self.embed(ids[:, : self.source]), self.embed(ids[:, self.source :])
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], device=ids.device)
+        return self.head(self.transformer(src, tgt, tgt_mask=causal))  # (n, T, vocab)
+
+
+def seq2seq_problem(
+    batch: int = 32,
+    layers: int = 2,
+    d: int = 128,
+    heads: int = 4,
+    T: int = 32,
+    vocab: int = 1000,
+    dropout: float = 0.1,
+    device: str = "cpu",
+) -> Problem:
+    """An encoder-decoder ``nn.Transformer`` (self- and cross-attention, dropout 0.1 in
+    training mode) on random source and target tokens, token-level losses."""
+    g = _generator(device)
+    ids = torch.randint(0, vocab, (batch, 2 * T + 1), device=device, generator=g)
+    return Problem(
+        f"Transformer {layers}+{layers}×{d}, S=T={T}, V={vocab}, n={batch}",
+        lambda: Seq2Seq(vocab, d, layers, heads, T, dropout),
+        ids[:, :-1],  # source, then the target's inputs
+        ids[:, T + 1 :],  # the target shifted by one
+        _token_cross_entropy,
+    )
+
+
 def extras(device: str = "cpu", sizes: str | None = None) -> dict[str, Callable[[], Problem]]:
     """Problems beside the zoo, run when named (``indigrad bench --problems vit,convnext,lstm``)."""
     if (sizes or device) == "cpu":
@@ -275,11 +317,13 @@ def extras(device: str = "cpu", sizes: str | None = None) -> dict[str, Callable[
             "vit": lambda: vit_problem(batch=32, device=device),
             "convnext": lambda: convnext_problem(batch=32, device=device),
             "lstm": lambda: lstm_problem(device=device),
+            "seq2seq": lambda: seq2seq_problem(device=device),
         }
     return {
         "vit": lambda: vit_problem(256, 6, 384, 6, device=device),
         "convnext": lambda: convnext_problem(256, (64, 128, 256), device=device),
         "lstm": lambda: lstm_problem(256, 64, 512, device=device),
+        "seq2seq": lambda: seq2seq_problem(256, 6, 512, 8, 128, 8192, device=device),
     }
 
 
