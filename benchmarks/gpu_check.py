@@ -79,6 +79,8 @@ def small_problems(device: str) -> dict[str, Callable[[], bench.Problem]]:
         # scales (whether attention was read from the graph on this device is reported)
         "vit": lambda: bench.vit_problem(batch=3, layers=1, d=8, heads=2, device=device),
         "convnext": lambda: bench.convnext_problem(3, (4, 8), device, stochastic_depth=0.0),
+        # cross-attention (key is value) read from the graph
+        "seq2seq": lambda: bench.seq2seq_problem(3, 1, 8, 2, 4, 11, 0.0, device),
     }
 
 
@@ -112,7 +114,7 @@ def correctness(device: str) -> dict[str, str]:
                 with choice(name), attention_recomputed() as recomputed:
                     testing.check(model, losses, x, p.y)
                 results[label] = "ok"
-                if key == "vit":
+                if key in ("vit", "seq2seq"):
                     results[label] += f" (attention recomputed {len(recomputed)} times)"
             except ImportError as err:
                 results[label] = f"skipped ({err})"
