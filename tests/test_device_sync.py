@@ -110,6 +110,31 @@ class _Bag(nn.Module):
         return self.out(self.bag(ids))  # ids (n, L): one bag per row
 
 
+class _ScaledEmbedding(nn.Embedding):
+    """A forward of its own: the lookup is read from the graph."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return super().forward(ids) * 2.0
+
+
+def _scaled() -> nn.Module:
+    model = _Seq(nn.Identity())
+    model.emb = _ScaledEmbedding(11, 8, padding_idx=0)
+    return model
+
+
+class _Cross(nn.Module):
+    """Cross-attention on the first positions: key is value, read from the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:  # (n, T, d)
+        memory = x[:, :3]
+        return self.attn(x, memory, memory, need_weights=False)[0]
+
+
 def _token_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     logits = model(x)  # (n, T, V)
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).sum(1)
@@ -176,6 +201,17 @@ MODELS: dict[str, Callable[[], Any]] = {
     "convs": lambda: _images(_convs, (3, 3, 6, 6), 3),
     "batch_norm_eval": lambda: _images(_batch_norm_eval, (3, 3, 5, 5), 3),
     "rnn": lambda: _tokens(lambda: nn.RNN(8, 8, batch_first=True), 3, 4),
+    "scaled_embedding": lambda: (_scaled, _ids(3, 6), _ids(3, 6), _token_losses),
+    "cross_attention": lambda: _tokens(_Cross, 3, 5),
+    "weight_norm": lambda: _images(
+        lambda: nn.Sequential(
+            nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        ),
+        (3, 3, 5, 5),
+        3,
+    ),
     "conv1d": lambda: _images(
         lambda: nn.Sequential(nn.Conv1d(2, 3, 3, stride=2), nn.Flatten(), nn.LazyLinear(2)),
         (3, 2, 9),
