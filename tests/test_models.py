@@ -184,7 +184,8 @@ def test_gpt2_with_gradient_checkpointing():
 
 def test_bart_sequence_classification():
     """BART's decoder hands its learned positions the position ids (T,) and gets (1, T, d)
-    back, shared by the batch; its embeddings override ``forward`` (the generic rule)."""
+    back, shared by the batch (the generic rule, run once); its scaled token embeddings
+    override ``forward`` and are read from the graph as lookups."""
     transformers = _require("transformers")
     config = transformers.BartConfig(
         vocab_size=40,
