@@ -408,7 +408,7 @@ class capture:
                 call.direct = _direct.plan(call, uses[call], n, bd, calls)
                 call.inner = [use.edge for use in call.direct or ()]
                 if call.direct is None and call.rerun_param in call.adopted:
-                    warnings.warn(  # one place: shown once a process
+                    warnings.warn(  # one place: each message shown once a process
                         f"{call.label} uses {list(call.adopted)} of modules inside it "
                         "directly, not by calling those modules, so it is re-run for each "
                         f"example to take their gradients ({call.rerun_because}): correct, "
