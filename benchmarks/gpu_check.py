@@ -81,6 +81,8 @@ def small_problems(device: str) -> dict[str, Callable[[], bench.Problem]]:
         "convnext": lambda: bench.convnext_problem(3, (4, 8), device, stochastic_depth=0.0),
         # cross-attention (key is value) read from the graph
         "seq2seq": lambda: bench.seq2seq_problem(3, 1, 8, 2, 4, 11, 0.0, device),
+        # the LSTM's backward by hand, on the device's fused kernel
+        "lstm": lambda: bench.lstm_problem(batch=3, T=4, hidden=6, device=device),
     }
 
 

@@ -181,6 +181,7 @@ def test_float64_matches_loop(config):
     "name",
     [
         "lstm_proj-2layers-bi-h0_keyword",
+        "lstm-2layers-bi-h0_keyword",  # by the fused kernel and a backward by hand
         "gru-2layers-state_only",
         "rnn_tanh-batch_first-no_bias-last",
     ],
@@ -227,6 +228,50 @@ def _rule_inputs(config: Config, model: Net, batch: tuple[Any, ...]) -> tuple[An
         hx = h0.transpose(0, 1) if c0 is None else (h0.transpose(0, 1), c0.transpose(0, 1))
     inputs = (inp,) if config.h0 is None else (inp, hx)
     return inputs, G
+
+
+BY_HAND = [c for c in CONFIGS if c.cls is nn.LSTM and c.packed is None and "proj" not in c.name]
+
+
+@pytest.mark.parametrize("config", BY_HAND, ids=lambda c: c.name)
+def test_lstm_by_hand_matches_the_unrolled_recurrence(config, monkeypatch):
+    """An LSTM's gate gradients by the fused kernel and a backward by hand are those of the
+    recurrence unrolled under autograd, to rounding, and so are the Linear maps' inputs."""
+    model, batch = config.build()
+    inputs, G = _rule_inputs(config, model, batch)
+    with torch.no_grad():
+        fast = recurrent._pieces(model.rnn, inputs, G)
+        monkeypatch.setattr(recurrent, "_FUSED", False)
+        unrolled = recurrent._pieces(model.rnn, inputs, G)
+    assert recurrent._lstm_steps(model.rnn, inputs, G, {}) is not None
+    assert [p.names for p, _, _ in fast] == [p.names for p, _, _ in unrolled]
+    for (piece, A, Gp), (_, A_ref, G_ref) in zip(fast, unrolled, strict=True):
+        torch.testing.assert_close(A, A_ref, rtol=1e-12, atol=1e-12, msg=str(piece.names))
+        torch.testing.assert_close(Gp, G_ref, rtol=1e-10, atol=1e-12, msg=str(piece.names))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_lstm_states_are_read_from_the_graph(batch_first, monkeypatch):
+    """On CPU the fused kernel runs one layer and direction per autograd node, which saves
+    its states (float32): the rule reads them instead of running the layers again."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first)
+    x = torch.randn(5, 6, 3)  # (n, T, d) or (T, n, d)
+    out, _ = lstm(x)
+    found = recurrent.lstm_inner(lstm, out.grad_fn, [])
+    if found is None:
+        pytest.skip("this build's LSTM kernel saves no per-layer states")
+    assert set(found.value) == {(0, 0), (0, 1), (1, 0), (1, 1)} and found.edges == ()
+    top = out if not batch_first else out.transpose(0, 1)  # (T, n, 2H)
+    torch.testing.assert_close(found.value[1, 0], top[..., :4])
+    torch.testing.assert_close(found.value[1, 1], top[..., 4:])
+
+    def run_layer_again(*args):
+        raise AssertionError("a layer was run again")
+
+    monkeypatch.setattr(recurrent, "_run_layer", run_layer_again)
+    bd = 0 if batch_first else 1
+    indigrad.testing.check(lstm, lambda x: lstm(x)[0].sin().sum((1 - bd, 2)), x, batch_dim=bd)
 
 
 @pytest.mark.parametrize("config", PACKED, ids=lambda c: c.name)
@@ -382,9 +427,10 @@ def test_recurrence_is_recomputed_once_per_call(materialise, monkeypatch):
     model = Classifier(nn.LSTM).double()
     tokens, features = torch.randint(0, 11, (5, 7)), torch.randn(5, 2, dtype=torch.float64)
     y = torch.randint(0, 3, (5,))
-    calls = []  # unrolled recurrences
-    real = recurrent._unroll
+    calls = []  # recurrences recomputed: by hand (an LSTM's), or unrolled under autograd
+    real, by_hand = recurrent._unroll, recurrent._lstm_steps
     monkeypatch.setattr(recurrent, "_unroll", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(recurrent, "_lstm_steps", lambda *a: calls.append(1) or by_hand(*a))
     with indigrad.capture(model) as cap:
         cap.clip_(F.cross_entropy(model(tokens, features), y, reduction="none"), max_norm=0.1)
     assert len(calls) == 1

@@ -28,8 +28,14 @@ those of ``linear.py``:
 The step gradients come from recomputing the recurrence step by step with grad enabled,
 from the detached inputs and the module's weights, and ONE ``torch.autograd.grad`` of
 ⟨recomputed outputs, G⟩ (G of the output sequence, h_n and c_n, where one arrived) to every
-step's ``gi_t, gh_t, r_t``. A recurrence never mixes examples, so they are per example. Each
-of grads / sq_norms / weighted_sum recomputes (a rule keeps no state between calls).
+step's ``gi_t, gh_t, r_t``. A recurrence never mixes examples, so they are per example. The
+recurrence is recomputed once per call (``prepare``) for all three quantities.
+
+An LSTM without a projection on a padded input takes a shorter way (:func:`_lstm_steps`):
+its states come from the graph, where the fused kernel saved them per layer and direction
+(CPU, float32), or from the fused kernel run again; its gates from two batched products;
+and the backward through cells and states is written out, a few operations per step, so
+no step runs under autograd.
 
 Layouts: ``batch_first`` both ways; ``h0`` (``(h0, c0)`` for LSTM) given or zero. A
 ``PackedSequence`` input is padded in the original example order; an example's steps past
@@ -40,6 +46,7 @@ reproduced: an error.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -49,9 +56,10 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .linear import linear_grads, linear_sq_norms, linear_weighted_sum
-from .registry import Rule, prepared, register_rule
+from .registry import Inner, Rule, Taken, prepared, register_rule
 
 _MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
+_FUSED = True  # LSTMs by the fused kernel and a backward by hand (tests turn it off)
 
 
 @dataclass
@@ -218,11 +226,198 @@ def _inner(rnn: nn.RNNBase, inputs: tuple[Any, ...], G: Any, u: _Unrolled) -> Te
     return inner
 
 
+def _lstm_steps(
+    rnn: nn.RNNBase, inputs: tuple[Any, ...], G: Any, states: dict[tuple[int, int], Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+    """For an LSTM without a projection on a padded input: the Linear maps' inputs
+    ``x{s}``, ``h{s}`` and the gate gradients ``gh{s}`` (n, T, 4H) of every layer and
+    direction, without recomputing the recurrence step by step under autograd. Each
+    layer's states come from one call of the fused kernel; its gates from two batched
+    products; the cells from a loop of one op per step; the backward through the cells
+    and states by hand, a few ops per step, from the top layer down:
+
+        dh_t = G_t + dz_{t+1} W_hh,   dc_t = dh_t o_t (1 − tanh² c_t) + dc_{t+1} f_{t+1}
+        dz_t = [dc_t g_t i_t (1 − i_t), dc_t c_{t−1} f_t (1 − f_t), dc_t i_t (1 − g_t²),
+                dh_t tanh c_t o_t (1 − o_t)]
+        the layer below's G = Σ_directions dz W_ih
+
+    ``states``: each layer and direction's ``(T, n, H)`` states as the forward's fused
+    kernel saved them (:func:`lstm_inner`, CPU); a layer without them is run again.
+    None for the other forms (the recurrence is then recomputed under autograd)."""
+    x = inputs[0]
+    if rnn.mode != "LSTM" or rnn.proj_size or isinstance(x, PackedSequence):
+        return None
+    hx = inputs[1] if len(inputs) > 1 else None
+    g_out, g_state = G
+    if not rnn.batch_first:
+        x = x.transpose(0, 1)  # (n, T, d_in)
+        g_out = None if g_out is None else g_out.transpose(0, 1)  # (n, T, D·H)
+    x = x.detach()
+    n = x.shape[0]
+    L, D, H = rnn.num_layers, 2 if rnn.bidirectional else 1, rnn.hidden_size
+    if hx is None:
+        h0 = c0 = x.new_zeros(L * D, n, H)  # (L·D, n, H)
+    else:
+        h0, c0 = hx[0].detach(), hx[1].detach()  # (L·D, n, H)
+    g_h, g_c = (None, None) if g_state is None else g_state  # (L·D, n, H) each, or None
+    layers = []  # per layer: its input and, per direction, what the backward needs
+    layer_in = x  # (n, T, d_in)
+    with torch.no_grad():
+        for layer in range(L):
+            if all((layer, d) in states for d in range(D)):  # read from the graph
+                out = torch.cat([states[layer, d].transpose(0, 1) for d in range(D)], 2)
+            else:  # (n, T, D·H) by the fused kernel again
+                names = _NAMES if rnn.bias else _NAMES[:2]
+                weights = [getattr(rnn, f"{k}{_suffix(layer, d)}") for d in range(D) for k in names]
+                hc = (h0[layer * D : (layer + 1) * D], c0[layer * D : (layer + 1) * D])
+                out = _run_layer(layer_in, hc, weights, rnn.bias, 1, 0.0, False, D == 2, True)[0]
+            dirs = [
+                _cells(rnn, layer, d, layer_in, out[..., d * H : (d + 1) * H], h0, c0)
+                for d in range(D)
+            ]
+            layers.append((layer_in, dirs))
+            layer_in = out  # (n, T, D·H)
+        values: dict[str, Tensor] = {}
+        grads: dict[str, Tensor] = {}
+        G_layer = g_out  # (n, T, D·H) or None
+        for layer in range(L - 1, -1, -1):
+            layer_in, dirs = layers[layer]
+            below = None  # the gradient at this layer's input
+            for d, cells in enumerate(dirs):
+                s = _suffix(layer, d)
+                Gh = None if G_layer is None else G_layer[..., d * H : (d + 1) * H]
+                k = layer * D + d
+                dz = _cells_backward(
+                    cells,
+                    Gh,
+                    None if g_h is None else g_h[k],
+                    None if g_c is None else g_c[k],
+                    d == 1,
+                )
+                values[f"x{s}"], values[f"h{s}"] = layer_in, cells.prev  # (n, T, d_in), (n, T, H)
+                grads[f"gh{s}"] = dz  # (n, T, 4H)
+                if layer > 0:
+                    W_ih = getattr(rnn, f"weight_ih{s}")  # (4H, d_in)
+                    term = dz @ W_ih  # (n, T, d_in)
+                    below = term if below is None else below + term
+            G_layer = below
+    return values, grads
+
+
+_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_run_layer = torch.lstm  # one layer, both directions, by the fused kernel
+_LAYER_NODE = "MkldnnRnnLayerBackward0"  # CPU: one fused layer and direction per node
+
+
+def lstm_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner | None:
+    """Each layer and direction's states ``(T, n, H)`` as the forward's fused kernel saved
+    them, where it runs one layer and direction per node (on CPU), keyed ``(layer,
+    direction)`` by the input weight it saved; None where there are none."""
+    rnn = cast(nn.RNNBase, module)
+    if rnn.mode != "LSTM" or rnn.proj_size:
+        return None
+    D = 2 if rnn.bidirectional else 1
+    keys = {
+        id(getattr(rnn, f"weight_ih{_suffix(layer, d)}")): (layer, d)
+        for layer in range(rnn.num_layers)
+        for d in range(D)
+    }
+    states: dict[tuple[int, int], Tensor] = {}
+    seen: set[Any] = set()
+    stack = [node]
+    while stack and len(seen) < 256:
+        u = stack.pop()
+        if u is None or u in seen or u in stop:
+            continue
+        seen.add(u)
+        if type(u).__name__ == _LAYER_NODE:
+            key = keys.get(id(u._saved_weight0))
+            if key is not None and bool(u._saved_reverse) == (key[1] == 1):
+                states[key] = u._saved_result0  # (T, n, H)
+        stack.extend(v for v, _ in u.next_functions if type(v).__name__ != "AccumulateGrad")
+    return Inner(states, ()) if states else None
+
+
+@dataclass
+class _Cells:
+    """One layer and direction of an LSTM, batch first, in time order: its previous
+    states, gates and cells (n, T, ·), and its recurrent weight."""
+
+    prev: Tensor  # h_{t-1} (h_{t+1} in the reverse direction)
+    i: Tensor
+    f: Tensor
+    g: Tensor
+    o: Tensor
+    c: Tensor
+    c_prev: Tensor
+    W_hh: Tensor  # (4H, H)
+
+
+def _cells(
+    rnn: nn.RNNBase, layer: int, d: int, x: Tensor, hs: Tensor, h0: Tensor, c0: Tensor
+) -> _Cells:
+    """The gates and cells of one direction from its input ``x`` and states ``hs``."""
+    s = _suffix(layer, d)
+    D = 2 if rnn.bidirectional else 1
+    k = layer * D + d
+    W_ih, W_hh = getattr(rnn, f"weight_ih{s}"), getattr(rnn, f"weight_hh{s}")
+    first = h0[k][:, None]  # (n, 1, H)
+    prev = torch.cat([first, hs[:, :-1]], 1) if d == 0 else torch.cat([hs[:, 1:], first], 1)
+    z = torch.matmul(x, W_ih.T) + torch.matmul(prev, W_hh.T)  # (n, T, 4H)
+    if rnn.bias:
+        z += getattr(rnn, f"bias_ih{s}") + getattr(rnn, f"bias_hh{s}")
+    i, f, g, o = z.chunk(4, 2)  # 4 × (n, T, H)
+    i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
+    ig, fs = (i * g).unbind(1), f.unbind(1)  # T × (n, H): one op each, not T slices
+    state = c0[k]  # (n, H)
+    cs = list(ig)  # T × (n, H), filled in the direction's time order
+    order = range(len(cs)) if d == 0 else range(len(cs) - 1, -1, -1)
+    for t in order:
+        state = cs[t] = torch.addcmul(ig[t], fs[t], state)  # f c + i g
+    c = torch.stack(cs, 1)  # (n, T, H)
+    before = c0[k][:, None]  # (n, 1, H)
+    c_prev = torch.cat([before, c[:, :-1]], 1) if d == 0 else torch.cat([c[:, 1:], before], 1)
+    return _Cells(prev, i, f, g, o, c, c_prev, W_hh)
+
+
+def _cells_backward(
+    cells: _Cells, Gh: Tensor | None, g_hn: Tensor | None, g_cn: Tensor | None, reverse: bool
+) -> Tensor:
+    """The gate gradients ``dz`` (n, T, 4H) of one direction, given the gradient ``Gh``
+    (n, T, H) at its states and those at its final state and cell."""
+    i, f, g, o, c = cells.i, cells.f, cells.g, cells.o, cells.c
+    n, T, H = c.shape
+    tc = c.tanh()  # (n, T, H)
+    from_dh = (o * (1 - tc * tc)).unbind(1)  # T × (n, H): dc from dh
+    # dz = K ⊙ [dc, dc, dc, dh]
+    K = torch.cat(
+        [g * i * (1 - i), cells.c_prev * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)], 2
+    )
+    Ks, fs = K.unbind(1), f.unbind(1)  # T × (n, 4H), T × (n, H)
+    Ghs = None if Gh is None else Gh.unbind(1)  # T × (n, H)
+    dh = c.new_zeros(n, H) if g_hn is None else g_hn.to(c.dtype)  # (n, H)
+    dc = c.new_zeros(n, H) if g_cn is None else g_cn.to(c.dtype)  # (n, H)
+    dzs = list(Ks)  # T × (n, 4H), filled below
+    W_hh = cells.W_hh
+    for t in range(T - 1, -1, -1) if not reverse else range(T):
+        if Ghs is not None:
+            dh = dh + Ghs[t]  # (n, H)
+        dc = torch.addcmul(dc, dh, from_dh[t])  # (n, H)
+        dz = dzs[t] = Ks[t] * torch.cat([dc, dc, dc, dh], 1)  # (n, 4H)
+        dh = torch.mm(dz, W_hh)  # (n, H)
+        dc = dc * fs[t]  # (n, H)
+    dz = torch.stack(dzs, 1)  # (n, T, 4H)
+    return dz
+
+
 def _pieces(
     module: nn.Module, inputs: tuple[Any, ...], G: Any
 ) -> list[tuple[_Piece, Tensor, Tensor]]:
     """``(piece, A (n, T, d_in), G (n, T, d_out))`` for every Linear map with a trainable
     parameter."""
+    states: dict[tuple[int, int], Tensor] = {}
+    if inputs and isinstance(inputs[-1], Taken):  # what lstm_inner read from the graph
+        states, inputs = inputs[-1].value, inputs[:-1]
     rnn = _check(module, inputs)
     pieces = []
     for layer in range(rnn.num_layers):
@@ -242,6 +437,10 @@ def _pieces(
     pieces = [p for p in pieces if p.weight.requires_grad or p.bias is not None]
     if not pieces:
         return []
+    fast = _lstm_steps(rnn, inputs, G, states) if _FUSED else None
+    if fast is not None:
+        values, steps = fast
+        return [(p, values[p.value], steps[p.step]) for p in pieces]
     u = _unroll(module, inputs)
     keys = list(dict.fromkeys(p.step for p in pieces))  # each step gradient once
     targets = [t for k in keys for t in u.steps[k]]  # T per key
@@ -294,7 +493,14 @@ def rnn_weighted_sum(
 RNN, LSTM, GRU = (
     register_rule(
         cls,
-        Rule(rnn_grads, rnn_sq_norms, rnn_weighted_sum, raw_layout=True, prepare=_pieces),
+        Rule(
+            rnn_grads,
+            rnn_sq_norms,
+            rnn_weighted_sum,
+            raw_layout=True,
+            prepare=_pieces,
+            inner=lstm_inner if cls is nn.LSTM else None,
+        ),
     )
     for cls in (nn.RNN, nn.LSTM, nn.GRU)
 )
