@@ -195,6 +195,15 @@ def test_tied_gpt2_times_indigrads_methods():
     assert "3 clipped steps raised the peak resident memory by" in rss
 
 
+def test_scaled_embedding_times_indigrads_methods():
+    args = ("--d", "8", "--vocab", "16", "--T", "4", "--n", "2")
+    out = _benchmark_script("scaled_embedding.py", *args, "--repeats", "1").splitlines()
+    assert out[0].startswith("scaled embedding LM d=8, T=4, V=16, n=2")
+    assert [line.split()[0] for line in out[2:6]] == ["plain", "norms", "clipped", "grads"]
+    rss = _benchmark_script("scaled_embedding.py", *args, "--rss")
+    assert "3 clipped steps raised the peak resident memory by" in rss
+
+
 def test_gpu_check_runs_its_parts_on_cpu(tmp_path):
     # the device script must not fail on what a CPU can run of it: device time is scarce
     out = _benchmark_script(
