@@ -232,9 +232,9 @@ def _lstm_steps(
     """For an LSTM without a projection on a padded input: the Linear maps' inputs
     ``x{s}``, ``h{s}`` and the gate gradients ``gh{s}`` (n, T, 4H) of every layer and
     direction, without recomputing the recurrence step by step under autograd. Each
-    layer's states come from one call of the fused kernel; its gates from two batched
-    products; the cells from a loop of one op per step; the backward through the cells
-    and states by hand, a few ops per step, from the top layer down:
+    layer's states come from the graph or from one call of the fused kernel; its gates
+    from two batched products; the cells from a loop of one op per step; the backward
+    through the cells and states by hand, a few ops per step, from the top layer down:
 
         dh_t = G_t + dz_{t+1} W_hh,   dc_t = dh_t o_t (1 − tanh² c_t) + dc_{t+1} f_{t+1}
         dz_t = [dc_t g_t i_t (1 − i_t), dc_t c_{t−1} f_t (1 − f_t), dc_t i_t (1 − g_t²),
@@ -247,8 +247,12 @@ def _lstm_steps(
     x = inputs[0]
     if rnn.mode != "LSTM" or rnn.proj_size or isinstance(x, PackedSequence):
         return None
+    if x.dtype != rnn.weight_ih_l0.dtype:
+        return None  # the unrolled recurrence says what it makes of mixed precisions
     hx = inputs[1] if len(inputs) > 1 else None
     g_out, g_state = G
+    if g_out is not None:
+        g_out = g_out.to(x.dtype)
     if not rnn.batch_first:
         x = x.transpose(0, 1)  # (n, T, d_in)
         g_out = None if g_out is None else g_out.transpose(0, 1)  # (n, T, D·H)
