@@ -14,15 +14,12 @@ compare with a checkout that sent the embedding to the generic rule.
 
 from __future__ import annotations
 
-import argparse
-import resource
-
+import _lm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from indigrad import bench
-from indigrad.bench.methods import METHODS
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -59,26 +56,9 @@ def problem(vocab: int, d: int, T: int, n: int, device: str) -> bench.Problem:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--T", type=int, default=64)
-    parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rss", action="store_true", help="peak memory of clipped steps")
+    parser = _lm.parser(__doc__, d=256, vocab=8192, repeats=10)
     args = parser.parse_args()
-    p = problem(args.vocab, args.d, args.T, args.n, args.device)
-    if args.rss:
-        step = METHODS["clipped"](p)  # builds the model: its memory is the baseline
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        for _ in range(3):
-            step()
-        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-        print(f"{p.name}: 3 clipped steps raised the peak resident memory by {grown // 1024} MiB")
-        return
-    results = bench.run(p, ["plain", "norms", "clipped", "grads"], repeats=args.repeats)
-    print(bench.table(p, results))
+    _lm.run(problem(args.vocab, args.d, args.T, args.n, args.device), args.rss, args.repeats)
 
 
 if __name__ == "__main__":
