@@ -106,7 +106,9 @@ def _check_accounted(
             "outside any recorded call of the module that owns it or of a module "
             "around it without a rule, so its per-example gradient would be wrong. Use "
             "the parameter only inside its module's forward, call modules as module(x) "
-            "(not module.forward(x)), or freeze it with requires_grad_(False)."
+            "(not module.forward(x)), or freeze it with requires_grad_(False). For a "
+            "weight shared by two layers (an LM head tied to the embedding), make both "
+            "modules and share the parameter: head.weight = embedding.weight."
         )
     return reached, uses
 

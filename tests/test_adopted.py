@@ -122,3 +122,23 @@ def test_a_use_outside_the_module_around_is_an_error():
     x, y = _batch()
     with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"'body\.fc\.weight'"):
         cap.norms(F.cross_entropy(model(x), y, reduction="none"))
+
+
+def test_a_tied_head_written_by_hand_says_how_to_tie_it():
+    """The embedding's own call and the head's ``F.linear`` both use the table: the model
+    around cannot take it (the embedding's share would count twice); the error says how
+    to tie two modules instead."""
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 4).double()
+            self.pos = nn.Parameter(torch.zeros(1, 5, 4, dtype=D))
+
+        def forward(self, ids):
+            return F.linear(torch.tanh(self.emb(ids) + self.pos), self.emb.weight)
+
+    model = LM()
+    ids = torch.randint(0, 11, (3, 5))
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"head\.weight = "):
+        cap.norms(F.cross_entropy(model(ids).transpose(1, 2), ids, reduction="none").sum(1))
