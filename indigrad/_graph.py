@@ -133,16 +133,17 @@ def _adopt(
     left = []
     for edges in by_param.values():
         p = edges[0][1]
-        around = [
-            call
+        around = {  # the calls holding every use, of modules around p: p's name in each
+            call: local
             for call, region in regions.items()
-            if all(node in region for node, _ in edges) and _inside(p, call.module)
-        ]
+            if all(node in region for node, _ in edges)
+            and (local := _local_name(p, call.module)) is not None
+        }
         call = max(around, key=lambda c: c.name.count(".") + bool(c.name), default=None)
         if call is None or any(u in regions[call] for u, q in accounted if q == id(p)):
             left.extend(edges)
             continue
-        local = next(k for k, q in call.module.named_parameters() if q is p)
+        local = around[call]
         call.params = {**call.params, local: p}  # the dict is shared by the module's calls
         call.adopted = (*call.adopted, local)
         uses[call].extend(edges)
@@ -150,8 +151,9 @@ def _adopt(
     return left
 
 
-def _inside(p: Any, module: nn.Module) -> bool:
-    return any(q is p for q in module.parameters())
+def _local_name(p: Any, module: nn.Module) -> str | None:
+    """``p``'s name in ``module``, or None where it is not one of its parameters."""
+    return next((k for k, q in module.named_parameters() if q is p), None)
 
 
 # Backward nodes of ops that broadcast their operands elementwise.

@@ -51,8 +51,8 @@ class _Call:
     edges: list[GradientEdge]
     boundary: list[Any]  # autograd nodes of the tensor inputs, at call time
     versions: list[tuple[Tensor, int]]  # tensor inputs and their version counters at call time
-    broadcast: bool = False  # called without the batch dimension; outputs expanded to it
-    # broadcast: the call's own arguments and output shapes, before the expansion
+    # called without the batch dimension (outputs expanded to it): the call's own
+    # arguments and output shapes, before the expansion
     shared: tuple[tuple[Any, ...], dict[str, Any], list[torch.Size]] | None = None
     training: bool = True  # the module's mode at call time
     rule: Rule | None = None  # its rule, looked up once when the capture began; None: generic
@@ -70,6 +70,11 @@ class _Call:
     @property
     def label(self) -> str:
         return f"{type(self.module).__name__} {self.name or '<model>'!r}"
+
+    @property
+    def broadcast(self) -> bool:
+        """Called without the batch dimension: outputs expanded to it."""
+        return self.shared is not None
 
 
 class capture:
@@ -335,7 +340,6 @@ class capture:
                     edges=[_edge(leaves[i]) for i in edge_index],
                     boundary=boundary,
                     versions=versions,
-                    broadcast=broadcast,
                     shared=shared,
                     training=module.training,
                     rule=rule,

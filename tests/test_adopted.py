@@ -63,6 +63,13 @@ def _batch():
     return torch.randn(3, 5, 4, dtype=D, generator=g), torch.tensor([0, 2, 1])
 
 
+def _assert_refused(model):
+    """``body.fc.weight`` is refused: no call can take its use."""
+    x, y = _batch()
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"'body\.fc\.weight'"):
+        cap.norms(F.cross_entropy(model(x), y, reduction="none"))
+
+
 def _check(model):
     def losses(x, y):
         return F.cross_entropy(model(x), y, reduction="none")
@@ -87,10 +94,7 @@ def test_the_innermost_module_around_takes_it():
 def test_a_use_beside_the_child_s_own_call_is_an_error():
     """Re-running the parent would take the child's call's share of the gradient again."""
     torch.manual_seed(0)
-    model = Net(Applies(how="both"))
-    x, y = _batch()
-    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"'body\.fc\.weight'"):
-        cap.norms(F.cross_entropy(model(x), y, reduction="none"))
+    _assert_refused(Net(Applies(how="both")))
 
 
 def test_no_warning_where_the_module_is_read_from_the_graph():
@@ -118,10 +122,7 @@ def test_a_use_outside_the_module_around_is_an_error():
             return self.head(F.linear(h, self.body.fc.weight).mean(1))
 
     torch.manual_seed(0)
-    model = Model(Applies(how="unused"))
-    x, y = _batch()
-    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"'body\.fc\.weight'"):
-        cap.norms(F.cross_entropy(model(x), y, reduction="none"))
+    _assert_refused(Model(Applies(how="unused")))
 
 
 def test_a_tied_head_written_by_hand_says_how_to_tie_it():

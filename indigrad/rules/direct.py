@@ -111,12 +111,18 @@ def _coef(node: Any, slot: int) -> float | None:
     return None
 
 
+def _aligned(p: Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``p``'s shape with leading ones, as broadcasting to ``shape`` aligns it (``p`` has
+    at most as many dimensions)."""
+    return (1,) * (len(shape) - p.dim()) + tuple(p.shape)
+
+
 def _broadcasts(p: Tensor, shape: tuple[int, ...], n: int, bd: int) -> bool:
     """``p`` broadcasts to ``shape``, whose dimension ``bd`` is the batch of ``n``, without
     an entry of its own in that dimension."""
     if len(shape) <= bd or shape[bd] != n or p.dim() > len(shape):
         return False
-    full = (1,) * (len(shape) - p.dim()) + tuple(p.shape)
+    full = _aligned(p, shape)
     return full[bd] == 1 and all(a in (1, b) for a, b in zip(full, shape, strict=True))
 
 
@@ -125,8 +131,8 @@ def _candidates(p: Tensor, shape: tuple[int, ...], n: int) -> list[int]:
     ``p`` is broadcast."""
     if p.dim() > len(shape):
         return []
-    full = (1,) * (len(shape) - p.dim()) + tuple(p.shape)
-    return [d for d, (a, b) in enumerate(zip(full, shape, strict=True)) if a == 1 and b == n]
+    pairs = enumerate(zip(_aligned(p, shape), shape, strict=True))
+    return [d for d, (a, b) in pairs if a == 1 and b == n]
 
 
 def plan(
@@ -362,7 +368,7 @@ def _reduce(use: Use, G: Tensor, p: Tensor, n: int) -> Tensor:
     elif use.coef != 1.0:
         G = G * use.coef  # (*shape)
     G = G.movedim(use.batch, 0)  # (n, *rest)
-    full = (1,) * (len(use.shape) - p.dim()) + tuple(p.shape)
+    full = _aligned(p, use.shape)
     rest = full[: use.batch] + full[use.batch + 1 :]
     summed = [d + 1 for d, (a, b) in enumerate(zip(rest, G.shape[1:], strict=True)) if a < b]
     if summed:

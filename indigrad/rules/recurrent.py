@@ -245,7 +245,7 @@ def _lstm_steps(
     kernel saved them (:func:`lstm_inner`, CPU); a layer without them is run again.
     None for the other forms (the recurrence is then recomputed under autograd)."""
     x = inputs[0]
-    if rnn.mode != "LSTM" or rnn.proj_size or isinstance(x, PackedSequence):
+    if not _plain_lstm(rnn) or isinstance(x, PackedSequence):
         return None
     if x.dtype != rnn.weight_ih_l0.dtype:
         return None  # the unrolled recurrence says what it makes of mixed precisions
@@ -309,6 +309,13 @@ def _lstm_steps(
 
 
 _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def _plain_lstm(rnn: nn.RNNBase) -> bool:
+    """An LSTM without a projection: the form whose gate gradients are taken by hand."""
+    return rnn.mode == "LSTM" and not rnn.proj_size
+
+
 _run_layer = torch.lstm  # one layer, both directions, by the fused kernel
 _LAYER_NODE = "MkldnnRnnLayerBackward0"  # CPU: one fused layer and direction per node
 
@@ -318,7 +325,7 @@ def lstm_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner | Non
     them, where it runs one layer and direction per node (on CPU), keyed ``(layer,
     direction)`` by the input weight it saved; None where there are none."""
     rnn = cast(nn.RNNBase, module)
-    if rnn.mode != "LSTM" or rnn.proj_size:
+    if not _plain_lstm(rnn):
         return None
     D = 2 if rnn.bidirectional else 1
     keys = {
@@ -365,8 +372,7 @@ def _cells(
     D = 2 if rnn.bidirectional else 1
     k = layer * D + d
     W_ih, W_hh = getattr(rnn, f"weight_ih{s}"), getattr(rnn, f"weight_hh{s}")
-    first = h0[k][:, None]  # (n, 1, H)
-    prev = torch.cat([first, hs[:, :-1]], 1) if d == 0 else torch.cat([hs[:, 1:], first], 1)
+    prev = _previous(hs, h0[k], d == 1)  # (n, T, H)
     z = torch.matmul(x, W_ih.T) + torch.matmul(prev, W_hh.T)  # (n, T, 4H)
     if rnn.bias:
         z += getattr(rnn, f"bias_ih{s}") + getattr(rnn, f"bias_hh{s}")
@@ -379,9 +385,14 @@ def _cells(
     for t in order:
         state = cs[t] = torch.addcmul(ig[t], fs[t], state)  # f c + i g
     c = torch.stack(cs, 1)  # (n, T, H)
-    before = c0[k][:, None]  # (n, 1, H)
-    c_prev = torch.cat([before, c[:, :-1]], 1) if d == 0 else torch.cat([c[:, 1:], before], 1)
-    return _Cells(prev, i, f, g, o, c, c_prev, W_hh)
+    return _Cells(prev, i, f, g, o, c, _previous(c, c0[k], d == 1), W_hh)
+
+
+def _previous(seq: Tensor, initial: Tensor, reverse: bool) -> Tensor:
+    """``(n, T, H)``: each step's previous value of ``seq`` (n, T, H) in the direction's
+    time order, ``initial`` (n, H) before the first step."""
+    first = initial[:, None]  # (n, 1, H)
+    return torch.cat([seq[:, 1:], first], 1) if reverse else torch.cat([first, seq[:, :-1]], 1)
 
 
 def _cells_backward(
