@@ -34,12 +34,17 @@ _REENTRANT = torch.utils.checkpoint.CheckpointFunction._backward_cls
 
 
 def _check_accounted(
-    root: Any, calls: list[Any], trainable: dict[int, str]
+    root: Any,
+    calls: list[Any],
+    trainable: dict[int, str],
+    consumers: dict[tuple[Any, int], list[tuple[Any, int]]] | None = None,
 ) -> tuple[list[Any], dict[Any, list[tuple[Any, Any]]]]:
     """Raise if the losses reach no recorded call, or reach a trainable parameter outside
     the calls of its module. Returns the calls whose outputs the losses depend on, and
     for each call without a rule (the generic rule's) the edges ``(node, parameter)``
-    from inside the call into its parameters' accumulators: the parameters' uses."""
+    from inside the call into its parameters' accumulators: the parameters' uses. With
+    ``consumers``, fills it with each tensor's ``(node, output_nr)`` consumers ``(node,
+    input slot)`` in the graph: the graph read forward."""
     accounted: set[tuple[Any, int]] = set()
     uses: dict[Any, list[tuple[Any, Any]]] = {}
     regions: dict[Any, set[Any]] = {}  # the nodes inside each call without a rule
@@ -73,9 +78,11 @@ def _check_accounted(
     seen = {root}
     while stack:
         u = stack.pop()
-        for v, slot in u.next_functions:
+        for i, (v, slot) in enumerate(u.next_functions):
             if v is None:
                 continue
+            if consumers is not None:
+                consumers.setdefault((v, slot), []).append((u, i))
             if v in outputs:
                 _check_consumer(u, v, slot, outputs[v])
             if type(v) is _ACCUMULATE:
@@ -175,18 +182,8 @@ _POINTWISE = (
 
 def _check_consumer(u: Any, v: Any, slot: int, call: Any) -> None:
     """``u`` consumes output ``slot`` of node ``v``, a recorded call's output."""
-    pointwise = type(u).__name__.startswith(_POINTWISE)
-    if call.broadcast:
-        if not pointwise:
-            raise RuntimeError(
-                f"{call.label} was called without the batch dimension, and its output is "
-                f"used by {type(u).__name__}. indigrad supports such shared outputs only "
-                "in elementwise ops with batched tensors (e.g. token + position "
-                "embeddings); compute the layer on batched inputs instead."
-            )
-        return
-    if not pointwise:
-        return
+    if call.broadcast or not type(u).__name__.startswith(_POINTWISE):
+        return  # a shared output's consumers are followed by the capture (_shared.py)
     used = tuple(u._input_metadata[0].shape)  # the shape the consumer produced
     mine = tuple(v._input_metadata[slot].shape)  # the recorded output's shape
     if len(used) > len(mine) and used[len(used) - len(mine) :] == mine:

@@ -25,7 +25,7 @@ from torch.nn.modules.module import register_module_forward_hook
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from . import _reparam
+from . import _reparam, _shared
 from ._batch import has_batch
 from ._graph import _boundary, _check_accounted
 from .quantities import PerExample
@@ -51,8 +51,8 @@ class _Call:
     edges: list[GradientEdge]
     boundary: list[Any]  # autograd nodes of the tensor inputs, at call time
     versions: list[tuple[Tensor, int]]  # tensor inputs and their version counters at call time
-    # called without the batch dimension (outputs expanded to it): the call's own
-    # arguments and output shapes, before the expansion
+    # called without the batch dimension (its output shared by all examples): the call's
+    # own arguments and output shapes, before its inputs were expanded for the rules
     shared: tuple[tuple[Any, ...], dict[str, Any], list[torch.Size]] | None = None
     training: bool = True  # the module's mode at call time
     rule: Rule | None = None  # its rule, looked up once when the capture began; None: generic
@@ -73,7 +73,7 @@ class _Call:
 
     @property
     def broadcast(self) -> bool:
-        """Called without the batch dimension: outputs expanded to it."""
+        """Called without the batch dimension: its outputs shared by all examples."""
         return self.shared is not None
 
 
@@ -189,9 +189,6 @@ class capture:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        shared = [call for call in self._calls if call.shared is not None]
-        if isinstance(exc, Exception) and shared:  # the forward failed after an expansion
-            exc.add_note(_expanded_note(shared, self._n))
         self._remove()
 
     @property
@@ -308,13 +305,12 @@ class capture:
             shared = None
             if broadcast:
                 # A call whose output all examples share (a position embedding of
-                # arange(T)). Expand it to the batch so that autograd yields one output
-                # gradient per example; the inputs expanded likewise make it an ordinary
-                # batched call for the rules (the generic rule takes the call as it was).
+                # arange(T)): its per-example gradients are read where the output meets
+                # the batch (_shared.py). The forward is left as it is; the rules see the
+                # call's inputs expanded to the batch, an ordinary batched call (the
+                # generic rule takes the call as it was).
                 assert n is not None
                 shared = (args, kwargs, [leaves[i].shape for i in edge_index])
-                for i in edge_index:
-                    leaves[i] = _expand(leaves[i], n, bd)
                 in_leaves = [
                     _expand(t, n, bd) if isinstance(t, Tensor) and not has_batch(t, n, bd) else t
                     for t in in_leaves
@@ -346,8 +342,6 @@ class capture:
                 )
             )
             self._consumed = False
-            if broadcast:
-                return leaves[0] if spec is _TENSOR_SPEC else tree_unflatten(leaves, spec)
             return None
 
         return hook
@@ -391,7 +385,10 @@ class capture:
             raise RuntimeError(
                 "the losses do not depend on any trainable parameter (they have no grad_fn)"
             )
-        calls, uses = _check_accounted(losses.grad_fn, calls, self._names)
+        consumers: dict[Any, list[Any]] | None = None
+        if any(call.shared is not None for call in calls):
+            consumers = {}
+        calls, uses = _check_accounted(losses.grad_fn, calls, self._names, consumers)
         for call in calls:
             if call.module.training != call.training:
                 raise RuntimeError(
@@ -406,8 +403,15 @@ class capture:
                         "(e.g. `x += ...`, `relu_(x)`), so its recorded input is no longer "
                         "the one the layer saw. Use an out-of-place op there."
                     )
+        shared = [call for call in calls if call.shared is not None]
+        meets = None
+        if shared and n > 1:  # before the backward, which frees what a meet saved
+            assert consumers is not None
+            meets = _shared.plan(shared, consumers, calls, n, bd)
         for call in calls:  # before the backward, which frees what the nodes saved
             rule = call.rule
+            if call.shared is not None:
+                continue  # its edges lie behind the meets, where the backward does not go
             if rule is None:
                 call.direct = _direct.plan(call, uses[call], n, bd, calls)
                 call.inner = [use.edge for use in call.direct or ()]
@@ -426,14 +430,23 @@ class capture:
                 found = rule.inner(call.module, call.edges[0].node, call.boundary)
                 if found is not None:
                     call.inner_value, call.inner = found.value, list(found.edges)
-        edges = [e for call in calls for e in (*call.edges, *call.inner)]
+        own = [call for call in calls if call.shared is None or meets is None]
+        edges = [e for call in own for e in (*call.edges, *call.inner)]
+        if meets is not None:
+            _shared.check_edges(meets, own)
+            edges += [meet.use.edge for meet in meets.meets]
         outs = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
         pos = 0
-        reached = []
-        for call in calls:
+        for call in own:
             end = pos + len(call.edges)
             call.grad_outputs, call.inner_grads = outs[pos:end], outs[end : end + len(call.inner)]
             pos = end + len(call.inner)
+        if meets is not None:
+            _shared.output_grads(shared, meets, outs[pos:], n, bd)
+        elif shared:  # one example: the output's gradient is its own
+            _shared.one_example(shared, bd)
+        reached = []
+        for call in calls:
             if all(g is None for g in call.grad_outputs):
                 continue
             for g in call.grad_outputs:
@@ -446,8 +459,8 @@ class capture:
                         f"{n} examples. Pass one loss per example, shape (n,) or (n, ...) "
                         "(not flattened token losses); pass capture(model, batch_dim=...) "
                         "for sequence-first models. Layers called on tensors without the batch "
-                        "dimension are expanded to the batch only inside a call of the captured "
-                        "model itself (not of one of its submodules)."
+                        "dimension are followed to where they meet the batch only inside a call "
+                        "of the captured model itself (not of one of its submodules)."
                     )
             reached.append(call)
         return PerExample(self, reached, n)
@@ -580,20 +593,6 @@ def _select(model: nn.Module, params: Iterable[str | nn.Parameter]) -> set[str]:
             raise ValueError(f"params: {name!r} is frozen (requires_grad=False)")
         chosen.add(name)
     return chosen
-
-
-def _expanded_note(shared: list[_Call], n: int | None) -> str:
-    """What to tell a user whose forward failed after indigrad expanded shared outputs."""
-    expanded = ", ".join(
-        f"{call.label} {tuple(shape)}" for call in shared if call.shared for shape in call.shared[2]
-    )
-    return (
-        f"indigrad expanded the outputs of layers called without the batch dimension to the "
-        f"batch of {n}: {expanded}. If the error comes from reshaping or permuting such an "
-        "output before it meets the batch (T5's relative position bias is permuted), indigrad "
-        "cannot read its per-example gradients: freeze that layer "
-        "(module.requires_grad_(False)) or call it on inputs with the batch dimension."
-    )
 
 
 def _refuse_hook_reparametrization(name: str, module: nn.Module) -> None:

@@ -1,11 +1,15 @@
 """Layers called on tensors without the batch dimension (position embeddings of arange(T))."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import GradientEdge
 
 import indigrad
+from indigrad.rules import Inner, Rule
 
 
 class TinyLM(nn.Module):
@@ -64,11 +68,10 @@ class SharedThenSummed(nn.Module):
         return self.fc(x) + pos.sum()  # a reduction of the shared output
 
 
-def test_shared_output_in_a_reduction_is_an_error():
+def test_shared_output_reduced_before_the_batch():
     model = SharedThenSummed().double()
     x = torch.randn(3, 5, 4, dtype=torch.float64)
-    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="elementwise"):
-        cap.norms(model(x).sum((1, 2)))
+    indigrad.testing.check(model, lambda x: model(x).square().sum((1, 2)), x)
 
 
 def test_outputs_are_unchanged_by_the_capture():
@@ -157,28 +160,171 @@ def test_batched_input_read_for_its_shape_only(given, n):
 
 class RelativeBias(nn.Module):
     """T5's relative position bias: an embedding of (T, T) bucket ids, permuted to heads
-    first before it is added to the batch's scores."""
+    first before it meets the batch's scores (through a batched mask, or added directly)."""
 
-    def __init__(self, heads=2, d=4):
+    def __init__(self, heads=2, d=4, masked=True):
         super().__init__()
         self.bias = nn.Embedding(9, heads)
         self.fc = nn.Linear(d, heads)
+        self.masked = masked
+
+    def forward(self, x):  # (n, T, d)
+        n, T, _ = x.shape
+        buckets = torch.arange(T)[None, :] - torch.arange(T)[:, None] + 4  # (T, T)
+        bias = self.bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, heads, T, T)
+        scores = self.fc(x).transpose(1, 2)[..., None]  # (n, heads, T, 1)
+        if self.masked:  # T5: the mask (a constant with the batch) is added to the bias
+            mask = torch.zeros(n, 1, T, T, dtype=x.dtype)
+            mask[:, :, :, -1] = -1.0
+            bias = bias + mask  # (n, heads, T, T)
+        scores = scores + bias  # (n, heads, T, T)
+        return scores.tanh().mean((1, 2, 3))  # (n,)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_shared_output_permuted_before_it_meets_the_batch(masked, n):
+    torch.manual_seed(n)
+    model = RelativeBias(masked=masked).double()
+    x = torch.randn(n, 5, 4, dtype=torch.float64)
+    plain = model(x)
+    with indigrad.capture(model):
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=0)  # the forward as written
+    indigrad.testing.check(model, model, x)
+
+
+class Shapes(nn.Module):
+    """Shared outputs reaching the batch in several ways: ``unsqueeze(0)`` before the add,
+    a LayerNorm and an MLP on batch-free tables (layers inside the region), a gate that
+    multiplies, one output used twice."""
+
+    def __init__(self, d=4, T=5):
+        super().__init__()
+        self.pos = nn.Embedding(T, d)
+        self.norm = nn.LayerNorm(d)
+        self.register_buffer("coords", torch.linspace(-1, 1, T)[:, None])  # (T, 1)
+        self.mlp = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, d))
+        self.gate = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
 
     def forward(self, x):  # (n, T, d)
         T = x.shape[1]
-        buckets = torch.arange(T)[None, :] - torch.arange(T)[:, None] + 4  # (T, T)
-        bias = self.bias(buckets).permute(2, 0, 1)  # (heads, T, T)
-        scores = self.fc(x).transpose(1, 2)[..., None] + bias  # (n, heads, T, T)
-        return scores.mean((1, 2, 3))  # (n,)
+        pos = self.pos(torch.arange(T))  # (T, d)
+        h = x + self.norm(pos).unsqueeze(0) + 0.5 * pos  # pos used twice
+        h = h + self.mlp(self.coords[:T])  # (n, T, d)
+        h = h * torch.sigmoid(self.gate(pos))  # a shared gate
+        h = torch.where(x > 0, pos, h) + torch.where(x < 0.5, h, 0.3 * pos)  # masks
+        return self.head(torch.tanh(h))  # (n, T, 3)
 
 
-def test_a_shared_output_reshaped_before_the_batch_says_what_to_do():
-    model = RelativeBias().double()
-    x = torch.randn(3, 5, 4, dtype=torch.float64)
-    with pytest.raises(RuntimeError) as info, indigrad.capture(model):
-        model(x)
-    assert "RelativeBias" not in str(info.value.__notes__) and "Embedding 'bias'" in str(
-        info.value.__notes__
-    )
-    model.bias.requires_grad_(False)  # frozen: not expanded, and the rest is exact
-    indigrad.testing.check(model, model, x)
+class Nested(nn.Module):
+    """A position embedding used only through a LayerNorm: the meets take the LayerNorm's
+    output (twice), and the embedding's gradients go back through it."""
+
+    def __init__(self, d=4, T=5):
+        super().__init__()
+        self.pos = nn.Embedding(T, d)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):  # (n, T, d)
+        p = self.norm(self.pos(torch.arange(x.shape[1])))  # (T, d)
+        return self.head(torch.tanh(x + p) * p)
+
+
+@pytest.mark.parametrize("module", [Shapes, Nested])
+@pytest.mark.parametrize("n", [1, 2, 6])
+def test_shared_outputs_through_layers_and_ops(module, n):
+    torch.manual_seed(n)
+    model = module().double()
+    x = torch.randn(n, 5, 4, dtype=torch.float64)
+    indigrad.testing.check(model, lambda x: model(x).square().sum((1, 2)), x)
+
+
+class Refused(nn.Module):
+    def __init__(self, how, d=4):
+        super().__init__()
+        self.pos = nn.Embedding(6, d)
+        self.fc = nn.Linear(d, d)
+        self.how = how
+
+    def forward(self, x):  # (n, T, d)
+        n, T, d = x.shape
+        pos = self.pos(torch.arange(T))  # (T, d)
+        if self.how == "matmul":  # a product with the batch: not elementwise
+            h = x @ pos.T  # (n, T, T)
+        elif self.how == "repeat":  # the batch made by an op outside the table
+            h = x + pos.unsqueeze(0).repeat(n, 1, 1)
+        elif self.how == "merged":  # the batch merged with windows (Swin V2's bias)
+            y = self.fc(x).reshape(n * T, 1, d)  # (n·T, 1, d)
+            h = (y + pos.reshape(T, 1, d).repeat(n, 1, 1)).reshape(n, T, d)
+        else:  # the examples mixed in a batch-free shape: the input is no parameter
+            mixed = (x.reshape(n * T, d) * pos.repeat(n, 1)).sum(0, keepdim=True)  # (1, d)
+            h = x + mixed
+        return self.fc(h[..., :d]).square().sum((1, 2))  # (n,)
+
+
+@pytest.mark.parametrize(
+    "how,says",
+    [
+        ("matmul", r"a tensor that adds dimensions \(MmBackward0\)"),
+        ("repeat", r"meets the batch in RepeatBackward0"),
+        ("merged", r"where the batch's dimension is not kept \(AddBackward0\)"),
+        ("mixed", r"where the batch's dimension is not kept \(MulBackward0\)"),
+    ],
+)
+def test_a_shared_output_that_cannot_be_followed_is_refused(how, says):
+    model = Refused(how).double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=how == "mixed")
+    for quantity in ("grads", "norms", "clip_"):
+        with indigrad.capture(model) as cap, pytest.raises(RuntimeError) as info:
+            args = (1.0,) if quantity == "clip_" else ()
+            getattr(cap, quantity)(model(x), *args)
+        message = str(info.value)
+        assert "Embedding 'pos' was called without the batch dimension" in message, message
+        assert re.search(says, message), message
+    if how != "mixed":  # (which couples the examples: no per-example gradients to compare)
+        model.pos.requires_grad_(False)  # frozen: the rest is exact
+        indigrad.testing.check(model, model, x)
+
+
+class ReadsInside(nn.Module):
+    """A layer whose rule reads a gradient inside the call, at an op on its second input."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x, b):  # (n, T, 4), (T, 4)
+        return x * self.w + b * 2.0
+
+
+def _inside(module, node, stop):
+    mul = node.next_functions[1][0]  # b * 2.0: batch-free when b is (None when b is frozen)
+    return None if mul is None else Inner(None, (GradientEdge(mul, 0),))
+
+
+def test_a_rule_reading_inside_a_shared_output_is_refused():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(6, 4)
+            self.layer = ReadsInside()
+
+        def forward(self, x):
+            return self.layer(x, self.pos(torch.arange(x.shape[1]))).square().sum((1, 2))
+
+    def grads(module, inputs, G):
+        return {"w": torch.einsum("ntd,ntd->nd", G, inputs[0])}
+
+    indigrad.register_rule(ReadsInside, Rule(grads, inner=_inside))
+    try:
+        model = Model().double()
+        x = torch.randn(3, 5, 4, dtype=torch.float64)
+        inside = pytest.raises(RuntimeError, match="before that output")
+        with indigrad.capture(model) as cap, inside:
+            cap.norms(model(x))
+        model.pos.requires_grad_(False)
+        indigrad.testing.check(model, model, x)
+    finally:
+        indigrad.unregister_rule(ReadsInside)

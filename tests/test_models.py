@@ -212,6 +212,36 @@ def test_bart_sequence_classification():
     _check(model, losses, ids, torch.tensor([0, 2, 1]))
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_t5_relative_position_bias(attention, no_rerun):
+    """T5's relative position bias is an embedding of (T, T) buckets without the batch,
+    permuted to heads first: its per-example gradients are read where it meets the batch
+    (sdpa: a ``where`` with the padding mask; eager: an add to the scores)."""
+    transformers = _require("transformers")
+    config = transformers.T5Config(
+        vocab_size=40,
+        d_model=8,
+        d_kv=4,
+        d_ff=16,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        attn_implementation=attention,
+    )
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).double().eval()
+    ids, labels = torch.randint(3, 40, (3, 7)), torch.randint(3, 40, (3, 5))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, -2:] = 0  # padding: the mask differs between examples
+
+    def losses(ids, mask, labels):
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=labels).logits
+        return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (n, 5)
+
+    _check(model, losses, ids, mask, labels)
+
+
 def _hf_vit(dropout):
     transformers = _require("transformers")
     config = transformers.ViTConfig(

@@ -13,6 +13,7 @@ module:
     add, sub   x + α p,  p + α x,  p − α x     g_i = Σ_b G_i       (α G_i for x + α p)
                x − α p                         g_i = −α Σ_b G_i
     mul        x ⊙ p,  p ⊙ x                   g_i = Σ_b (G ⊙ x)_i
+    where      where(c, p, x),  where(c, x, p)  g_i = Σ_b (G ⊙ c)_i  (¬c for the second)
     embedding  F.embedding(ids, p)            the nn.Embedding rule on (ids, G)
 
 The last is how ``nn.Embedding`` subclasses with a forward of their own (Hugging Face's
@@ -71,7 +72,7 @@ class Use:
     edge: GradientEdge  # the op's output, whose gradient autograd returns
     shape: tuple[int, ...]  # the op's output shape, batch included
     coef: float  # the factor of G in the parameter's gradient (±α, or 1)
-    other: Tensor | None  # mul: the other factor; None for a scaled G
+    other: Tensor | None  # mul: the other factor, where: the mask; None for a scaled G
     batch: int  # the batch dimension of the op's output
     lookup: Lookup | None = None  # an embedding lookup: its ids and options
 
@@ -189,7 +190,7 @@ def plan(
                 call,
                 local[id(p)],
                 f"meets the batch in {op} (output {shape}), which is not an expand, add, "
-                f"sub or mul that broadcasts it along the batch dimension {bd}, nor an "
+                f"sub, mul or where that broadcasts it along the batch dimension {bd}, nor an "
                 "embedding lookup",
             )
         uses.append(use)
@@ -225,6 +226,11 @@ def _use(
         if not isinstance(other, Tensor):
             return None
         return Use(local, edge, shape, 1.0, other, batch)
+    if op == "WhereBackward0":  # a mask: G where p was taken, 0 elsewhere
+        cond = node._saved_condition
+        if slots not in ([0], [1]) or not isinstance(cond, Tensor):
+            return None
+        return Use(local, edge, shape, 1.0, cond if slots == [0] else ~cond, batch)
     coefs = [_coef(node, i) for i in slots]
     if not slots or any(c is None for c in coefs):
         return None
@@ -362,7 +368,7 @@ def grads(call: _Call, n: int, names: Container[str] | None = None) -> dict[str,
 
 def _reduce(use: Use, G: Tensor, p: Tensor, n: int) -> Tensor:
     """``(n, *p.shape)``: the per-example gradient of ``p`` from the gradient ``G`` at the
-    output of an expand, add, sub or mul."""
+    output of an expand, add, sub, mul or where."""
     if use.other is not None:
         G = G * _upcast(use.other, G.dtype)  # (*shape)
     elif use.coef != 1.0:

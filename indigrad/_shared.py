@@ -1,0 +1,269 @@
+"""Calls without the batch dimension: where their outputs meet the batch.
+
+A layer called on tensors without the batch dimension (a position embedding of
+``arange(T)``, T5's relative position bias of a ``(T, T)`` table of buckets, a small MLP on
+a coordinate table) produces an output that every example shares. Autograd's gradient at
+that output is the sum over the batch; each example's share of it exists only from where
+the output meets the batch. So, for each such call (its output ``O``):
+
+1. Before the backward, the graph is followed forward from ``O``, op by op, through ops
+   that keep it batch-free (``O``'s *region*: views, permutes, elementwise ops, reductions,
+   other batch-free layers, with parameters or constants that add no dimension), to the
+   ops where it meets the batch (*meets*): an add, sub, mul, where or expand that broadcasts the
+   region's tensor along the batch dimension, the ops of :mod:`.rules.direct`'s table.
+2. The backward asks for the meets' output gradients, which have the batch, instead of
+   ``O``'s; nothing it asks for lies behind the region, so it does not run the region's
+   ops, whose saved tensors stay.
+3. Each meet's gradient, reduced per example to the region's operand, is carried back to
+   ``O`` by one more backward over the region with ``is_grads_batched``: a batch of ``n``
+   output gradients, one per example. Where ``O`` meets the batch at once (``x + pos``),
+   the reduced gradient is ``O``'s and that backward is skipped.
+
+The rules then see the call as if it had been made on the batch: its inputs expanded
+(stride 0) and ``G`` with the batch in the batch dimension (replacing a dimension of one
+entry there, as in ``(1, T, d)``). The forward itself is left exactly as the model wrote
+it. A path the region cannot follow (the output reshaped into the batch, multiplied by a
+batched matrix, or a dimension of ``n`` entries appearing in it) is refused with an error
+naming the op, never guessed.
+
+Example:
+    >>> import torch, indigrad
+    >>> from torch import nn
+    >>> class Model(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.pos, self.head = nn.Embedding(8, 4), nn.Linear(4, 2)
+    ...     def forward(self, x):                               # (n, T, 4)
+    ...         T = x.shape[1]
+    ...         bias = self.pos(torch.arange(T)).T.unsqueeze(0)  # (1, 4, T): no batch
+    ...         return self.head(x + bias.transpose(1, 2))      # meets the batch in the add
+    >>> model, x = Model(), torch.randn(3, 5, 4)
+    >>> with indigrad.capture(model) as cap:
+    ...     grads = cap.grads(model(x).square().sum((1, 2)))
+    >>> grads["pos.weight"].shape
+    torch.Size([3, 8, 4])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+
+from ._graph import _ACCUMULATE
+from .rules import direct as _direct
+
+if TYPE_CHECKING:
+    from .capture import _Call
+
+# a tensor in the graph: (the node that made it, its output number there)
+_Tensor = tuple[Any, int]
+
+_LIMIT = 10_000  # region nodes followed before giving up
+_SIDE_LIMIT = 16  # nodes of a parameter-only operand (a transposed weight) followed
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Where the shared calls' outputs meet the batch."""
+
+    meets: list[Meet]
+    region: dict[_Tensor, _Call]  # the region's tensors, outputs included, and their calls
+    # a meet lies behind region ops, or a shared output inside another's region: the
+    # meets' gradients go back through the region in one batched backward
+    through: bool
+
+
+@dataclass(frozen=True, eq=False)
+class Meet:
+    """An op where a shared output's region meets the batch."""
+
+    use: _direct.Use  # the op, its output edge and how the operand's gradient follows
+    operand: _Tensor  # the region's tensor it takes
+    like: Tensor  # a meta tensor of the operand's shape and dtype
+
+
+def plan(
+    shared: list[_Call],
+    consumers: dict[_Tensor, list[tuple[Any, int]]],
+    calls: list[_Call],
+    n: int,
+    bd: int,
+) -> Plan:
+    """The meets of the shared calls' outputs (before the backward, which frees what a
+    ``mul`` saved). Raises where a path from an output cannot be followed."""
+    starts = {(e.node, e.output_nr): call for call in shared for e in call.edges}
+    # the region: tensors reached from the outputs through ops whose outputs do not have
+    # the batch's n entries in the batch dimension, each with the call it came from; the
+    # ops that make such outputs from it are the candidate meets
+    region: dict[_Tensor, _Call] = dict(starts)
+    stack = list(starts)
+    ops: dict[Any, _Call] = {}  # region ops, in the order found
+    meets: dict[Any, _Call] = {}
+    while stack:
+        t = stack.pop()
+        for u, _ in consumers.get(t, ()):
+            if u in ops or u in meets:
+                continue
+            shapes = [tuple(m.shape) for m in u._input_metadata]
+            if any(len(s) > bd and s[bd] == n for s in shapes):
+                meets[u] = region[t]
+                continue
+            ops[u] = region[t]
+            if len(ops) > _LIMIT:
+                raise RuntimeError(_message(region[t], None, "is followed through too many ops"))
+            for k in range(len(shapes)):
+                region[(u, k)] = region[t]
+                stack.append((u, k))
+    for u, call in ops.items():  # each input of a region op: the region's, parameters, or constant
+        inputs = [(v, nr) for v, nr in u.next_functions if v is not None]
+        if any(t not in region and not _parameters_only(t[0]) for t in inputs):
+            raise RuntimeError(
+                _message(call, u, "meets the batch where the batch's dimension is not kept")
+            )
+        if len(inputs) < len(u.next_functions):  # a constant operand: it adds no dimension
+            ins = {tuple(v._input_metadata[nr].shape) for v, nr in inputs if (v, nr) in region}
+            if any(tuple(m.shape) not in ins for m in u._input_metadata):
+                raise RuntimeError(
+                    _message(call, u, "is combined with a tensor that adds dimensions")
+                )
+    known = _direct._batched(shared[0], calls, n, bd) if meets else set()
+    found = [_meet(u, region, call, n, bd, known) for u, call in meets.items()]
+    nested = any(t[0] in ops for t in starts)
+    return Plan(found, region, nested or any(m.operand not in starts for m in found))
+
+
+def _meet(
+    u: Any,
+    region: dict[_Tensor, _Call],
+    call: _Call,
+    n: int,
+    bd: int,
+    known: set[tuple[Any, int]],
+) -> Meet:
+    """The meet at ``u`` of the region's tensor it takes; raises where it is not one of
+    the direct-use table's ops with the batch found."""
+    op = type(u).__name__
+    slots = [i for i, t in enumerate(u.next_functions) if t in region]
+    if len(slots) != 1:
+        raise RuntimeError(_message(call, u, "meets the batch in more than one operand"))
+    v, nr = u.next_functions[slots[0]]
+    meta = v._input_metadata[nr]
+    like = torch.empty(meta.shape, dtype=meta.dtype, device="meta")
+    shape = tuple(u._input_metadata[0].shape)
+    cands = [bd] if n == 1 else _direct._candidates(like, shape, n)
+    batch = bd if cands == [bd] else _direct._trace(u, slots, cands, bd, known) if cands else None
+    use = None if batch is None else _direct._use(u, op, slots, "", like, shape, n, batch)
+    if use is None:
+        raise RuntimeError(
+            _message(
+                call,
+                u,
+                f"meets the batch in {op} (output {shape}), which is not an add, sub, mul, "
+                f"where or expand that broadcasts it along the batch dimension {bd}"
+                + (" (which dimension is the batch is ambiguous)" if len(cands) > 1 else ""),
+            )
+        )
+    return Meet(use, (v, nr), like)
+
+
+def check_edges(plan: Plan, calls: list[_Call]) -> None:
+    """Raise where another call asks for a gradient inside the region: the backward would
+    run the region's ops, which the second backward needs."""
+    for call in calls:
+        for e in (*call.edges, *call.inner):
+            source = plan.region.get((e.node, e.output_nr))
+            if source is not None:
+                raise RuntimeError(
+                    f"{call.label} reads gradients from the output of {source.label}, called "
+                    "without the batch dimension and shared by all examples, before that "
+                    "output meets the batch. Call the layer on inputs with the batch "
+                    "dimension, or freeze it (module.requires_grad_(False))."
+                )
+
+
+def _parameters_only(v: Any) -> bool:
+    """Whether the operand made by node ``v`` depends on parameters only (a weight, a
+    transposed weight): batch-free, whatever its shape."""
+    stack, seen = [v], 0
+    while stack:
+        u = stack.pop()
+        seen += 1
+        if seen > _SIDE_LIMIT:
+            return False
+        if type(u) is _ACCUMULATE:
+            if not isinstance(u.variable, nn.Parameter):
+                return False
+            continue
+        for w, _ in u.next_functions:
+            if w is None:
+                return False  # a constant operand: it could carry the batch
+            stack.append(w)
+    return True
+
+
+def _shape(t: _Tensor) -> tuple[int, ...]:
+    return tuple(t[0]._input_metadata[t[1]].shape)
+
+
+def _message(call: _Call, u: Any, what: str) -> str:
+    at = f" ({type(u).__name__})" if u is not None else ""
+    return (
+        f"{call.label} was called without the batch dimension, and its output, shared by "
+        f"all examples, {what}{at}: indigrad cannot tell each example's share of its "
+        "gradient there. Call the layer on inputs with the batch dimension, or freeze it "
+        "(module.requires_grad_(False))."
+    )
+
+
+def output_grads(
+    shared: list[_Call], plan: Plan, grads: Sequence[Tensor | None], n: int, bd: int
+) -> None:
+    """Set each shared call's ``grad_outputs``, batch in ``bd`` as if its outputs had been
+    made on the batch, from the meets' output gradients ``grads`` (``plan.meets``' order)."""
+    per: dict[_Tensor, Tensor] = {}  # each operand's per-example gradient, (n, *shape)
+    for meet, G in zip(plan.meets, grads, strict=True):
+        if G is not None:
+            g = _direct._reduce(meet.use, G, meet.like, n)  # (n, *operand shape)
+            per[meet.operand] = g if meet.operand not in per else per[meet.operand] + g
+    outputs = [(e.node, e.output_nr) for call in shared for e in call.edges]
+    found: dict[_Tensor, Tensor | None] = {t: per.get(t) for t in outputs}
+    if plan.through and per:  # back through the region, all examples at once
+        pulled = torch.autograd.grad(
+            [GradientEdge(*t) for t in per],
+            [GradientEdge(*t) for t in outputs],
+            grad_outputs=list(per.values()),
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+        found = dict(zip(outputs, pulled, strict=True))
+    for call in shared:
+        call.grad_outputs = tuple(
+            _layout(found[(e.node, e.output_nr)], _shape((e.node, e.output_nr)), bd)
+            for e in call.edges
+        )
+
+
+def one_example(shared: list[_Call], bd: int) -> None:
+    """With a batch of one, a shared output's gradient is the example's: each call's
+    ``grad_outputs`` given the batch dimension."""
+    for call in shared:
+        call.grad_outputs = tuple(
+            None if g is None else _layout(g.unsqueeze(0), tuple(g.shape), bd)
+            for g in call.grad_outputs
+        )
+
+
+def _layout(g: Tensor | None, shape: tuple[int, ...], bd: int) -> Tensor | None:
+    """``g`` ``(n, *shape)`` with the batch in ``bd``: in place of a dimension of one entry
+    there, else inserted there."""
+    if g is None:
+        return None
+    g = g.movedim(0, bd)  # (*shape[:bd], n, *shape[bd:])
+    if len(shape) > bd and shape[bd] == 1:
+        g = g.squeeze(bd + 1)
+    return g
