@@ -43,7 +43,7 @@ class Token(nn.Module):
 
 
 class Ops(nn.Module):
-    """Every op of the table, with scales, both operand orders and a parameter used twice."""
+    """Every op of the table, with scales, both operand orders and parameters used twice."""
 
     def __init__(self, d):
         super().__init__()
@@ -56,6 +56,7 @@ class Ops(nn.Module):
         h = torch.sub(x, self.a, alpha=2.0)  # x − 2a
         h = torch.sub(self.b, torch.tanh(h), alpha=0.5)  # b − 0.5 tanh(·)
         h = h.add(self.c, alpha=3.0) * self.gamma  # (· + 3c) ⊙ γ
+        h = torch.where(x > 0, self.c, h) + torch.where(x > 0.5, h, self.b)  # masks
         return self.gamma * torch.tanh(h) + self.a  # γ and a used twice
 
 
