@@ -38,16 +38,19 @@ def _check_accounted(
     calls: list[Any],
     trainable: dict[int, str],
     consumers: dict[tuple[Any, int], list[tuple[Any, int]]] | None = None,
+    regions: dict[Any, set[Any]] | None = None,
 ) -> tuple[list[Any], dict[Any, list[tuple[Any, Any]]]]:
     """Raise if the losses reach no recorded call, or reach a trainable parameter outside
     the calls of its module. Returns the calls whose outputs the losses depend on, and
     for each call without a rule (the generic rule's) the edges ``(node, parameter)``
     from inside the call into its parameters' accumulators: the parameters' uses. With
     ``consumers``, fills it with each tensor's ``(node, output_nr)`` consumers ``(node,
-    input slot)`` in the graph: the graph read forward."""
+    input slot)`` in the graph: the graph read forward. With ``regions``, fills it with
+    the nodes inside each call without a rule."""
     accounted: set[tuple[Any, int]] = set()
     uses: dict[Any, list[tuple[Any, Any]]] = {}
-    regions: dict[Any, set[Any]] = {}  # the nodes inside each call without a rule
+    regions = {} if regions is None else regions  # the nodes inside each call without a rule
+    owners: dict[Any, list[Any]] = {}  # each call's nodes that use its parameters
     for call in calls:
         owned = {id(p) for p in call.params.values()}
         found = uses.setdefault(call, []) if call.rule is None else None
@@ -67,6 +70,7 @@ def _check_accounted(
                 if type(v) is _ACCUMULATE:
                     if id(v.variable) in owned:
                         accounted.add((u, id(v.variable)))
+                        owners.setdefault(call, []).append(u)
                         if found is not None:
                             found.append((u, v.variable))
                 else:
@@ -101,6 +105,8 @@ def _check_accounted(
                 seen.add(v)
                 stack.append(v)
 
+    for call in calls:
+        _rebased(call, seen, owners.get(call, ()))
     reached = [call for call in calls if any(e.node in seen for e in call.edges)]
     if not reached:
         raise RuntimeError(
@@ -118,6 +124,33 @@ def _check_accounted(
             "modules and share the parameter: head.weight = embedding.weight."
         )
     return reached, uses
+
+
+def _rebased(call: Any, seen: set[Any], owners: Iterable[Any]) -> None:
+    """Where an output of ``call`` that is a view of a whole tensor (a Linear's on 3-d
+    inputs: its ``addmm`` viewed back) was modified in place after the call (a
+    ``ReLU(inplace=True)``), autograd has rebuilt the view's history: the node recorded
+    for it is no longer in the graph (``seen``), while the base's still is, behind the
+    in-place op. The gradient is then read at the base (the same elements, before the
+    in-place op) and viewed back (``call.views``). Raise where the call's parameters are
+    reached (``owners``: its nodes that use them) but none of its outputs is: its
+    gradients would be missed, silently."""
+    if call.bases is not None:
+        for k, (e, base) in enumerate(zip(call.edges, call.bases, strict=True)):
+            if base is None or e.node in seen or base[0].node not in seen:
+                continue
+            if any(base[0].node is f.node and base[0].output_nr == f.output_nr for f in call.edges):
+                continue  # the base is an output too: this view is just unused
+            call.edges[k] = base[0]
+            call.views = {**call.views, k: base[1]}
+    if not any(e.node in seen for e in call.edges) and any(u in seen for u in owners):
+        raise RuntimeError(
+            f"the losses reach the parameters of {call.label}, but not through the outputs "
+            "recorded for its call: an output was changed in place after the call in a way "
+            "that rebuilt its autograd history, or the module's result reaches the losses "
+            "other than through what it returned. Its per-example gradients would be "
+            "missed; use an out-of-place op after the layer."
+        )
 
 
 def _adopt(

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from ._graph import _ACCUMULATE
+from ._graph import _ACCUMULATE, _local_name
 from .rules import direct as _direct
 
 if TYPE_CHECKING:
@@ -65,6 +65,15 @@ _Tensor = tuple[Any, int]
 
 _LIMIT = 10_000  # region nodes followed before giving up
 _SIDE_LIMIT = 16  # nodes of a parameter-only operand (a transposed weight) followed
+
+
+class Unfollowed(RuntimeError):
+    """A path from a shared output that cannot be followed: at ``node`` (None: no one op),
+    in the region of ``call``'s output."""
+
+    def __init__(self, call: _Call, node: Any, what: str) -> None:
+        super().__init__(_message(call, node, what))
+        self.call, self.node, self.what = call, node, what
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,26 +124,59 @@ def plan(
                 continue
             ops[u] = region[t]
             if len(ops) > _LIMIT:
-                raise RuntimeError(_message(region[t], None, "is followed through too many ops"))
+                raise Unfollowed(region[t], None, "is followed through too many ops")
             for k in range(len(shapes)):
                 region[(u, k)] = region[t]
                 stack.append((u, k))
     for u, call in ops.items():  # each input of a region op: the region's, parameters, or constant
         inputs = [(v, nr) for v, nr in u.next_functions if v is not None]
         if any(t not in region and not _parameters_only(t[0]) for t in inputs):
-            raise RuntimeError(
-                _message(call, u, "meets the batch where the batch's dimension is not kept")
-            )
+            raise Unfollowed(call, u, "meets the batch where the batch's dimension is not kept")
         if len(inputs) < len(u.next_functions):  # a constant operand: it adds no dimension
             ins = {tuple(v._input_metadata[nr].shape) for v, nr in inputs if (v, nr) in region}
             if any(tuple(m.shape) not in ins for m in u._input_metadata):
-                raise RuntimeError(
-                    _message(call, u, "is combined with a tensor that adds dimensions")
-                )
+                raise Unfollowed(call, u, "is combined with a tensor that adds dimensions")
     known = _direct._batched(shared[0], calls, n, bd) if meets else set()
     found = [_meet(u, region, call, n, bd, known) for u, call in meets.items()]
     nested = any(t[0] in ops for t in starts)
     return Plan(found, region, nested or any(m.operand not in starts for m in found))
+
+
+def plan_or_absorb(
+    shared: list[_Call],
+    consumers: dict[_Tensor, list[tuple[Any, int]]],
+    calls: list[_Call],
+    regions: dict[Any, set[Any]],
+    n: int,
+    bd: int,
+) -> Plan | None:
+    """:func:`plan`, but where a path cannot be followed inside the call of a module
+    without a rule around the shared calls (Swin V2's attention around its position-bias
+    MLP), that call takes their parameters as its own: the generic rule re-runs it for
+    each example, and the shared calls leave ``shared`` and ``calls``. None where no
+    shared call is left."""
+    while shared:
+        try:
+            return plan(shared, consumers, calls, n, bd)
+        except Unfollowed as err:
+            around = [c for c, nodes in regions.items() if err.node in nodes and c in calls]
+            host = max(around, key=lambda c: c.name.count(".") + bool(c.name), default=None)
+            if host is None:
+                raise
+            inside = [c for c in shared if all(e.node in regions[host] for e in c.edges)]
+            names = {id(p): _local_name(p, host.module) for c in inside for p in c.params.values()}
+            if err.call not in inside or None in names.values():
+                raise
+            for c in inside:
+                for p in c.params.values():
+                    host.params = {**host.params, names[id(p)]: p}  # shared by its calls
+                shared.remove(c)
+                calls.remove(c)
+            host.absorbed = (
+                f"{err.call.label} inside it is called without the batch dimension, and its "
+                f"output {err.what} ({type(err.node).__name__})"
+            )
+    return None
 
 
 def _meet(
@@ -150,7 +192,7 @@ def _meet(
     op = type(u).__name__
     slots = [i for i, t in enumerate(u.next_functions) if t in region]
     if len(slots) != 1:
-        raise RuntimeError(_message(call, u, "meets the batch in more than one operand"))
+        raise Unfollowed(call, u, "meets the batch in more than one operand")
     v, nr = u.next_functions[slots[0]]
     meta = v._input_metadata[nr]
     like = torch.empty(meta.shape, dtype=meta.dtype, device="meta")
@@ -159,14 +201,12 @@ def _meet(
     batch = bd if cands == [bd] else _direct._trace(u, slots, cands, bd, known) if cands else None
     use = None if batch is None else _direct._use(u, op, slots, "", like, shape, n, batch)
     if use is None:
-        raise RuntimeError(
-            _message(
-                call,
-                u,
-                f"meets the batch in {op} (output {shape}), which is not an add, sub, mul, "
-                f"where or expand that broadcasts it along the batch dimension {bd}"
-                + (" (which dimension is the batch is ambiguous)" if len(cands) > 1 else ""),
-            )
+        raise Unfollowed(
+            call,
+            u,
+            f"meets the batch in {op} (output {shape}), which is not an add, sub, mul, "
+            f"where or expand that broadcasts it along the batch dimension {bd}"
+            + (" (which dimension is the batch is ambiguous)" if len(cands) > 1 else ""),
         )
     return Meet(use, (v, nr), like)
 
@@ -243,8 +283,10 @@ def output_grads(
         found = dict(zip(outputs, pulled, strict=True))
     for call in shared:
         call.grad_outputs = tuple(
-            _layout(found[(e.node, e.output_nr)], _shape((e.node, e.output_nr)), bd)
-            for e in call.edges
+            _layout(
+                found[(e.node, e.output_nr)], call.views.get(k), _shape((e.node, e.output_nr)), bd
+            )
+            for k, e in enumerate(call.edges)
         )
 
 
@@ -253,16 +295,21 @@ def one_example(shared: list[_Call], bd: int) -> None:
     ``grad_outputs`` given the batch dimension."""
     for call in shared:
         call.grad_outputs = tuple(
-            None if g is None else _layout(g.unsqueeze(0), tuple(g.shape), bd)
+            None if g is None else _layout(g.unsqueeze(0), None, tuple(g.shape), bd)
             for g in call.grad_outputs
         )
 
 
-def _layout(g: Tensor | None, shape: tuple[int, ...], bd: int) -> Tensor | None:
-    """``g`` ``(n, *shape)`` with the batch in ``bd``: in place of a dimension of one entry
-    there, else inserted there."""
+def _layout(
+    g: Tensor | None, view: torch.Size | None, shape: tuple[int, ...], bd: int
+) -> Tensor | None:
+    """``g`` ``(n, *shape)`` (viewed as ``(n, *view)`` where the output is a view of the
+    tensor whose gradient was read, ``call.views``) with the batch in ``bd``: in place of a
+    dimension of one entry there, else inserted there."""
     if g is None:
         return None
+    if view is not None:
+        g, shape = g.reshape(g.shape[0], *view), tuple(view)
     g = g.movedim(0, bd)  # (*shape[:bd], n, *shape[bd:])
     if len(shape) > bd and shape[bd] == 1:
         g = g.squeeze(bd + 1)

@@ -63,6 +63,14 @@ class _Call:
     rerun_because: str = ""  # why not: for the generic rule's messages
     rerun_param: str = ""  # the parameter that needs it
     adopted: tuple[str, ...] = ()  # parameters of modules inside, used by this call's own code
+    # why it takes the parameters of calls inside it without the batch dimension (and is
+    # re-run), where their outputs' paths to the batch cannot be followed
+    absorbed: str = ""
+    # per edge, for outputs that view a whole tensor: that tensor's edge and the output's
+    # shape (None where no output does); the edges whose gradient is read there instead,
+    # after an in-place op rebuilt the view's history (``_graph._rebased``), and their shapes
+    bases: list[tuple[GradientEdge, torch.Size] | None] | None = None
+    views: dict[int, torch.Size] = field(default_factory=dict)
     inner_value: Any = None  # what the rule's ``inner`` found (None: nothing)
     inner: list[GradientEdge] = field(default_factory=list)  # edges inside the call
     inner_grads: tuple[Tensor | None, ...] = ()  # their gradients
@@ -334,6 +342,7 @@ class capture:
                     else [None if i in edge_index else t for i, t in enumerate(leaves)],
                     edge_index=edge_index,
                     edges=[_edge(leaves[i]) for i in edge_index],
+                    bases=_bases(leaves, edge_index),
                     boundary=boundary,
                     versions=versions,
                     shared=shared,
@@ -386,9 +395,10 @@ class capture:
                 "the losses do not depend on any trainable parameter (they have no grad_fn)"
             )
         consumers: dict[Any, list[Any]] | None = None
+        regions: dict[Any, set[Any]] = {}
         if any(call.shared is not None for call in calls):
             consumers = {}
-        calls, uses = _check_accounted(losses.grad_fn, calls, self._names, consumers)
+        calls, uses = _check_accounted(losses.grad_fn, calls, self._names, consumers, regions)
         for call in calls:
             if call.module.training != call.training:
                 raise RuntimeError(
@@ -407,11 +417,20 @@ class capture:
         meets = None
         if shared and n > 1:  # before the backward, which frees what a meet saved
             assert consumers is not None
-            meets = _shared.plan(shared, consumers, calls, n, bd)
+            meets = _shared.plan_or_absorb(shared, consumers, calls, regions, n, bd)
         for call in calls:  # before the backward, which frees what the nodes saved
             rule = call.rule
             if call.shared is not None:
                 continue  # its edges lie behind the meets, where the backward does not go
+            if rule is None and call.absorbed:
+                call.rerun_because = call.absorbed
+                warnings.warn(  # one place: each message shown once a process
+                    f"{call.label} is re-run for each example: {call.absorbed}, so it takes "
+                    "that layer's parameters: correct, but slow. Calling the layer on inputs "
+                    "with the batch dimension, or freezing it, avoids the re-run.",
+                    stacklevel=1,
+                )
+                continue
             if rule is None:
                 call.direct = _direct.plan(call, uses[call], n, bd, calls)
                 call.inner = [use.edge for use in call.direct or ()]
@@ -441,6 +460,11 @@ class capture:
             end = pos + len(call.edges)
             call.grad_outputs, call.inner_grads = outs[pos:end], outs[end : end + len(call.inner)]
             pos = end + len(call.inner)
+            if call.views:  # read at the base of an output rebuilt by an in-place op
+                call.grad_outputs = tuple(
+                    g.reshape(call.views[k]) if k in call.views and g is not None else g
+                    for k, g in enumerate(call.grad_outputs)
+                )
         if meets is not None:
             _shared.output_grads(shared, meets, outs[pos:], n, bd)
         elif shared:  # one example: the output's gradient is its own
@@ -520,6 +544,32 @@ def _edge(t: Tensor) -> GradientEdge:
     if fn is None or isinstance(fn, torch._C._FunctionBase):
         return get_gradient_edge(t)
     return GradientEdge(fn, t.output_nr)
+
+
+def _bases(
+    leaves: Sequence[Any], edge_index: Sequence[int]
+) -> list[tuple[GradientEdge, torch.Size] | None] | None:
+    """For each output with an edge that views a whole tensor, element for element (a
+    Linear's output on 3-d inputs: ``addmm`` viewed back), that tensor's edge and the
+    output's shape; None where no output does (the common case, checked cheaply)."""
+    found: list[tuple[GradientEdge, torch.Size] | None] | None = None
+    for k, i in enumerate(edge_index):
+        t = leaves[i]
+        if not t._is_view():
+            continue
+        base = t._base
+        whole = (
+            base is not None
+            and base.requires_grad
+            and base.numel() == t.numel()
+            and base.storage_offset() == t.storage_offset()
+            and base.is_contiguous()
+            and t.is_contiguous()
+        )
+        if whole:
+            found = found or [None] * len(edge_index)
+            found[k] = (_edge(base), t.shape)
+    return found
 
 
 def _trainable(

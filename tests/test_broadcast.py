@@ -195,15 +195,16 @@ def test_a_shared_output_permuted_before_it_meets_the_batch(masked, n):
 
 class Shapes(nn.Module):
     """Shared outputs reaching the batch in several ways: ``unsqueeze(0)`` before the add,
-    a LayerNorm and an MLP on batch-free tables (layers inside the region), a gate that
-    multiplies, one output used twice."""
+    a LayerNorm and an MLP on batch-free tables (layers inside the region; the MLP's ReLU
+    in place), a gate that multiplies, masks, one output used twice."""
 
     def __init__(self, d=4, T=5):
         super().__init__()
         self.pos = nn.Embedding(T, d)
         self.norm = nn.LayerNorm(d)
-        self.register_buffer("coords", torch.linspace(-1, 1, T)[:, None])  # (T, 1)
-        self.mlp = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, d))
+        self.register_buffer("coords", torch.linspace(-1, 1, T)[:, None, None])  # (T, 1, 1)
+        # on 3-d tables a Linear's output is a view, which the in-place ReLU rebuilds
+        self.mlp = nn.Sequential(nn.Linear(1, 8), nn.ReLU(inplace=True), nn.Linear(8, d))
         self.gate = nn.Linear(d, d)
         self.head = nn.Linear(d, 3)
 
@@ -211,7 +212,7 @@ class Shapes(nn.Module):
         T = x.shape[1]
         pos = self.pos(torch.arange(T))  # (T, d)
         h = x + self.norm(pos).unsqueeze(0) + 0.5 * pos  # pos used twice
-        h = h + self.mlp(self.coords[:T])  # (n, T, d)
+        h = h + self.mlp(self.coords[:T]).squeeze(1)  # (n, T, d)
         h = h * torch.sigmoid(self.gate(pos))  # a shared gate
         h = torch.where(x > 0, pos, h) + torch.where(x < 0.5, h, 0.3 * pos)  # masks
         return self.head(torch.tanh(h))  # (n, T, 3)
@@ -328,3 +329,28 @@ def test_a_rule_reading_inside_a_shared_output_is_refused():
         indigrad.testing.check(model, model, x)
     finally:
         indigrad.unregister_rule(ReadsInside)
+
+
+class Windows(nn.Module):
+    """Swin V2's attention in small: a bias computed by a layer on a batch-free table, added
+    where the batch is merged with the windows. The module has a parameter of its own and
+    no rule: it takes the layer's parameters and is re-run for each example."""
+
+    def __init__(self, d=4, T=8):
+        super().__init__()
+        self.register_buffer("coords", torch.linspace(-1, 1, T // 2)[:, None])  # (T/2, 1)
+        self.table = nn.Linear(1, d)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):  # (n, T, d)
+        n, T, d = x.shape
+        windows = x.reshape(n * 2, T // 2, d) + self.table(self.coords)  # (2n, T/2, d)
+        return windows.reshape(n, T, d) * self.scale
+
+
+def test_a_shared_layer_inside_a_module_without_a_rule_is_taken_by_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), Windows(), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(3, 8, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"Windows '1' is re-run.*Linear '1.table'.*not kept"):
+        indigrad.testing.check(model, lambda x: model(x).square().sum((1, 2)), x)

@@ -117,25 +117,44 @@ def test_convnext_with_stochastic_depth_in_training_mode(n, no_rerun):
     assert_sums_to_batch_gradient(model, _ce(model), x, y)
 
 
+def _swin(v2, stages=2):
+    _require("torchvision")
+    from torchvision.models import swin_transformer as swin
+
+    block = {"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2}
+    torch.manual_seed(0)
+    return swin.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=8,
+        depths=[1] * stages if stages > 1 else [2],  # torchvision needs two blocks
+        num_heads=[2] * stages,
+        window_size=[2, 2],
+        stochastic_depth_prob=0.0,
+        num_classes=3,
+        **(block if v2 else {}),
+    ).double()
+
+
 def test_swin_transformer():
     """Swin's attention applies its qkv and proj children's weights with F.linear and
     indexes its relative position bias table: it takes them all, and the generic rule
     re-runs it (for the table anyway, so without a warning)."""
-    _require("torchvision")
-    from torchvision.models.swin_transformer import SwinTransformer
-
-    torch.manual_seed(0)
-    model = SwinTransformer(
-        patch_size=[4, 4],
-        embed_dim=8,
-        depths=[1, 1],
-        num_heads=[2, 2],
-        window_size=[2, 2],
-        stochastic_depth_prob=0.0,
-        num_classes=3,
-    ).double()
+    model = _swin(v2=False)
     x, y = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 2])
     _check(model, _ce(model), x, y)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_swin_transformer_v2(stages):
+    """Swin V2's attention computes its position bias with an MLP on a coordinate table
+    (batch-free) and adds it to scores whose batch is merged with the windows: the
+    attention takes the MLP's parameters and is re-run, with a warning. (With two stages
+    the second has one window per example: its MLP's gradients are read where the bias
+    meets the batch.)"""
+    model = _swin(v2=True, stages=stages)
+    x, y = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 2, 1])
+    with pytest.warns(UserWarning, match=r"cpb_mlp.*merged|re-run for each example"):
+        _check(model, _ce(model), x, y)
 
 
 def _gpt2(**kw):
