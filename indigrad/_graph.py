@@ -20,11 +20,11 @@ part, silently. The check walks the autograd graph in two passes:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils.checkpoint
-from torch import nn
+from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 # typed in some torch releases and not in others: looked up by name
@@ -124,6 +124,24 @@ def _check_accounted(
             "modules and share the parameter: head.weight = embedding.weight."
         )
     return reached, uses
+
+
+class View(NamedTuple):
+    """How an output views the whole tensor it was made from: ``as_strided`` of it."""
+
+    shape: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+    def of(self, g: Tensor, batched: bool = False) -> Tensor:
+        """The view's part of ``g``, the gradient at the tensor viewed (with a leading batch
+        dimension if ``batched``)."""
+        g = g.contiguous()
+        if not batched:
+            return g.as_strided(self.shape, self.stride, self.offset)
+        n = g.shape[0]
+        step = g[0].numel()
+        return g.as_strided((n, *self.shape), (step, *self.stride), self.offset)
 
 
 def _rebased(call: Any, seen: set[Any], owners: Iterable[Any]) -> None:

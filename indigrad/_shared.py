@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from ._graph import _ACCUMULATE, _local_name
+from ._graph import _ACCUMULATE, View, _local_name
 from .rules import direct as _direct
 
 if TYPE_CHECKING:
@@ -300,16 +300,14 @@ def one_example(shared: list[_Call], bd: int) -> None:
         )
 
 
-def _layout(
-    g: Tensor | None, view: torch.Size | None, shape: tuple[int, ...], bd: int
-) -> Tensor | None:
+def _layout(g: Tensor | None, view: View | None, shape: tuple[int, ...], bd: int) -> Tensor | None:
     """``g`` ``(n, *shape)`` (viewed as ``(n, *view)`` where the output is a view of the
     tensor whose gradient was read, ``call.views``) with the batch in ``bd``: in place of a
     dimension of one entry there, else inserted there."""
     if g is None:
         return None
     if view is not None:
-        g, shape = g.reshape(g.shape[0], *view), tuple(view)
+        g, shape = view.of(g, batched=True), tuple(view.shape)
     g = g.movedim(0, bd)  # (*shape[:bd], n, *shape[bd:])
     if len(shape) > bd and shape[bd] == 1:
         g = g.squeeze(bd + 1)

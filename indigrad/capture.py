@@ -27,7 +27,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from . import _reparam, _shared
 from ._batch import has_batch
-from ._graph import _boundary, _check_accounted
+from ._graph import View, _boundary, _check_accounted
 from .quantities import PerExample
 from .rules import Rule, lookup_rule
 from .rules import direct as _direct
@@ -69,8 +69,8 @@ class _Call:
     # per edge, for outputs that view a whole tensor: that tensor's edge and the output's
     # shape (None where no output does); the edges whose gradient is read there instead,
     # after an in-place op rebuilt the view's history (``_graph._rebased``), and their shapes
-    bases: list[tuple[GradientEdge, torch.Size] | None] | None = None
-    views: dict[int, torch.Size] = field(default_factory=dict)
+    bases: list[tuple[GradientEdge, View] | None] | None = None
+    views: dict[int, View] = field(default_factory=dict)
     inner_value: Any = None  # what the rule's ``inner`` found (None: nothing)
     inner: list[GradientEdge] = field(default_factory=list)  # edges inside the call
     inner_grads: tuple[Tensor | None, ...] = ()  # their gradients
@@ -462,7 +462,7 @@ class capture:
             pos = end + len(call.inner)
             if call.views:  # read at the base of an output rebuilt by an in-place op
                 call.grad_outputs = tuple(
-                    g.reshape(call.views[k]) if k in call.views and g is not None else g
+                    call.views[k].of(g) if k in call.views and g is not None else g
                     for k, g in enumerate(call.grad_outputs)
                 )
         if meets is not None:
@@ -548,11 +548,12 @@ def _edge(t: Tensor) -> GradientEdge:
 
 def _bases(
     leaves: Sequence[Any], edge_index: Sequence[int]
-) -> list[tuple[GradientEdge, torch.Size] | None] | None:
-    """For each output with an edge that views a whole tensor, element for element (a
-    Linear's output on 3-d inputs: ``addmm`` viewed back), that tensor's edge and the
-    output's shape; None where no output does (the common case, checked cheaply)."""
-    found: list[tuple[GradientEdge, torch.Size] | None] | None = None
+) -> list[tuple[GradientEdge, View] | None] | None:
+    """For each output with an edge that views a whole contiguous tensor, each element
+    once (a Linear's output on 3-d inputs: ``addmm`` viewed back; sequence-first
+    attention's transposed for ``batch_first``), that tensor's edge and the view; None
+    where no output does (the common case, checked cheaply)."""
+    found: list[tuple[GradientEdge, View] | None] | None = None
     for k, i in enumerate(edge_index):
         t = leaves[i]
         if not t._is_view():
@@ -562,14 +563,25 @@ def _bases(
             base is not None
             and base.requires_grad
             and base.numel() == t.numel()
-            and base.storage_offset() == t.storage_offset()
             and base.is_contiguous()
-            and t.is_contiguous()
+            and _dense(t)
         )
         if whole:
             found = found or [None] * len(edge_index)
-            found[k] = (_edge(base), t.shape)
+            offset = t.storage_offset() - base.storage_offset()
+            found[k] = (_edge(base), View(t.shape, t.stride(), offset))
     return found
+
+
+def _dense(t: Tensor) -> bool:
+    """``t``'s elements are a block of memory, each once, in some order of its dimensions."""
+    step = 1
+    dims = sorted((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s != 1)
+    for stride, size in dims:  # innermost first
+        if stride != step:
+            return False
+        step *= size
+    return True
 
 
 def _trainable(

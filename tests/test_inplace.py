@@ -14,14 +14,16 @@ D = torch.float64
 
 
 class Tokens(nn.Module):
-    """An embedding, Linear layers on tokens and sequence-first attention, each output
-    changed in place right after the layer."""
+    """An embedding, Linear layers on tokens, sequence-first attention and batch-first
+    attention (whose output is a transposed view), each output changed in place right
+    after the layer."""
 
     def __init__(self, vocab=11, d=6):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.fc = nn.Linear(d, d)
         self.attn = nn.MultiheadAttention(d, 2)  # sequence-first
+        self.attn2 = nn.MultiheadAttention(d, 2, batch_first=True)  # its output transposed
         self.act = nn.ReLU(inplace=True)
         self.head = nn.Linear(d, 3)
 
@@ -30,6 +32,7 @@ class Tokens(nn.Module):
         h = self.act(self.fc(h))
         a = self.attn(h.transpose(0, 1), h.transpose(0, 1), h.transpose(0, 1))[0]  # (T, n, d)
         h = torch.tanh_(a).transpose(0, 1)  # (n, T, d)
+        h = self.attn2(h, h, h)[0].mul_(0.5)  # (n, T, d), a view of (T, n, d)
         return self.head(h).mean(1)  # (n, 3)
 
 
