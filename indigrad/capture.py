@@ -66,9 +66,9 @@ class _Call:
     # why it takes the parameters of calls inside it without the batch dimension (and is
     # re-run), where their outputs' paths to the batch cannot be followed
     absorbed: str = ""
-    # per edge, for outputs that view a whole tensor: that tensor's edge and the output's
-    # shape (None where no output does); the edges whose gradient is read there instead,
-    # after an in-place op rebuilt the view's history (``_graph._rebased``), and their shapes
+    # per edge, for outputs that view a whole tensor: that tensor's edge and the view
+    # (None where no output does); the edges whose gradient is read there instead, after an
+    # in-place op rebuilt the view's history (``_graph._rebased``), and their views
     bases: list[tuple[GradientEdge, View] | None] | None = None
     views: dict[int, View] = field(default_factory=dict)
     inner_value: Any = None  # what the rule's ``inner`` found (None: nothing)
