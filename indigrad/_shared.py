@@ -169,7 +169,8 @@ def plan_or_absorb(
                 raise
             for c in inside:
                 for p in c.params.values():
-                    host.params = {**host.params, names[id(p)]: p}  # shared by its calls
+                    # a new dict: the one it replaces is shared by the module's calls
+                    host.params = {**host.params, names[id(p)]: p}
                 shared.remove(c)
                 calls.remove(c)
             host.absorbed = (
