@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 # typed in some torch releases and not in others: looked up by name
 _ACCUMULATE = getattr(torch._C._functions, "AccumulateGrad")  # noqa: B009
@@ -44,9 +44,9 @@ def _check_accounted(
     the calls of its module. Returns the calls whose outputs the losses depend on, and
     for each call without a rule (the generic rule's) the edges ``(node, parameter)``
     from inside the call into its parameters' accumulators: the parameters' uses. With
-    ``consumers``, fills it with each tensor's ``(node, output_nr)`` consumers ``(node,
-    input slot)`` in the graph: the graph read forward. With ``regions``, fills it with
-    the nodes inside each call without a rule."""
+    ``consumers``, whose keys are tensors ``(node, output_nr)``, fills in their consumers
+    ``(node, input slot)`` in the graph. With ``regions``, fills it with the nodes inside
+    each call without a rule."""
     accounted: set[tuple[Any, int]] = set()
     uses: dict[Any, list[tuple[Any, Any]]] = {}
     regions = {} if regions is None else regions  # the nodes inside each call without a rule
@@ -77,6 +77,12 @@ def _check_accounted(
                     stack.append(v)
 
     outputs = {e.node: call for call in calls for e in call.edges}
+    if consumers is None:
+        consumers = {}
+    watch = {node for node, _ in consumers}
+    for t in list(consumers):  # every output number of the nodes watched
+        for nr in range(len(t[0]._input_metadata)):
+            consumers.setdefault((t[0], nr), [])
     unaccounted: list[tuple[Any, Any]] = []  # edges (node, parameter)
     stack = [root]
     seen = {root}
@@ -85,8 +91,8 @@ def _check_accounted(
         for i, (v, slot) in enumerate(u.next_functions):
             if v is None:
                 continue
-            if consumers is not None:
-                consumers.setdefault((v, slot), []).append((u, i))
+            if v in watch:
+                consumers[(v, slot)].append((u, i))
             if v in outputs:
                 _check_consumer(u, v, slot, outputs[v])
             if type(v) is _ACCUMULATE:
@@ -127,21 +133,41 @@ def _check_accounted(
 
 
 class View(NamedTuple):
-    """How an output views the whole tensor it was made from: ``as_strided`` of it."""
+    """How an output views the whole tensor it was made from: ``as_strided`` of it, or a
+    reshape (``stride`` None)."""
 
     shape: torch.Size
-    stride: tuple[int, ...]
+    stride: tuple[int, ...] | None
     offset: int
 
     def of(self, g: Tensor, batched: bool = False) -> Tensor:
         """The view's part of ``g``, the gradient at the tensor viewed (with a leading batch
         dimension if ``batched``)."""
+        if self.stride is None:
+            return g.reshape(g.shape[0], *self.shape) if batched else g.reshape(self.shape)
         g = g.contiguous()
         if not batched:
             return g.as_strided(self.shape, self.stride, self.offset)
         n = g.shape[0]
         step = g[0].numel()
         return g.as_strided((n, *self.shape), (step, *self.stride), self.offset)
+
+
+def consumers_of(root: Any) -> dict[tuple[Any, int], list[tuple[Any, int]]]:
+    """Every tensor's ``(node, output_nr)`` consumers ``(node, input slot)`` in the graph
+    from ``root``: the graph read forward."""
+    found: dict[tuple[Any, int], list[tuple[Any, int]]] = {}
+    stack, seen = [root], {root}
+    while stack:
+        u = stack.pop()
+        for i, (v, nr) in enumerate(u.next_functions):
+            if v is None:
+                continue
+            found.setdefault((v, nr), []).append((u, i))
+            if v not in seen and type(v) is not _ACCUMULATE:
+                seen.add(v)
+                stack.append(v)
+    return found
 
 
 def _rebased(call: Any, seen: set[Any], owners: Iterable[Any]) -> None:
@@ -155,12 +181,13 @@ def _rebased(call: Any, seen: set[Any], owners: Iterable[Any]) -> None:
     gradients would be missed, silently."""
     if call.bases is not None:
         for k, (e, base) in enumerate(zip(call.edges, call.bases, strict=True)):
-            if base is None or e.node in seen or base[0].node not in seen:
+            if base is None or e.node in seen or base[0] not in seen:
                 continue
-            if any(base[0].node is f.node and base[0].output_nr == f.output_nr for f in call.edges):
+            node, nr, shape, stride, offset = base
+            if any(node is f.node and nr == f.output_nr for f in call.edges):
                 continue  # the base is an output too: this view is just unused
-            call.edges[k] = base[0]
-            call.views = {**call.views, k: base[1]}
+            call.edges[k] = GradientEdge(node, nr)
+            call.views = {**call.views, k: View(shape, stride, offset)}
     if not any(e.node in seen for e in call.edges) and any(u in seen for u in owners):
         raise RuntimeError(
             f"the losses reach the parameters of {call.label}, but not through the outputs "

@@ -46,7 +46,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from ._graph import _ACCUMULATE, View, _local_name
+from ._graph import _ACCUMULATE, View, _local_name, consumers_of
 from .rules import direct as _direct
 
 if TYPE_CHECKING:
@@ -99,13 +99,22 @@ class Meet:
 def plan(
     shared: list[_Call],
     consumers: dict[_Tensor, list[tuple[Any, int]]],
+    root: Any,
     calls: list[_Call],
     n: int,
     bd: int,
 ) -> Plan:
     """The meets of the shared calls' outputs (before the backward, which frees what a
-    ``mul`` saved). Raises where a path from an output cannot be followed."""
+    ``mul`` saved), from ``consumers``, those of the outputs, or where the region goes
+    further, of the whole graph from ``root``. Raises where a path from an output cannot
+    be followed."""
     starts = {(e.node, e.output_nr): call for call in shared for e in call.edges}
+
+    def meets_at_once(use: tuple[Any, int]) -> bool:  # an op whose output has the batch
+        return any(len(m.shape) > bd and m.shape[bd] == n for m in use[0]._input_metadata)
+
+    if any(t not in consumers or not all(map(meets_at_once, consumers[t])) for t in starts):
+        consumers = consumers_of(root)  # the region goes beyond the outputs (or moved)
     # the region: tensors reached from the outputs through ops whose outputs do not have
     # the batch's n entries in the batch dimension, each with the call it came from; the
     # ops that make such outputs from it are the candidate meets
@@ -136,8 +145,14 @@ def plan(
             ins = {tuple(v._input_metadata[nr].shape) for v, nr in inputs if (v, nr) in region}
             if any(tuple(m.shape) not in ins for m in u._input_metadata):
                 raise Unfollowed(call, u, "is combined with a tensor that adds dimensions")
-    known = _direct._batched(shared[0], calls, n, bd) if meets else set()
-    found = [_meet(u, region, call, n, bd, known) for u, call in meets.items()]
+    known: list[set[tuple[Any, int]]] = []  # built where a batch must be traced
+
+    def batched() -> set[tuple[Any, int]]:  # the tensors whose batch is known
+        if not known:
+            known.append(_direct._batched(shared[0], calls, n, bd))
+        return known[0]
+
+    found = [_meet(u, region, call, n, bd, batched) for u, call in meets.items()]
     nested = any(t[0] in ops for t in starts)
     return Plan(found, region, nested or any(m.operand not in starts for m in found))
 
@@ -145,6 +160,7 @@ def plan(
 def plan_or_absorb(
     shared: list[_Call],
     consumers: dict[_Tensor, list[tuple[Any, int]]],
+    root: Any,
     calls: list[_Call],
     regions: dict[Any, set[Any]],
     n: int,
@@ -157,7 +173,7 @@ def plan_or_absorb(
     shared call is left."""
     while shared:
         try:
-            return plan(shared, consumers, calls, n, bd)
+            return plan(shared, consumers, root, calls, n, bd)
         except Unfollowed as err:
             around = [c for c, nodes in regions.items() if err.node in nodes and c in calls]
             host = max(around, key=lambda c: c.name.count(".") + bool(c.name), default=None)
@@ -186,7 +202,7 @@ def _meet(
     call: _Call,
     n: int,
     bd: int,
-    known: set[tuple[Any, int]],
+    known: Callable[[], set[tuple[Any, int]]],
 ) -> Meet:
     """The meet at ``u`` of the region's tensor it takes; raises where it is not one of
     the direct-use table's ops with the batch found."""
@@ -199,7 +215,7 @@ def _meet(
     like = torch.empty(meta.shape, dtype=meta.dtype, device="meta")
     shape = tuple(u._input_metadata[0].shape)
     cands = [bd] if n == 1 else _direct._candidates(like, shape, n)
-    batch = bd if cands == [bd] else _direct._trace(u, slots, cands, bd, known) if cands else None
+    batch = bd if cands == [bd] else _direct._trace(u, slots, cands, bd, known()) if cands else None
     use = None if batch is None else _direct._use(u, op, slots, "", like, shape, n, batch)
     if use is None:
         raise Unfollowed(

@@ -69,7 +69,7 @@ class _Call:
     # per edge, for outputs that view a whole tensor: that tensor's edge and the view
     # (None where no output does); the edges whose gradient is read there instead, after an
     # in-place op rebuilt the view's history (``_graph._rebased``), and their views
-    bases: list[tuple[GradientEdge, View] | None] | None = None
+    bases: list[Any] | None = None
     views: dict[int, View] = field(default_factory=dict)
     inner_value: Any = None  # what the rule's ``inner`` found (None: nothing)
     inner: list[GradientEdge] = field(default_factory=list)  # edges inside the call
@@ -394,10 +394,11 @@ class capture:
             raise RuntimeError(
                 "the losses do not depend on any trainable parameter (they have no grad_fn)"
             )
-        consumers: dict[Any, list[Any]] | None = None
+        # the consumers of shared outputs, where the search for their meets starts
+        consumers: dict[Any, list[Any]] = {
+            (e.node, e.output_nr): [] for c in calls if c.shared is not None for e in c.edges
+        }
         regions: dict[Any, set[Any]] = {}
-        if any(call.shared is not None for call in calls):
-            consumers = {}
         calls, uses = _check_accounted(losses.grad_fn, calls, self._names, consumers, regions)
         for call in calls:
             if call.module.training != call.training:
@@ -416,8 +417,7 @@ class capture:
         shared = [call for call in calls if call.shared is not None]
         meets = None
         if shared and n > 1:  # before the backward, which frees what a meet saved
-            assert consumers is not None
-            meets = _shared.plan_or_absorb(shared, consumers, calls, regions, n, bd)
+            meets = _shared.plan_or_absorb(shared, consumers, losses.grad_fn, calls, regions, n, bd)
         for call in calls:  # before the backward, which frees what the nodes saved
             rule = call.rule
             if call.shared is not None:
@@ -546,30 +546,33 @@ def _edge(t: Tensor) -> GradientEdge:
     return GradientEdge(fn, t.output_nr)
 
 
-def _bases(
-    leaves: Sequence[Any], edge_index: Sequence[int]
-) -> list[tuple[GradientEdge, View] | None] | None:
+def _bases(leaves: Sequence[Any], edge_index: Sequence[int]) -> list[Any] | None:
     """For each output with an edge that views a whole contiguous tensor, each element
     once (a Linear's output on 3-d inputs: ``addmm`` viewed back; sequence-first
-    attention's transposed for ``batch_first``), that tensor's edge and the view; None
-    where no output does (the common case, checked cheaply)."""
-    found: list[tuple[GradientEdge, View] | None] | None = None
+    attention's transposed for ``batch_first``), that tensor's node and output number and
+    the view's shape, strides and offset, as ``_graph._rebased`` takes them; None where no
+    output does. Run for every call: a few µs, and edges and views only where needed."""
+    found: list[Any] | None = None
     for k, i in enumerate(edge_index):
         t = leaves[i]
         if not t._is_view():
             continue
         base = t._base
-        whole = (
-            base is not None
-            and base.requires_grad
-            and base.numel() == t.numel()
-            and base.is_contiguous()
-            and _dense(t)
-        )
-        if whole:
-            found = found or [None] * len(edge_index)
+        if base is None or base.numel() != t.numel() or not base.is_contiguous():
+            continue
+        fn = base.grad_fn
+        if (
+            fn is None
+            or isinstance(fn, torch._C._FunctionBase)
+            or not (t.is_contiguous() or _dense(t))
+        ):
+            continue
+        found = found or [None] * len(edge_index)
+        if t.is_contiguous():  # the same elements in the same order: a reshape
+            found[k] = (fn, base.output_nr, t.shape, None, 0)
+        else:
             offset = t.storage_offset() - base.storage_offset()
-            found[k] = (_edge(base), View(t.shape, t.stride(), offset))
+            found[k] = (fn, base.output_nr, t.shape, t.stride(), offset)
     return found
 
 
