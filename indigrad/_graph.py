@@ -170,6 +170,122 @@ def consumers_of(root: Any) -> dict[tuple[Any, int], list[tuple[Any, int]]]:
     return found
 
 
+_FOLLOW_LIMIT = 64  # ops followed from a questioned output
+# losses elementwise with reduction="none"
+_LOSSES = frozenset(
+    {
+        "BinaryCrossEntropyWithLogitsBackward",
+        "BinaryCrossEntropyBackward",
+        "MseLossBackward",
+        "SmoothL1LossBackward",
+        "HuberLossBackward",
+        "L1LossBackward",
+    }
+)
+
+
+def confirm_batch(
+    call: Any,
+    consumers: dict[tuple[Any, int], list[tuple[Any, int]]],
+    batched: dict[Any, Any],
+    losses: Any,
+    n: int,
+    bd: int,
+) -> None:
+    """Raise unless the batch dimension ``bd`` of ``call``'s output is followed forward,
+    through ops that keep or move dimensions (elementwise ops, permutes, transposes,
+    unsqueezes, views that keep the dimensions up to it), to the batch dimension of the
+    losses (node ``losses``) or of an input of a batched call (``batched``: their input
+    nodes, and the calls) whose only dimension of ``n`` entries it is, and on no path
+    elsewhere. Where that input has another dimension of ``n`` entries, the call proves
+    nothing: the path goes on from its outputs, taken to keep the dimension in place.
+    For calls on integer tensors that could hold ``n`` entries by chance (ids made inside
+    the model: shifted decoder ids, a table of positions with as many rows as the batch
+    has examples, transposed ids)."""
+    stack = [((e.node, e.output_nr), bd) for e in call.edges]
+    confirmed = False
+    for _ in range(_FOLLOW_LIMIT):
+        if not stack:
+            if confirmed:
+                return
+            break
+        (v, nr), b = stack.pop()
+        if v is losses:
+            if b != 0:
+                break  # the dimension taken for the batch ends elsewhere
+            confirmed = True
+            continue
+        here = tuple(v._input_metadata[nr].shape)
+        if v in batched:
+            if b != bd:
+                break
+            if sum(size == n for size in here) == 1:
+                confirmed = True
+                continue
+            stack.extend(((e.node, e.output_nr), b) for e in batched[v].edges)
+            continue
+        uses = consumers.get((v, nr), [])
+        moves = [_moved(u, b, here) for u, _ in uses]
+        if any(m is None or m[1] != n for m in moves):
+            break
+        stack.extend(((u, 0), m[0]) for (u, _), m in zip(uses, moves, strict=True) if m)
+    raise RuntimeError(
+        f"{call.label} is called on integer inputs made inside the model whose dimension "
+        f"{bd} has as many entries as the batch ({n}), and indigrad cannot follow that "
+        "dimension to the batch's (a table of positions with as many rows as the batch "
+        "has examples would look the same): use a batch size different from the table's "
+        "size, or hand the layer the model's own input."
+    )
+
+
+def _moved(u: Any, b: int, here: tuple[int, ...]) -> tuple[int, int] | None:
+    """Where dimension ``b`` of op ``u``'s input (of shape ``here``) is in its output, and
+    that dimension's size; None where the op's dimensions are not followed."""
+    from .rules.direct import _SAME_PLACE, _dim
+
+    out = tuple(u._input_metadata[0].shape)
+    kind = type(u).__name__.rstrip("0123456789")
+    if kind in _SAME_PLACE:
+        moved = b + len(out) - len(here)  # broadcasting aligns from the right
+    elif kind == "PermuteBackward":
+        moved = [_dim(d, len(out)) for d in u._saved_dims].index(b)
+    elif kind in ("TransposeBackward", "TBackward"):
+        x, y = (0, 1) if kind == "TBackward" else (u._saved_dim0, u._saved_dim1)
+        x, y = _dim(x, len(out)), _dim(y, len(out))
+        moved = y if b == x else x if b == y else b
+    elif kind == "UnsqueezeBackward":
+        moved = b + (_dim(u._saved_dim, len(out)) <= b)
+    elif kind in ("ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward"):
+        if out[: b + 1] != here[: b + 1]:
+            return None
+        moved = b
+    elif kind in ("SumBackward", "MeanBackward", "AmaxBackward", "AminBackward"):
+        if not hasattr(u, "_saved_dim"):
+            return None  # all of it
+        dims = {_dim(d, len(here)) for d in u._saved_dim}
+        if b in dims:
+            return None
+        moved = b if u._saved_keepdim else b - sum(d < b for d in dims)
+    elif kind in ("SoftmaxBackward", "LogSoftmaxBackward"):
+        if _dim(u._saved_dim, len(here)) == b:
+            return None
+        moved = b
+    elif kind in ("NllLossBackward", "NllLoss2DBackward"):  # (n, C, *) -> (n, *) per example
+        if u._saved_reduction != 0 or b == 1:
+            return None
+        moved = b - (b > 1)
+    elif kind in _LOSSES:
+        moved = b  # elementwise without a reduction; a reduced output has no dimension b
+    elif kind in ("CatBackward", "SliceBackward", "SelectBackward"):
+        d = _dim(u._saved_dim, len(here))
+        if d == b:
+            return None
+        moved = b - (kind == "SelectBackward" and d < b)
+    else:
+        return None
+    return (moved, out[moved]) if 0 <= moved < len(out) else None
+
+
 def _rebased(call: Any, seen: set[Any], owners: Iterable[Any]) -> None:
     """Where an output of ``call`` that is a view of a whole tensor (a Linear's on 3-d
     inputs: its ``addmm`` viewed back) was modified in place after the call (a

@@ -27,7 +27,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from . import _reparam, _shared
 from ._batch import has_batch
-from ._graph import View, _boundary, _check_accounted
+from ._graph import View, _boundary, _check_accounted, confirm_batch, consumers_of
 from .quantities import PerExample
 from .rules import Rule, lookup_rule
 from .rules import direct as _direct
@@ -54,6 +54,9 @@ class _Call:
     # called without the batch dimension (its output shared by all examples): the call's
     # own arguments and output shapes, before its inputs were expanded for the rules
     shared: tuple[tuple[Any, ...], dict[str, Any], list[torch.Size]] | None = None
+    # on integer inputs made inside the model whose batch dimension could be chance: the
+    # backward follows it to the batch's (``_graph.confirm_batch``)
+    questioned: bool = False
     training: bool = True  # the module's mode at call time
     rule: Rule | None = None  # its rule, looked up once when the capture began; None: generic
     saved: Any = None  # what the rule's ``saved`` took from the graph before the backward
@@ -140,6 +143,7 @@ class capture:
         self._paused = False
         self._consumed = False
         self._n: int | None = None  # batch size of the model's current forward
+        self._inputs: Any = None  # the model's arguments in its current forward
         self._ddp_sync: bool | None = None  # DDP's own gradient sync flag, while we hold it
         self._names: dict[int, str] = {}  # id(param) -> name, trainable only
         self._params: dict[str, nn.Parameter] = {}
@@ -252,7 +256,7 @@ class capture:
         """The model's batch size, from the first tensor argument with a batch dimension."""
         if self._paused:
             return
-        self._n = None
+        self._n, self._inputs = None, (args, kwargs)
         first = args[0] if args else None
         if isinstance(first, Tensor) and first.dim() > self.batch_dim:  # the common case
             self._n = first.shape[self.batch_dim]
@@ -261,6 +265,33 @@ class capture:
             if isinstance(t, Tensor) and t.dim() > self.batch_dim:
                 self._n = t.shape[self.batch_dim]
                 return
+
+    def _questioned(self, leaves: list[Any], n: int) -> bool:
+        """For a call on tensors none of which requires grad, judged batched because
+        dimension ``batch_dim`` has ``n`` entries: whether an integer tensor among them
+        (ids, positions) could have them by chance, not being the model's own input or a
+        view of it that keeps its batch dimension (shifted decoder ids; a table of relative
+        positions ``(T, T)`` with ``T = n``; transposed ids). The backward then follows
+        that dimension to the batch's (``_graph.confirm_batch``). Floating inputs computed
+        from the model's (images with ``C = n``, say) are not questioned."""
+        bd = self.batch_dim
+        roots = None
+        for t in leaves:
+            if not isinstance(t, Tensor) or t.dim() <= bd or t.shape[bd] != n:
+                continue
+            if t.is_floating_point() or t.is_complex():
+                continue
+            if roots is None:
+                roots = [r for r in tree_flatten(self._inputs)[0] if isinstance(r, Tensor)]
+            storage, stride = t.untyped_storage().data_ptr(), t.stride(bd)
+            if not any(
+                r.dim() > bd
+                and r.untyped_storage().data_ptr() == storage
+                and r.stride(bd) == stride
+                for r in roots
+            ):
+                return True
+        return False
 
     def _recorder(self, plan: dict[int, _Plan]) -> Any:
         bd = self.batch_dim
@@ -294,7 +325,7 @@ class capture:
             versions = [(t, t._version) for t in in_leaves if isinstance(t, Tensor)]
             boundary = _boundary(in_leaves)
             n = self._n
-            broadcast = False
+            broadcast = questioned = False
             if not raw and n is not None:
                 if spec is _TENSOR_SPEC:  # the common case, without a generator's cost
                     batched = output.dim() > bd and output.shape[bd] == n
@@ -309,6 +340,11 @@ class capture:
                         # positions): every output has one entry in the batch dimension
                         or all(_one_entry(leaves[i], bd) for i in edge_index)
                     )
+                )
+                questioned = (
+                    batched
+                    and not any(isinstance(t, Tensor) and t.requires_grad for t in in_leaves)
+                    and self._questioned(in_leaves, n)
                 )
             shared = None
             if broadcast:
@@ -346,6 +382,7 @@ class capture:
                     boundary=boundary,
                     versions=versions,
                     shared=shared,
+                    questioned=questioned,
                     training=module.training,
                     rule=rule,
                 )
@@ -414,6 +451,17 @@ class capture:
                         "(e.g. `x += ...`, `relu_(x)`), so its recorded input is no longer "
                         "the one the layer saw. Use an out-of-place op there."
                     )
+        questioned = [call for call in calls if call.questioned]
+        if questioned:
+            everything = consumers_of(losses.grad_fn)
+            batched = {
+                node: call
+                for call in calls
+                if not call.questioned and call.shared is None
+                for node in call.boundary
+            }
+            for call in questioned:
+                confirm_batch(call, everything, batched, losses.grad_fn, n, bd)
         shared = [call for call in calls if call.shared is not None]
         meets = None
         if shared and n > 1:  # before the backward, which frees what a meet saved

@@ -354,3 +354,101 @@ def test_a_shared_layer_inside_a_module_without_a_rule_is_taken_by_it():
     x = torch.randn(3, 8, 4, dtype=torch.float64)
     with pytest.warns(UserWarning, match=r"Windows '1' is re-run.*Linear '1.table'.*not kept"):
         indigrad.testing.check(model, lambda x: model(x).square().sum((1, 2)), x)
+
+
+class Sources(nn.Module):
+    """Layers on tensors without grad whose batch dimension could be chance."""
+
+    def __init__(self, how, d=4):
+        super().__init__()
+        self.tok = nn.Embedding(11, d)
+        self.pos = nn.Embedding(8, d)
+        self.bias = nn.Embedding(9, 2)
+        self.head = nn.Linear(d, 2)
+        self.how = how
+
+    def forward(self, ids):  # (n, T)
+        T = ids.shape[1]
+        if self.how == "transposed":  # sequence-first inside (XLNet): (T, n, d)
+            return self.head(self.tok(ids.t())).transpose(0, 1).sum((1, 2))
+        if self.how in ("shifted", "permuted", "swapped"):  # ids made inside, shifted right
+            ids = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, :-1]], 1)
+        h = self.tok(ids)  # (n, T, d): the model's input, any T
+        if self.how == "permuted":  # the batch moved and back: followed
+            h = h.permute(1, 2, 0).permute(2, 0, 1)
+        if self.how == "swapped":  # the losses' examples are the tokens: refused
+            return h.tanh().transpose(0, 1)
+        if self.how == "positions":  # arange(T), 1-d
+            h = h + self.pos(torch.arange(T)).unsqueeze(0)
+        if self.how == "relative":  # (T, T) buckets, as T5's
+            buckets = (torch.arange(T)[None, :] - torch.arange(T)[:, None] + 4).clamp(0, 8)
+            rel = self.bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, 2, T, T)
+            scores = h.sum(-1)[:, None, :, None] + rel  # (n, 2, T, T)
+            return torch.tanh(scores).sum((1, 2, 3)) + self.head(h).sum((1, 2))
+        return self.head(torch.tanh(h)).sum((1, 2))  # (n,)
+
+
+@pytest.mark.parametrize("how", ["transposed", "positions", "relative", "swapped"])
+def test_a_batch_dimension_that_could_be_chance_is_refused(how):
+    """With T = n, the model's own ids are batched; a table of positions (1-d, or (T, T)),
+    transposed ids (sequence-first inside) or losses whose examples are the tokens could
+    look batched by chance, and their batch dimension is not followed to the losses' or to
+    an input that shows it: refused. With T ≠ n the same models are exact (or refused for
+    being sequence-first)."""
+    model = Sources(how).double()
+    ids = torch.randint(0, 11, (5, 5))
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="cannot follow"):
+        cap.norms(model(ids))
+    if how not in ("transposed", "swapped"):
+        indigrad.testing.check(model, model, torch.randint(0, 11, (5, 6)))
+
+
+@pytest.mark.parametrize("how", ["shifted", "permuted"])
+@pytest.mark.parametrize("T", [5, 6])
+def test_ids_made_inside_the_model_followed_to_the_batch(how, T):
+    """Decoder ids shifted inside the model: with T = n too, their batch dimension is
+    followed to the losses' (through the head, whose input proves nothing then)."""
+    torch.manual_seed(0)
+    model = Sources(how).double()
+    indigrad.testing.check(model, model, torch.randint(0, 11, (5, T)))
+
+
+def test_the_models_own_ids_with_as_many_tokens_as_examples():
+    torch.manual_seed(0)
+    model = Sources("plain").double()
+    ids = torch.randint(0, 11, (5, 5))
+    indigrad.testing.check(model, model, ids)
+    indigrad.testing.check(model, model, ids[:, :5])  # a view keeping the batch dimension
+
+
+def test_a_dimension_followed_through_ops():
+    from indigrad._graph import _moved
+
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    here = (3, 4, 5)
+    cases = [
+        (x + torch.zeros(2, 1, 1, 1), 0, (1, 3)),  # broadcast to 4-d: aligned from the right
+        (x.permute(2, 0, 1), 0, (1, 3)),
+        (x.transpose(0, 2), 2, (0, 5)),
+        (x.unsqueeze(0), 0, (1, 3)),
+        (x.unsqueeze(-1), 1, (1, 4)),
+        (x.view(3, 20), 0, (0, 3)),
+        (x.view(12, 5), 0, None),  # the batch merged: not followed
+        (x.sum(1), 0, (0, 3)),
+        (x.mean((0, 2)), 1, (0, 4)),
+        (x.sum(-1, keepdim=True), 1, (1, 4)),
+        (x.sum(0), 0, None),  # the batch summed
+        (torch.cat([x, x], 2), 1, (1, 4)),
+        (x[:, 1:], 0, (0, 3)),
+        (x[:, 0], 2, (1, 5)),
+        (x[:, :, 0], 0, (0, 3)),
+        (x.log_softmax(1), 0, (0, 3)),
+        (x.softmax(0), 0, None),
+        (F.cross_entropy(x, torch.zeros(3, 5, dtype=torch.long), reduction="none"), 0, (0, 3)),
+        (F.cross_entropy(x, torch.zeros(3, 5, dtype=torch.long)), 0, None),  # reduced
+        (F.mse_loss(x, torch.zeros(3, 4, 5), reduction="none"), 2, (2, 5)),
+        (x.softmax(-1), 0, (0, 3)),
+        (x.cumsum(1), 0, None),  # an op not in the table
+    ]
+    for y, b, expected in cases:
+        assert _moved(y.grad_fn, b, here) == expected, y.grad_fn
