@@ -259,6 +259,10 @@ def test_t5_relative_position_bias(attention, no_rerun):
         return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (n, 5)
 
     _check(model, losses, ids, mask, labels)
+    # as many tokens as examples: the (T, T) buckets could be a batch; not followed to it
+    ids, mask = ids[:, :3], mask[:, :3]
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="cannot follow"):
+        cap.norms(losses(ids, mask, labels))
 
 
 def _hf_vit(dropout):
