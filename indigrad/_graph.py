@@ -146,11 +146,12 @@ class View(NamedTuple):
         if self.stride is None:
             return g.reshape(g.shape[0], *self.shape) if batched else g.reshape(self.shape)
         g = g.contiguous()
+        offset = g.storage_offset() + self.offset  # g may start inside a larger storage
         if not batched:
-            return g.as_strided(self.shape, self.stride, self.offset)
+            return g.as_strided(self.shape, self.stride, offset)
         n = g.shape[0]
         step = g[0].numel()
-        return g.as_strided((n, *self.shape), (step, *self.stride), self.offset)
+        return g.as_strided((n, *self.shape), (step, *self.stride), offset)
 
 
 def consumers_of(root: Any) -> dict[tuple[Any, int], list[tuple[Any, int]]]:

@@ -110,3 +110,14 @@ def test_an_unused_view_output_is_not_read_at_its_base():
     model.forward = lambda x: model.inner(x)[0].tanh().sum((1, 2))
     x = torch.randn(3, 5, 4, dtype=D)
     indigrad.testing.check(model, model, x)
+
+
+def test_a_view_taken_from_a_gradient_inside_a_larger_storage():
+    from indigrad._graph import View
+
+    base = torch.arange(24.0).reshape(4, 6)
+    view = View(base.t().shape, base.t().stride(), 0)  # the output: the base transposed
+    inside = torch.cat([torch.zeros(5), base.flatten()])[5:].view(4, 6)  # offset 5
+    assert torch.equal(view.of(inside), base.t())
+    both = torch.stack([base, base + 1])  # (n, 4, 6)
+    assert torch.equal(view.of(both, batched=True), torch.stack([base.t(), base.t() + 1]))
