@@ -333,7 +333,6 @@ class capture:
                     batched = any(has_batch(leaves[i], n, bd) for i in edge_index)
                 broadcast = (  # the output first: batched, it settles the question
                     not batched
-                    and any(isinstance(t, Tensor) for t in in_leaves)
                     and (
                         not any(has_batch(t, n, bd) for t in in_leaves)
                         # batched inputs read for their shape only (BART's decoder

@@ -452,3 +452,22 @@ def test_a_dimension_followed_through_ops():
     ]
     for y, b, expected in cases:
         assert _moved(y.grad_fn, b, here) == expected, y.grad_fn
+
+
+class NoTensorInput(nn.Module):
+    """A bias computed from the module's own table and an int, as BEiT's relative position
+    bias is: no tensor input, an output shared by all examples."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.table = nn.Parameter(torch.linspace(-1, 1, 5 * d).reshape(5, d))
+
+    def forward(self, size):
+        return self.table[:size].sum(0, keepdim=True)  # (1, d)
+
+
+def test_a_layer_called_without_a_tensor():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"fc": nn.Linear(4, 4), "bias": NoTensorInput()}).double()
+    model.forward = lambda x: (model.fc(x) + model.bias(3)).tanh().sum(1)
+    indigrad.testing.check(model, model, torch.randn(3, 4, dtype=torch.float64))

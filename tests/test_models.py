@@ -265,6 +265,32 @@ def test_t5_relative_position_bias(attention, no_rerun):
         cap.norms(losses(ids, mask, labels))
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_beit_relative_position_bias(shared):
+    """BEiT's relative position bias module takes no tensor input: its output is shared
+    by all examples and read where it meets the attention scores."""
+    transformers = _require("transformers")
+    config = transformers.BeitConfig(
+        image_size=8,
+        patch_size=4,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_labels=3,
+        use_relative_position_bias=not shared,
+        use_shared_relative_position_bias=shared,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.BeitForImageClassification(config).double().eval()
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
+    _check(
+        model, lambda x, y: F.cross_entropy(model(pixel_values=x).logits, y, reduction="none"), x, y
+    )
+
+
 def _hf_vit(dropout):
     transformers = _require("transformers")
     config = transformers.ViTConfig(
