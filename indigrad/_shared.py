@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from ._graph import _ACCUMULATE, View, _local_name, consumers_of
+from ._graph import _ACCUMULATE, View, _local_name
 from .rules import direct as _direct
 
 if TYPE_CHECKING:
@@ -99,22 +99,22 @@ class Meet:
 def plan(
     shared: list[_Call],
     consumers: dict[_Tensor, list[tuple[Any, int]]],
-    root: Any,
+    whole: Callable[[], dict[_Tensor, list[tuple[Any, int]]]],
     calls: list[_Call],
     n: int,
     bd: int,
 ) -> Plan:
     """The meets of the shared calls' outputs (before the backward, which frees what a
     ``mul`` saved), from ``consumers``, those of the outputs, or where the region goes
-    further, of the whole graph from ``root``. Raises where a path from an output cannot
-    be followed."""
+    further, of the whole graph (``whole()``, built once by the caller). Raises where a
+    path from an output cannot be followed."""
     starts = {(e.node, e.output_nr): call for call in shared for e in call.edges}
 
     def meets_at_once(use: tuple[Any, int]) -> bool:  # an op whose output has the batch
         return any(len(m.shape) > bd and m.shape[bd] == n for m in use[0]._input_metadata)
 
     if any(t not in consumers or not all(map(meets_at_once, consumers[t])) for t in starts):
-        consumers = consumers_of(root)  # the region goes beyond the outputs (or moved)
+        consumers = whole()  # the region goes beyond the outputs (or moved)
     # the region: tensors reached from the outputs through ops whose outputs do not have
     # the batch's n entries in the batch dimension, each with the call it came from; the
     # ops that make such outputs from it are the candidate meets
@@ -160,7 +160,7 @@ def plan(
 def plan_or_absorb(
     shared: list[_Call],
     consumers: dict[_Tensor, list[tuple[Any, int]]],
-    root: Any,
+    whole: Callable[[], dict[_Tensor, list[tuple[Any, int]]]],
     calls: list[_Call],
     regions: dict[Any, set[Any]],
     n: int,
@@ -173,7 +173,7 @@ def plan_or_absorb(
     shared call is left."""
     while shared:
         try:
-            return plan(shared, consumers, root, calls, n, bd)
+            return plan(shared, consumers, whole, calls, n, bd)
         except Unfollowed as err:
             around = [c for c, nodes in regions.items() if err.node in nodes and c in calls]
             host = max(around, key=lambda c: c.name.count(".") + bool(c.name), default=None)

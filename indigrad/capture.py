@@ -10,6 +10,7 @@ and hands ``(module, inputs, G)`` to each layer's rule.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -450,9 +451,10 @@ class capture:
                         "(e.g. `x += ...`, `relu_(x)`), so its recorded input is no longer "
                         "the one the layer saw. Use an out-of-place op there."
                     )
+        # the whole graph read forward, for the checks below that need it: built once
+        whole = functools.cache(lambda: consumers_of(losses.grad_fn))
         questioned = [call for call in calls if call.questioned]
         if questioned:
-            everything = consumers_of(losses.grad_fn)
             batched = {
                 node: call
                 for call in calls
@@ -460,11 +462,11 @@ class capture:
                 for node in call.boundary
             }
             for call in questioned:
-                confirm_batch(call, everything, batched, losses.grad_fn, n, bd)
+                confirm_batch(call, whole(), batched, losses.grad_fn, n, bd)
         shared = [call for call in calls if call.shared is not None]
         meets = None
         if shared and n > 1:  # before the backward, which frees what a meet saved
-            meets = _shared.plan_or_absorb(shared, consumers, losses.grad_fn, calls, regions, n, bd)
+            meets = _shared.plan_or_absorb(shared, consumers, whole, calls, regions, n, bd)
         for call in calls:  # before the backward, which frees what the nodes saved
             rule = call.rule
             if call.shared is not None:
