@@ -191,6 +191,18 @@ def test_seeding_reproduces_exactly():
         GaussianNoise(1.0, 1.0, 1.0, seed=0, secure=True)
 
 
+def test_noise_is_drawn_from_its_generator():
+    """``generator(device)`` is the source ``add_`` draws from (a CUDA graph registers it)."""
+    w = torch.nn.Parameter(torch.zeros(50, 7))
+    noise = GaussianNoise(1.0, 1.0, 1.0, seed=3)
+    g = noise.generator("cpu")
+    assert noise.generator(torch.device("cpu")) is g
+    g.manual_seed(11)
+    noise.add_([w])
+    expected = torch.randn(50 * 7, generator=torch.Generator().manual_seed(11)).view(50, 7)
+    torch.testing.assert_close(w.grad, expected, rtol=0, atol=0)
+
+
 def test_noise_covers_every_trainable_parameter_only():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     model[0].weight.requires_grad_(False)

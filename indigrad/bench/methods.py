@@ -71,6 +71,17 @@ def norms(p: Problem) -> Step:
     return step
 
 
+class Noisy:
+    """A step that draws random numbers from ``generators``, which a CUDA graph of it must
+    register (:func:`graphed` does) for each replay to draw new ones."""
+
+    def __init__(self, step: Step, generators: list[torch.Generator]) -> None:
+        self.step, self.generators = step, generators
+
+    def __call__(self) -> None:
+        self.step()
+
+
 def clipped(p: Problem, noise: GaussianNoise | None = None) -> Step:
     model = p.model()
     opt = _sgd(model)
@@ -83,7 +94,7 @@ def clipped(p: Problem, noise: GaussianNoise | None = None) -> Step:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step
+    return step if noise is None else Noisy(step, [noise.generator(p.device)])
 
 
 def dp(p: Problem) -> Step:
@@ -210,7 +221,8 @@ def graphed(step: Step, device: torch.device, warmup: int = 3) -> Step:
 
     A step that makes the host wait for the device (``.item()``, ``nonzero``) cannot be
     captured and raises; indigrad's own steps dispatch no such operator
-    (``tests/test_device_sync.py``).
+    (``tests/test_device_sync.py``). The generators of a :class:`Noisy` step are
+    registered with the graph, so that each replay draws new numbers.
     """
     if device.type != "cuda":
         raise RuntimeError(f"CUDA graphs need a CUDA device, not {device.type}")
@@ -221,6 +233,8 @@ def graphed(step: Step, device: torch.device, warmup: int = 3) -> Step:
             step()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    for generator in getattr(step, "generators", ()):
+        graph.register_generator_state(generator)
     with torch.cuda.graph(graph):
         step()
     return graph.replay

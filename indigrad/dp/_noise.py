@@ -203,15 +203,50 @@ class GaussianNoise:
 
     def _standard_normal(self, n: int, like: Tensor) -> Tensor:
         """``n`` standard Gaussians (n,) of ``like``'s dtype, on its device."""
+        capturing = like.is_cuda and torch.cuda.is_current_stream_capturing()
         if self.secure:
+            if capturing:
+                raise RuntimeError(
+                    "GaussianNoise(secure=True) draws its noise on the host, from os.urandom: "
+                    "a CUDA graph would replay the same noise at every step. Add the noise "
+                    "outside the graph, or capture with secure=False and the noise's "
+                    "generator registered (see GaussianNoise.generator)"
+                )
             z = _secure_normal(n)  # (n,) float64, CPU
             return z.to(device=like.device, dtype=like.dtype)
         # draw in float32 at least (float64 for float64 grads), then cast
         dtype = torch.promote_types(like.dtype, torch.float32)
-        z = torch.randn(n, generator=self._generator(like.device), device=like.device, dtype=dtype)
+        g = self.generator(like.device)
+        try:
+            z = torch.randn(n, generator=g, device=like.device, dtype=dtype)  # (n,)
+        except RuntimeError as err:
+            if not capturing:
+                raise
+            raise RuntimeError(
+                "GaussianNoise is drawing inside a CUDA graph's capture from a generator "
+                "the graph does not know: register it before the capture, "
+                "graph.register_generator_state(noise.generator(device)), so that every "
+                "replay draws new noise"
+            ) from err
         return z.to(like.dtype)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        """The generator the noise for ``device`` is drawn from (made and seeded on first use).
+
+        To capture a step that adds noise as a CUDA graph, register it with the graph
+        before the capture; each replay then draws new noise from it::
+
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(noise.generator("cuda"))
+            with torch.cuda.graph(graph):
+                step()              # forward, clip_, noise.add_, optimizer step
+
+        Without ``secure=True`` only: secure noise is drawn on the host and cannot be
+        captured (:meth:`add_` raises inside a capture).
+        """
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         g = self._generators.get(device)
         if g is None:
             g = torch.Generator(device=device)
