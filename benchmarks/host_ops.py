@@ -39,9 +39,9 @@ def act_as(device: str, set_attr: Callable[[Any, str, Any], None] = setattr) -> 
     """Give the CPU ``device``'s settings (a device without its own entry: the default),
     and on behalf of a GPU no buffer pool and no ``F.unfold`` (both change how convs
     unfold; CUDA's ``F.unfold`` is one operator but n kernel launches), GroupNorm's dγ and
-    dβ from its backward kernel, LayerNorm's x̂ from ``layer_norm``, and depthwise convs
+    dβ from its backward kernel, LayerNorm's x̂ from ``layer_norm``, depthwise convs
     and im2col as on a GPU (by im2col and a batched product; copied in the strided
-    window's order). Each setting is
+    window's order), and same-shaped convs stacked (``indigrad/_stack.py``). Each setting is
     replaced through ``set_attr`` (a test's ``monkeypatch.setattr`` undoes them)."""
     if device != "cpu":
         set_attr(_alloc, "_MIN_BYTES", sys.maxsize)
@@ -50,6 +50,7 @@ def act_as(device: str, set_attr: Callable[[Any, str, Any], None] = setattr) -> 
         set_attr(normalization, "_LN_SAVED_DEVICES", normalization._LN_SAVED_DEVICES - {"cpu"})
         set_attr(conv, "_BY_POSITION", conv._BY_POSITION - {"cpu"})
         set_attr(conv, "_DEPTHWISE_BY_CONV", conv._DEPTHWISE_BY_CONV - {"cpu"})
+        set_attr(conv, "_STACKED", conv._STACKED | {"cpu"})
     for module, name in TABLES:
         table = dict(getattr(module, name))
         if device in table:

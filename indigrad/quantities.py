@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_unflatten
 
-from . import _reparam
+from . import _reparam, _stack
 from ._batch import has_batch
 from ._joint import Joint
 from ._precision import _exact, _param_dtype, _upcast
@@ -117,11 +117,15 @@ class _Entry:
         return choose is None or not choose(self.call.module, self.inputs, self.G, clipping)
 
     def sq_norms(
-        self, clipping: bool = False, take: Callable[[str, Tensor], bool] | None = None
+        self,
+        clipping: bool = False,
+        take: Callable[[str, Tensor], bool] | None = None,
+        fast: bool | None = None,
     ) -> dict[str, Tensor]:
         """The squared norms of the call's parameters. Materialised gradients that
-        ``take(local_name, g)`` accepts (for a :class:`Joint`) are left out."""
-        if self._fast(clipping):
+        ``take(local_name, g)`` accepts (for a :class:`Joint`) are left out. ``fast``:
+        the cost choice of :meth:`_fast`, where it was made already (it spends a budget)."""
+        if self._fast(clipping) if fast is None else fast:
             assert self.rule is not None and self.rule.sq_norms is not None
             sq = self.rule.sq_norms(self.call.module, self.inputs, self._g())
             return self._own(sq, "sq_norms")
@@ -226,6 +230,7 @@ class PerExample:
         self._sq_norms: dict[str, Tensor] | None = None
         self._total: Tensor | None = None  # (n,) squared norms over all parameters
         self._joint: Joint | None = None  # the small gradients taken into that total
+        self._stacks: dict[int, _stack._Stacked] = {}  # same-shaped calls taken together
         self._group = cap._process_group
 
     @_exact
@@ -292,7 +297,10 @@ class PerExample:
         joint: Joint | None,
     ) -> None:
         """Each parameter's squared norms into ``out``, or its gradient into ``joint``,
-        one rule call per recorded call (``per_call``); see :meth:`_sq`."""
+        one rule call per recorded call (``per_call``), or one per stack of calls taken
+        together (:mod:`._stack`); see :meth:`_sq`."""
+        fast = self._choose(clipping)
+        self._stacks = _stack.plan([e for e in self._entries if self._stackable(e, fast)])
         for name, p in self._params.items():
             uses = self._uses.get(name, [])
             if len(uses) > 1 and self._grads is None:
@@ -307,7 +315,13 @@ class PerExample:
             elif uses:
                 entry, local = uses[0]
                 if id(entry) not in per_call:
-                    per_call[id(entry)] = entry.sq_norms(clipping, self._taker(entry, joint))
+                    stacked = self._stacks.get(id(entry))
+                    if stacked is not None:
+                        per_call[id(entry)] = stacked.sq_norms(entry)
+                    else:
+                        take = self._taker(entry, joint)
+                        chosen = fast[id(entry)] and entry._grads is None  # (a tied use's may be)
+                        per_call[id(entry)] = entry.sq_norms(clipping, take, chosen)
                     if release and entry._grads is not None:
                         entry.release(keep_grads=True)
                 sq = per_call[id(entry)].get(local)
@@ -315,6 +329,27 @@ class PerExample:
                     out[name] = sq
             else:
                 out[name] = p.new_zeros(self.n)
+
+    def _choose(self, clipping: bool) -> dict[int, bool]:
+        """The cost choice (:meth:`_Entry._fast`) of each call whose norms
+        :meth:`_sq_each` takes from its rule, made once and in the order it takes them
+        (the choice spends a memory budget), by ``id``."""
+        fast: dict[int, bool] = {}
+        if self._grads is not None:
+            return fast
+        for name in self._params:
+            uses = self._uses.get(name, [])
+            if len(uses) == 1 and id(uses[0][0]) not in fast:
+                entry = uses[0][0]
+                fast[id(entry)] = entry._fast(clipping)
+        return fast
+
+    def _stackable(self, entry: _Entry, fast: dict[int, bool]) -> bool:
+        """Whether a call may be taken together with others (:mod:`._stack`): it takes its
+        rule's fast paths, and every one of its parameters is its own alone."""
+        return fast.get(id(entry), False) and all(
+            len(self._uses[self._names[id(p)]]) == 1 for p in entry.call.params.values()
+        )
 
     def _tied_sq(self, name: str, uses: list[tuple[_Entry, str]]) -> Tensor | None:
         """The squared norms of a parameter used by several calls, from the Grams of its
@@ -400,7 +435,13 @@ class PerExample:
         for entry in entries:
             params = entry.call.params
             skip = [k for k, p in params.items() if self._names[id(p)] in in_joint]
-            for local, ws in entry.weighted_sum(coef, skip).items():
+            stacked = self._stacks.get(id(entry))
+            if stacked is not None:
+                own = stacked.weighted_sum(entry, coef)
+                own = {k: v for k, v in own.items() if k not in skip}
+            else:
+                own = entry.weighted_sum(coef, skip)
+            for local, ws in own.items():
                 name = self._names[id(params[local])]
                 sums[name] = ws if name not in sums else sums[name] + ws
             if release:

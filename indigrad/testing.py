@@ -86,7 +86,8 @@ def check(
     """Assert that indigrad's ``grads``, ``norms`` and ``clip_`` match :func:`loop_grads`.
 
     Each quantity is computed from its own forward inside its own capture, and once more
-    all together from a single ``cap.backward``. ``clip_`` is checked on a clean ``.grad``
+    all together from a single ``cap.backward``; then each parameter's squared norms
+    (``cap.backward(...).sq_norms()``). ``clip_`` is checked on a clean ``.grad``
     (existing gradients are restored afterwards). ``max_norm`` defaults to the median
     per-example norm (1.0 if that is 0), so that some examples are clipped and some are
     not. Tolerances are
@@ -143,6 +144,13 @@ def check(
     close(together[0], ref_norms, "norms (from cap.backward)")
     for k in ref:
         close(together[1][k], ref[k], f"grads[{k!r}] (from cap.backward)")
+
+    with capture(model, batch_dim=batch_dim) as cap:
+        sq_norms = cap.backward(loss_fn(*batch)).sq_norms()
+    if list(sq_norms) != list(ref):
+        raise AssertionError(f"sq_norms has names {list(sq_norms)}, expected {list(ref)}")
+    for k, g in ref.items():
+        close(sq_norms[k], g.flatten(1).square().sum(1), f"sq_norms()[{k!r}]")
 
 
 def _batch_size(batch: tuple[Any, ...], batch_dim: int) -> int:

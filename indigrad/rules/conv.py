@@ -48,7 +48,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .. import _alloc
 from . import _cost
-from .registry import register_rule
+from .registry import Rule, Stack, register_rule
 
 
 def _dims(module: _ConvNd) -> int:
@@ -330,20 +330,24 @@ def conv_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict
         out["weight"] = torch.linalg.vector_norm(W.flatten(1), dim=1).square()  # (n,)
     elif conv.weight.requires_grad:
         L, R = _factors(conv, x, G)  # (n·g, a, P), (n·g, b, P)
-        _, a, P = L.shape
-        ng = L.shape[0]
-        if _ghost(P, a, R.shape[1]):
-            LL = torch.bmm(L.transpose(1, 2), L).view(ng, 1, P * P)  # (n·g, 1, P²)
-            RR = torch.bmm(R.transpose(1, 2), R).view(ng, P * P, 1)  # (n·g, P², 1)
-            sq = torch.bmm(LL, RR).view(ng)  # (n·g,) ⟨LᵀL, RᵀR⟩, one batched dot
-        else:
-            W = _alloc.empty((ng, a, R.shape[1]), like=L)  # (n·g, a, b)
-            torch.bmm(L, R.transpose(1, 2), out=W)
-            sq = torch.linalg.vector_norm(W, dim=(1, 2)).square()  # (n·g,)
-        out["weight"] = sq if ng == n else sq.view(n, -1).sum(1)  # (n,): Σ over groups
+        sq = _product_sq_norms(L, R)  # (n·g,)
+        out["weight"] = sq if L.shape[0] == n else sq.view(n, -1).sum(1)  # (n,): Σ over groups
     if conv.bias is not None and conv.bias.requires_grad:
         out["bias"] = G.flatten(2).sum(2).square().sum(1)  # (n,)
     return out
+
+
+def _product_sq_norms(L: Tensor, R: Tensor) -> Tensor:
+    """``‖L_j R_jᵀ‖²`` for each of the batched products ``(m, a, P) × (m, b, P)``: ``(m,)``,
+    from the P×P Grams or from the products themselves, whichever costs less."""
+    m, a, P = L.shape
+    if _ghost(P, a, R.shape[1]):
+        LL = torch.bmm(L.transpose(1, 2), L).view(m, 1, P * P)  # (m, 1, P²)
+        RR = torch.bmm(R.transpose(1, 2), R).view(m, P * P, 1)  # (m, P², 1)
+        return torch.bmm(LL, RR).view(m)  # (m,) ⟨LᵀL, RᵀR⟩, one batched dot
+    W = _alloc.empty((m, a, R.shape[1]), like=L)  # (m, a, b)
+    torch.bmm(L, R.transpose(1, 2), out=W)
+    return torch.linalg.vector_norm(W, dim=(1, 2)).square()  # (m,)
 
 
 def conv_weighted_sum(
@@ -383,14 +387,134 @@ def conv_weighted_sum(
     return out
 
 
-CONV = {
-    cls: register_rule(
-        cls,
-        grads=conv_grads,
-        sq_norms=conv_sq_norms,
-        weighted_sum=conv_weighted_sum,
-        materialise=conv_materialise,
+# -- stacks: same-shaped calls taken together ----------------------------------------------
+
+# Devices where calls of the same shape take their norms and weighted sums together (a
+# GPU, whose step on small images is bound by the host issuing kernels: one call's
+# norms and sum take about 7 of them), and the most elements a stack's im2col may have
+# (past it, one stack's copy would cost memory that calls taken one by one do not hold at
+# once).
+_STACKED = {"cuda"}
+_STACK_MAX_ELEMENTS = 1 << 26
+
+
+def stack_key(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> tuple[Any, ...] | None:
+    """What calls must share to be stacked (:func:`stacked_sq_norms`), or None for one
+    that cannot be: a conv with one group, zero padding given as numbers, and the same
+    shapes, options and trainable parameters as the others."""
+    conv, x, G = _check(module, inputs, G)
+    if (
+        x.device.type not in _STACKED
+        or conv.transposed
+        or conv.groups != 1
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+        or not conv.weight.requires_grad
+    ):
+        return None
+    bias = conv.bias is not None and conv.bias.requires_grad
+    return (
+        type(conv),
+        x.shape,
+        G.shape,
+        x.dtype,
+        G.dtype,
+        x.device,
+        tuple(conv.kernel_size),
+        tuple(conv.stride),
+        tuple(conv.padding),
+        tuple(conv.dilation),
+        bias,
     )
+
+
+def stack_fits(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, size: int) -> bool:
+    """Whether ``size`` calls like this one may be stacked: their im2col within the limit."""
+    x, k = inputs[0], math.prod(cast(_ConvNd, module).kernel_size)
+    return size * x.shape[0] * x.shape[1] * k * math.prod(G.shape[2:]) <= _STACK_MAX_ELEMENTS
+
+
+def stacked_sq_norms(
+    modules: list[nn.Module], inputs: list[tuple[Any, ...]], Gs: list[Tensor]
+) -> list[dict[str, Tensor]]:
+    """:func:`conv_sq_norms` of ``k`` calls with one :func:`stack_key`, in one go: their
+    inputs side by side as channels, ``(n, k·C_in, *in)``, whose im2col holds each call's
+    own as a block of rows, so that the batched products run over ``n·k``."""
+    conv = cast(_ConvNd, modules[0])
+    k, n = len(modules), Gs[0].shape[0]
+    X = torch.cat([i[0] for i in inputs], 1)  # (n, k·C_in, *in)
+    G = torch.cat(Gs, 1)  # (n, k·C_out, *out)
+    R = _unfold(conv, X, tuple(G.shape[2:]))  # (n, k·C_in·kk, P)
+    R = R.reshape(n * k, R.shape[1] // k, R.shape[2])  # (n·k, C_in·kk, P), a view
+    L = G.view(n * k, G.shape[1] // k, -1)  # (n·k, C_out, P)
+    weight = _product_sq_norms(L, R).view(n, k)  # (n, k)
+    bias = None
+    if conv.bias is not None and conv.bias.requires_grad:
+        bias = G.flatten(2).sum(2).square().view(n, k, -1).sum(2)  # (n, k)
+    out = []
+    for j in range(k):
+        sq = {"weight": weight[:, j]}  # (n,)
+        if bias is not None:
+            sq["bias"] = bias[:, j]
+        out.append(sq)
+    return out
+
+
+def stacked_weighted_sums(
+    modules: list[nn.Module], inputs: list[tuple[Any, ...]], Gs: list[Tensor], coef: Tensor
+) -> list[dict[str, Tensor]]:
+    """:func:`conv_weighted_sum` of ``k`` calls with one :func:`stack_key`, in one go: one
+    weight gradient of a conv with ``k`` groups, the calls' inputs and scaled output
+    gradients side by side as its groups' channels."""
+    conv = cast(_ConvNd, modules[0])
+    k = len(modules)
+    X = torch.cat([i[0] for i in inputs], 1)  # (n, k·C_in, *in)
+    G = torch.cat(Gs, 1)  # (n, k·C_out, *out)
+    G.mul_(coef.to(G.dtype).view(-1, *[1] * (G.dim() - 1)))  # c ⊙ G, in the new copy
+    has_bias = conv.bias is not None and conv.bias.requires_grad
+    _, dW, db = torch.ops.aten.convolution_backward(
+        G,
+        X,
+        _stacked_weight(conv.weight, k),
+        [k * conv.out_channels] if has_bias else None,
+        list(conv.stride),
+        list(conv.padding),
+        list(conv.dilation),
+        False,
+        [0] * _dims(conv),
+        k,
+        [False, True, has_bias],
+    )  # dW (k·C_out, C_in, *kk), db (k·C_out,)
+    out = []
+    for j, W in enumerate(dW.chunk(k)):
+        sums = {"weight": W}  # (C_out, C_in, *kk)
+        if has_bias:
+            sums["bias"] = db[j * conv.out_channels : (j + 1) * conv.out_channels]
+        out.append(sums)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _stacked_weight_of(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _stacked_weight(weight: Tensor, k: int) -> Tensor:
+    """A tensor of the stacked conv's weight shape, ``(k·C_out, C_in, *kk)``: the weight
+    gradient needs only its shape (zeros, made once per shape)."""
+    shape = (k * weight.shape[0], *weight.shape[1:])
+    return _stacked_weight_of(shape, weight.dtype, weight.device)
+
+
+CONV_RULE = Rule(
+    conv_grads,
+    conv_sq_norms,
+    conv_weighted_sum,
+    materialise=conv_materialise,
+    stack=Stack(stack_key, stack_fits, stacked_sq_norms, stacked_weighted_sums),
+)
+CONV = {
+    cls: register_rule(cls, CONV_RULE)
     for cls in (
         nn.Conv1d,
         nn.Conv2d,

@@ -30,6 +30,31 @@ MaterialiseFn = Callable[[nn.Module, tuple[Any, ...], Any, bool], bool]
 
 
 @dataclass(frozen=True)
+class Stack:
+    """How a rule takes several calls of the same shape at once: their norms and weighted
+    sums in a few larger operations rather than a few per call (on a GPU whose step is
+    bound by the host issuing them). Calls are stacked only where the rule's own fast
+    paths would be used for each.
+
+    Attributes:
+        key: ``(module, inputs, G) -> Hashable | None``, equal for calls that can be
+            stacked together; None for a call that cannot be.
+        fits: ``(module, inputs, G, size) -> bool``, whether ``size`` such calls may be
+            taken at once (the memory of the stacked operations).
+        sq_norms: ``(modules, inputs, Gs) -> [sq_norms of each call]``, as the rule's
+            ``sq_norms`` gives them, for lists of calls with one ``key``.
+        weighted_sums: ``(modules, inputs, Gs, coef) -> [weighted_sum of each call]``.
+    """
+
+    key: Callable[[nn.Module, tuple[Any, ...], Any], Any]
+    fits: Callable[[nn.Module, tuple[Any, ...], Any, int], bool]
+    sq_norms: Callable[[list[nn.Module], list[tuple[Any, ...]], list[Any]], list[dict[str, Tensor]]]
+    weighted_sums: Callable[
+        [list[nn.Module], list[tuple[Any, ...]], list[Any], Tensor], list[dict[str, Tensor]]
+    ]
+
+
+@dataclass(frozen=True)
 class Rule:
     """How to finish the backward of one layer family per example.
 
@@ -74,6 +99,7 @@ class Rule:
             ``Inner.edges`` come from the same backward as ``G``; the rule's ``inputs``
             then end with ``Taken(value, grads)``. None (or no ``inner``): no such entry,
             and the rule works from its inputs alone.
+        stack: a :class:`Stack`, for a rule that can take same-shaped calls together.
 
     Every function only needs to return entries for the module's trainable parameters;
     extra entries for frozen parameters are ignored. Results must be new tensors, not
@@ -90,6 +116,7 @@ class Rule:
     saved: Callable[[Any], Any] | None = None
     inner: Callable[[nn.Module, Any, Sequence[Any]], Inner | None] | None = None
     prepare: Callable[[nn.Module, tuple[Any, ...], Any], Any] | None = None
+    stack: Stack | None = None
 
 
 class Inner(NamedTuple):

@@ -1,0 +1,188 @@
+"""Same-shaped convs taken together (``indigrad/_stack.py``): the stacked norms and clipped
+sums against the per-example loop in float64, which calls are stacked, and which are not.
+
+Stacking is a GPU's choice (``conv._STACKED``); here it is turned on for the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import indigrad
+from indigrad import _stack, testing
+from indigrad.rules import _cost, conv
+
+
+@pytest.fixture(params=["auto", "ghost"])
+def stacked(request: Any, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Stacking on for the CPU; each plan's stacks, as lists of the calls' names. Under
+    "ghost", no call keeps its gradients for a clipped sum: every conv's sum is stacked."""
+    monkeypatch.setattr(conv, "_STACKED", conv._STACKED | {"cpu"})
+    if request.param == "ghost":
+        monkeypatch.setattr(_cost, "materialise_to_clip", lambda *_: False)
+    plans: list[list[str]] = []
+    real = _stack.plan
+
+    def plan(entries: list[Any]) -> dict[int, Any]:
+        stacks = real(entries)
+        unique = {id(s): s for s in stacks.values()}.values()
+        plans.append(sorted(",".join(e.call.name for e in s.members) for s in unique))
+        return stacks
+
+    monkeypatch.setattr(_stack, "plan", plan)
+    return plans
+
+
+class Convs(nn.Module):
+    """Convs of the same shape in a row (stacked), and others beside them that differ in one
+    option each (each in a stack of its own kind, or none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.same = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+        self.no_bias = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1, bias=False) for _ in range(2))
+        self.dilated = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=2, dilation=2) for _ in range(2))
+        self.strided = nn.ModuleList(nn.Conv2d(4, 4, 3, 2, 1, bias=False) for _ in range(2))
+        self.grouped = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1, groups=2) for _ in range(2))
+        self.reflect = nn.ModuleList(
+            nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect") for _ in range(2)
+        )
+        self.same_padding = nn.ModuleList(nn.Conv2d(4, 4, 3, padding="same") for _ in range(2))
+        self.wide = nn.ModuleList(nn.Conv1d(4, 6, 2) for _ in range(2))
+        self.head = nn.Linear(4 * 8 * 8 + 4 * 2 * 2 + 6 * 7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for group in (self.same, self.no_bias, self.dilated, self.grouped, self.reflect):
+            for c in group:
+                x = torch.tanh(c(x))
+        for c in self.same_padding:
+            x = torch.tanh(c(x))
+        s = x
+        for c in self.strided:
+            s = torch.tanh(c(s))  # (n, 4, 4, 4), then (n, 4, 2, 2): not the same shape
+        w = x.mean(3)  # (n, 4, 8)
+        w = sum(torch.tanh(c(w)) for c in self.wide)  # (n, 6, 7)
+        return self.head(torch.cat([x.flatten(1), s.flatten(1), w.flatten(1)], 1))
+
+
+def _plans(stacked: list[list[str]]) -> list[str]:
+    """The one plan of a check's norms and clipped sums (none where the gradients came
+    first: from them, nothing is stacked)."""
+    plans = [plan for plan in stacked if plan]
+    assert plans and all(plan == plans[0] for plan in plans), stacked
+    return plans[0]
+
+
+def _check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
+
+
+def test_stacked_convs_match_the_loop(stacked):
+    torch.manual_seed(0)
+    model = Convs().double()
+    x = torch.randn(5, 4, 8, 8, dtype=torch.float64)
+    _check(model, x, torch.arange(5) % 3)
+    # not the strided convs (the second sees a 4×4 input: another shape), nor ever the
+    # grouped, reflect-padded and padding="same" ones
+    expected = [
+        "dilated.0,dilated.1",
+        "no_bias.0,no_bias.1",
+        "same.0,same.1,same.2",
+        "wide.0,wide.1",
+    ]
+    assert _plans(stacked) == expected, stacked
+
+
+def test_stacked_and_unstacked_agree(monkeypatch):
+    """The clipped sums and norms with stacks are those without, up to rounding."""
+    torch.manual_seed(1)
+    model = Convs()
+    x, y = torch.randn(6, 4, 8, 8), torch.arange(6) % 3
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with indigrad.capture(model) as cap:
+            norms = cap.clip_(F.cross_entropy(model(x), y, reduction="none"), max_norm=0.5)
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return norms, grads
+
+    norms, grads = step()
+    monkeypatch.setattr(conv, "_STACKED", conv._STACKED | {"cpu"})
+    norms_s, grads_s = step()
+    torch.testing.assert_close(norms_s, norms)
+    for k, g in grads.items():
+        torch.testing.assert_close(grads_s[k], g, msg=k)
+
+
+def test_a_conv_used_twice_is_not_stacked(stacked):
+    """A shared weight's norm needs the cross terms of its uses: its calls stay apart."""
+    torch.manual_seed(2)
+    shared = nn.Conv2d(3, 3, 3, padding=1)
+    other = nn.ModuleList(nn.Conv2d(3, 3, 3, padding=1) for _ in range(2))
+    model = nn.Sequential(shared, nn.Tanh(), other[0], nn.Tanh(), shared, other[1], nn.Flatten())
+    model = model.double()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    testing.check(model, lambda x: model(x).square().sum(1), x)
+    assert _plans(stacked) == ["2,5"]
+    stacked.clear()
+    a, b, c = (nn.Conv2d(3, 3, 3, padding=1) for _ in range(3))
+    b.weight = a.weight  # tied weights, biases of their own
+    model = nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), c, nn.Flatten()).double()
+    testing.check(model, lambda x: model(x).square().sum(1), x)
+    assert stacked and not any(stacked), stacked
+
+
+def test_stacks_split_to_fit_their_memory(stacked, monkeypatch):
+    n, C, k, P = 3, 4, 9, 8 * 8
+    monkeypatch.setattr(conv, "_STACK_MAX_ELEMENTS", 2 * n * C * k * P)  # two at a time
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        *(nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.Tanh()) for _ in range(5)),
+        nn.Flatten(),
+    ).double()
+    x = torch.randn(n, C, 8, 8, dtype=torch.float64)
+    testing.check(model, lambda x: model(x).square().sum(1), x)
+    assert _plans(stacked) == ["0.0,1.0", "2.0,3.0"]
+
+
+def test_frozen_weights_and_parameter_subsets(stacked):
+    """Calls whose trainable parameters differ are not stacked together."""
+    torch.manual_seed(4)
+    convs = [nn.Conv2d(3, 3, 3, padding=1) for _ in range(4)]
+    convs[1].weight.requires_grad_(False)
+    model = nn.Sequential(*convs, nn.Flatten()).double()
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    testing.check(model, lambda x: model(x).square().sum(1), x)
+    assert _plans(stacked) == ["0,2,3"]
+    stacked.clear()
+    with indigrad.capture(model, params=["0.weight", "0.bias", "2.weight", "3.bias"]) as cap:
+        cap.clip_(model(x).square().sum(1), max_norm=1.0)
+    assert stacked == [[]], stacked  # 0 and 2 differ in their bias, 3 has no weight
+
+
+def test_resnet18_under_a_gpus_settings(stacked, monkeypatch):
+    """torchvision's ResNet-18 (GroupNorm) with every GPU setting (``act_as``), stacks
+    included: within each stage, the convs of one shape are taken together."""
+    from pathlib import Path
+
+    from indigrad import bench
+
+    pytest.importorskip("torchvision")
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from host_ops import act_as
+
+    act_as("cuda", monkeypatch.setattr)
+    p = bench.resnet18_problem(batch=2)
+    model = p.model().double()
+    testing.check(model, lambda x, y: p.loss(model(x), y), p.x.double(), p.y)
+    assert _plans(stacked) == [
+        "layer1.0.conv1,layer1.0.conv2,layer1.1.conv1,layer1.1.conv2",
+        "layer2.0.conv2,layer2.1.conv1,layer2.1.conv2",
+        "layer3.0.conv2,layer3.1.conv1,layer3.1.conv2",
+        "layer4.0.conv2,layer4.1.conv1,layer4.1.conv2",
+    ]
