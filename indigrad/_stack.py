@@ -53,27 +53,35 @@ class _Stacked:
         return self._sums[1][id(entry)]
 
 
+# A stack's largest tensor may be at most this many times the largest that any one of
+# the calls makes on its own (the peak memory of the norms is all calls' inputs and
+# output gradients, held for the sums, plus that tensor). ResNet-18 on 32×32 images
+# (n = 256, H200): stacking layer1's four convs too made the clipped step's peak memory
+# 2.3× plain's against 1.1× (their im2col: 144 MiB, one conv's 36 MiB).
+_GROWTH = 1.5
+
+
 def plan(entries: list[_Entry]) -> dict[int, _Stacked]:
     """The stacks among ``entries`` (calls that take their rule's fast paths, each of
     their parameters used by that call alone), by ``id`` of each member: calls with one
-    rule, one stack key and the same parameter names, in stacks as large as the rule lets
-    two or more of them be."""
+    rule, one stack key and the same parameter names, as many together as
+    :data:`_GROWTH` allows, two at least."""
     groups: dict[Any, list[_Entry]] = {}
+    elements: dict[int, int] = {}
     for entry in entries:
         rule = entry.rule
         if rule is None or rule.stack is None or rule.prepare is not None:
             continue
-        key = rule.stack.key(entry.call.module, entry.inputs, entry.G)
+        module = entry.call.module
+        key = rule.stack.key(module, entry.inputs, entry.G)
         if key is not None:
             groups.setdefault((rule, tuple(entry.call.params), key), []).append(entry)
+            elements[id(entry)] = rule.stack.elements(module, entry.inputs, entry.G)
+    limit = _GROWTH * max(elements.values(), default=0)
     stacks: dict[int, _Stacked] = {}
     for members in groups.values():
-        first = members[0]
-        stack = first.rule.stack  # type: ignore[union-attr]
-        size = len(members)
-        while size > 1 and not stack.fits(first.call.module, first.inputs, first.G, size):  # type: ignore[union-attr]
-            size -= 1
-        for start in range(0, len(members), max(size, 1)):
+        size = min(len(members), int(limit // max(elements[id(members[0])], 1)))
+        for start in range(0, len(members) - 1, max(size, 1)):
             chunk = members[start : start + size]
             if len(chunk) > 1:
                 stacked = _Stacked(chunk)

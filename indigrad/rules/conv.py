@@ -391,11 +391,8 @@ def conv_weighted_sum(
 
 # Devices where calls of the same shape take their norms and weighted sums together (a
 # GPU, whose step on small images is bound by the host issuing kernels: one call's
-# norms and sum take about 7 of them), and the most elements a stack's im2col may have
-# (past it, one stack's copy would cost memory that calls taken one by one do not hold at
-# once).
+# norms and sum take about 7 of them).
 _STACKED = {"cuda"}
-_STACK_MAX_ELEMENTS = 1 << 26
 
 
 def stack_key(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> tuple[Any, ...] | None:
@@ -428,10 +425,11 @@ def stack_key(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> tuple[Any, 
     )
 
 
-def stack_fits(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, size: int) -> bool:
-    """Whether ``size`` calls like this one may be stacked: their im2col within the limit."""
+def stack_elements(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> int:
+    """The elements of one call's im2col, the largest tensor its norms make (a stack of
+    ``k`` calls makes one of ``k`` times that)."""
     x, k = inputs[0], math.prod(cast(_ConvNd, module).kernel_size)
-    return size * x.shape[0] * x.shape[1] * k * math.prod(G.shape[2:]) <= _STACK_MAX_ELEMENTS
+    return x.shape[0] * x.shape[1] * k * math.prod(G.shape[2:])
 
 
 def stacked_sq_norms(
@@ -511,7 +509,7 @@ CONV_RULE = Rule(
     conv_sq_norms,
     conv_weighted_sum,
     materialise=conv_materialise,
-    stack=Stack(stack_key, stack_fits, stacked_sq_norms, stacked_weighted_sums),
+    stack=Stack(stack_key, stack_elements, stacked_sq_norms, stacked_weighted_sums),
 )
 CONV = {
     cls: register_rule(cls, CONV_RULE)

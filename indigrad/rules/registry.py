@@ -39,15 +39,16 @@ class Stack:
     Attributes:
         key: ``(module, inputs, G) -> Hashable | None``, equal for calls that can be
             stacked together; None for a call that cannot be.
-        fits: ``(module, inputs, G, size) -> bool``, whether ``size`` such calls may be
-            taken at once (the memory of the stacked operations).
+        elements: ``(module, inputs, G) -> int``, the elements of the largest tensor
+            the call's norms make on their own; ``k`` calls stacked make one ``k`` times
+            as large.
         sq_norms: ``(modules, inputs, Gs) -> [sq_norms of each call]``, as the rule's
             ``sq_norms`` gives them, for lists of calls with one ``key``.
         weighted_sums: ``(modules, inputs, Gs, coef) -> [weighted_sum of each call]``.
     """
 
     key: Callable[[nn.Module, tuple[Any, ...], Any], Any]
-    fits: Callable[[nn.Module, tuple[Any, ...], Any, int], bool]
+    elements: Callable[[nn.Module, tuple[Any, ...], Any], int]
     sq_norms: Callable[[list[nn.Module], list[tuple[Any, ...]], list[Any]], list[dict[str, Tensor]]]
     weighted_sums: Callable[
         [list[nn.Module], list[tuple[Any, ...]], list[Any], Tensor], list[dict[str, Tensor]]
