@@ -492,16 +492,11 @@ def stacked_weighted_sums(
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _stacked_weight_of(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
 def _stacked_weight(weight: Tensor, k: int) -> Tensor:
     """A tensor of the stacked conv's weight shape, ``(k·C_out, C_in, *kk)``: the weight
-    gradient needs only its shape (zeros, made once per shape)."""
-    shape = (k * weight.shape[0], *weight.shape[1:])
-    return _stacked_weight_of(shape, weight.dtype, weight.device)
+    gradient reads only its shape (zeros, not kept: a kept one per shape would hold k
+    times a large conv's weight for good)."""
+    return weight.new_zeros((k * weight.shape[0], *weight.shape[1:]))
 
 
 CONV_RULE = Rule(
