@@ -5,14 +5,16 @@
    zoo's models, a ViT and a ConvNeXt, under each cost choice (the automatic one, all
    ghost, all materialised); for the ViT, whether its attention was read from the graph.
 2. The zoo, all methods that run, as ``indigrad bench`` would time them.
-3. The cost choice: the clipped step of the models with a choice to make, under each
+3. Stacked convs: ResNet-18's steps with same-shaped convs taken together and one by one,
+   alternated, eager and graphed (time and peak memory).
+4. The cost choice: the clipped step of the models with a choice to make, under each
    choice, with its time and peak memory over plain's (to set ``_cost._PASS_COST`` and
    ``_cost._GROWTH`` for the device).
-4. Profiles of one plain and one clipped step of the GPT and ResNet-18 problems.
-5. CUDA graphs: replayed steps checked against eager ones, and the zoo timed as graphs.
+5. Profiles of one plain and one clipped step of the GPT and ResNet-18 problems.
+6. CUDA graphs: replayed steps checked against eager ones, and the zoo timed as graphs.
 
-``--parts`` picks some of them (run in the order check, graphs, zoo, variants, profiles,
-outer), to fit a short device session.
+``--parts`` picks some of them (run in the order check, graphs, zoo, stacks, variants,
+profiles, outer), to fit a short device session.
 
 Results go to ``OUT/gpu_check.json`` (a plot and the profiles beside it), a summary to
 stdout last.
@@ -200,6 +202,49 @@ def cost_variants(device: str, repeats: int) -> dict[str, Any]:
     return report
 
 
+def stacks(device: str, repeats: int, rounds: int = 3) -> dict[str, Any]:
+    """ResNet-18's steps with same-shaped convs stacked (``indigrad/_stack.py``, the GPU's
+    default) and one by one, alternated within each round; then graphed, on CUDA."""
+    from indigrad.rules import conv
+
+    def one_by_one(make: Callable[[bench.Problem], Callable[[], None]]) -> Any:
+        def factory(p: bench.Problem) -> Callable[[], None]:
+            step = make(p)
+
+            def unstacked() -> None:
+                saved, conv._STACKED = conv._STACKED, set()
+                try:
+                    step()
+                finally:
+                    conv._STACKED = saved
+
+            return unstacked
+
+        return factory
+
+    try:
+        problem = bench.zoo(device)["resnet18"]()
+    except ImportError as err:
+        print(f"resnet18: skipped ({err})", flush=True)
+        return {}
+    extra = {"norms-1by1": one_by_one(bench.METHODS["norms"])}
+    extra["clipped-1by1"] = one_by_one(bench.METHODS["clipped"])
+    bench.METHODS.update(extra)
+    methods = ["plain", "norms", "norms-1by1", "clipped", "clipped-1by1"]
+    report: dict[str, Any] = {}
+    try:
+        for i in range(rounds):
+            report[f"eager {i}"] = bench.run(problem, methods, repeats=repeats)
+            print(bench.table(problem, report[f"eager {i}"]), flush=True)
+        if device == "cuda":
+            report["graphed"] = bench.run(problem, methods, repeats=repeats, graphs=True)
+            print(bench.table(problem, report["graphed"]), flush=True)
+    finally:
+        for key in extra:
+            del bench.METHODS[key]
+    return report
+
+
 def without_gc(device: str, repeats: int) -> dict[str, Any]:
     """Diagnostic, not a reported figure: ResNet-18's steps with Python's garbage
     collector off while timing, to tell its pauses from the steps' own host time."""
@@ -369,7 +414,7 @@ def _sync(device: str) -> None:
 
 
 # the parts of a run, in the order they run: the figures the issues ask for first
-PARTS = ["check", "graphs", "zoo", "variants", "profiles", "outer"]
+PARTS = ["check", "graphs", "zoo", "stacks", "variants", "profiles", "outer"]
 
 
 def main() -> None:
@@ -416,6 +461,9 @@ def main() -> None:
         save()
     if "zoo" in parts and not args.skip_zoo:
         report["zoo"] = zoo(device, args.repeats, args.methods.split(","))
+        save()
+    if "stacks" in parts:
+        report["stacks"] = stacks(device, args.repeats)
         save()
     if "variants" in parts:
         report["variants"] = cost_variants(device, max(5, args.repeats // 2))

@@ -220,6 +220,16 @@ def test_gpu_check_runs_its_parts_on_cpu(tmp_path):
     assert "zoo" not in report and "variants" not in report
 
 
+def test_gpu_check_times_stacked_convs_against_one_by_one(tmp_path):
+    pytest.importorskip("torchvision")
+    args = ("--device", "cpu", "--parts", "stacks", "--repeats", "1", "--out", str(tmp_path))
+    _benchmark_script("gpu_check.py", *args)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())["stacks"]
+    assert list(report) == ["eager 0", "eager 1", "eager 2"]  # graphed: CUDA only
+    methods = ["plain", "norms", "norms-1by1", "clipped", "clipped-1by1"]
+    assert all(list(r) == methods and "ratio" in r["clipped-1by1"] for r in report.values())
+
+
 def test_bench_extra_problems_are_named_not_run_by_default():
     from indigrad import bench, cli
 
