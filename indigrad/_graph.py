@@ -242,18 +242,15 @@ def confirm_batch(
 def _moved(u: Any, b: int, here: tuple[int, ...]) -> tuple[int, int] | None:
     """Where dimension ``b`` of op ``u``'s input (of shape ``here``) is in its output, and
     that dimension's size; None where the op's dimensions are not followed."""
-    from .rules.direct import _SAME_PLACE, _dim
+    from .rules.direct import _SAME_PLACE, _dim, _permuted
 
     out = tuple(u._input_metadata[0].shape)
     kind = type(u).__name__.rstrip("0123456789")
+    perm = None if kind in _SAME_PLACE else _permuted(u, kind, len(out))
     if kind in _SAME_PLACE:
         moved = b + len(out) - len(here)  # broadcasting aligns from the right
-    elif kind == "PermuteBackward":
-        moved = [_dim(d, len(out)) for d in u._saved_dims].index(b)
-    elif kind in ("TransposeBackward", "TBackward"):
-        x, y = (0, 1) if kind == "TBackward" else (u._saved_dim0, u._saved_dim1)
-        x, y = _dim(x, len(out)), _dim(y, len(out))
-        moved = y if b == x else x if b == y else b
+    elif perm is not None:  # the output dimension that is input dimension b
+        moved = perm.index(b)
     elif kind == "UnsqueezeBackward":
         moved = b + (_dim(u._saved_dim, len(out)) <= b)
     elif kind in ("ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward"):

@@ -269,6 +269,20 @@ def _dim(d: int, ndim: int) -> int:
     return (d - 2**64 if d >= 2**63 else d) % ndim
 
 
+def _permuted(node: Any, kind: str, ndim: int) -> list[int] | None:
+    """For a permute or transpose node (``kind``: its class name without the number), the
+    input dimension that each of its ``ndim`` output dimensions is; None for another op."""
+    if kind == "PermuteBackward":
+        return [_dim(d, ndim) for d in node._saved_dims]
+    if kind not in ("TransposeBackward", "TBackward"):
+        return None
+    a, b = (0, 1) if kind == "TBackward" else (node._saved_dim0, node._saved_dim1)
+    a, b = _dim(a, ndim), _dim(b, ndim)
+    dims = list(range(ndim))
+    dims[a], dims[b] = b, a
+    return dims
+
+
 def _batched(call: _Call, calls: Iterable[_Call], n: int, bd: int) -> set[tuple[Any, int]]:
     """The edges ``(node, output_nr)`` of tensors whose batch dimension is ``bd``: the
     recorded calls' outputs and ``call``'s inputs, where they have ``n`` entries there
@@ -311,15 +325,11 @@ def _trace(
         seen.add((v, nr, at))
         kind = type(v).__name__.rstrip("0123456789")
         here = _shape(v, nr)
+        perm = None if kind in _SAME_PLACE else _permuted(v, kind, len(here))
         if kind in _SAME_PLACE:
             moved = at
-        elif kind == "PermuteBackward":  # output dimension j is input dimension dims[j]
-            dims = [_dim(d, len(here)) for d in v._saved_dims]
-            moved = tuple(dims[d] for d in at)
-        elif kind in ("TransposeBackward", "TBackward"):
-            a, b = (0, 1) if kind == "TBackward" else (v._saved_dim0, v._saved_dim1)
-            swap = {_dim(a, len(here)): _dim(b, len(here)), _dim(b, len(here)): _dim(a, len(here))}
-            moved = tuple(swap.get(d, d) for d in at)
+        elif perm is not None:  # output dimension j is input dimension perm[j]
+            moved = tuple(perm[d] for d in at)
         else:
             continue  # a view, a reduction, a product: the dimensions cannot be followed
         for w, wnr in v.next_functions:
