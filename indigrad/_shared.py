@@ -46,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -145,13 +146,8 @@ def plan(
             ins = {tuple(v._input_metadata[nr].shape) for v, nr in inputs if (v, nr) in region}
             if any(tuple(m.shape) not in ins for m in u._input_metadata):
                 raise Unfollowed(call, u, "is combined with a tensor that adds dimensions")
-    known: list[set[tuple[Any, int]]] = []  # built where a batch must be traced
-
-    def batched() -> set[tuple[Any, int]]:  # the tensors whose batch is known
-        if not known:
-            known.append(_direct._batched(shared[0], calls, n, bd))
-        return known[0]
-
+    # the tensors whose batch is known: built once, where a batch must be traced
+    batched = functools.cache(lambda: _direct._batched(shared[0], calls, n, bd))
     found = [_meet(u, region, call, n, bd, batched) for u, call in meets.items()]
     nested = any(t[0] in ops for t in starts)
     return Plan(found, region, nested or any(m.operand not in starts for m in found))

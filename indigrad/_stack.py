@@ -19,13 +19,14 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from .quantities import _Entry
+    from .rules.registry import Stack
 
 
 class _Stacked:
     """Calls taken together: their norms, then their weighted sums, each computed once."""
 
-    def __init__(self, members: list[_Entry]) -> None:
-        self.members = members
+    def __init__(self, members: list[_Entry], stack: Stack) -> None:
+        self.members, self.stack = members, stack
         self._sq: dict[int, dict[str, Tensor]] | None = None
         self._sums: tuple[Tensor, dict[int, dict[str, Tensor]]] | None = None
 
@@ -35,8 +36,7 @@ class _Stacked:
 
     def sq_norms(self, entry: _Entry) -> dict[str, Tensor]:
         if self._sq is None:
-            stack = self.members[0].rule.stack  # type: ignore[union-attr]
-            results = stack.sq_norms(*self._args())  # type: ignore[union-attr]
+            results = self.stack.sq_norms(*self._args())
             self._sq = {
                 id(e): e._own(r, "sq_norms") for e, r in zip(self.members, results, strict=True)
             }
@@ -44,8 +44,7 @@ class _Stacked:
 
     def weighted_sum(self, entry: _Entry, coef: Tensor) -> dict[str, Tensor]:
         if self._sums is None or self._sums[0] is not coef:
-            stack = self.members[0].rule.stack  # type: ignore[union-attr]
-            results = stack.weighted_sums(*self._args(), coef)  # type: ignore[union-attr]
+            results = self.stack.weighted_sums(*self._args(), coef)
             own = {
                 id(e): e._own(r, "weighted_sum") for e, r in zip(self.members, results, strict=True)
             }
@@ -66,7 +65,7 @@ def plan(entries: list[_Entry]) -> dict[int, _Stacked]:
     their parameters used by that call alone), by ``id`` of each member: calls with one
     rule, one stack key and the same parameter names, as many together as
     :data:`_GROWTH` allows, two at least."""
-    groups: dict[Any, list[_Entry]] = {}
+    groups: dict[Any, tuple[Stack, list[_Entry]]] = {}
     elements: dict[int, int] = {}
     for entry in entries:
         rule = entry.rule
@@ -75,15 +74,16 @@ def plan(entries: list[_Entry]) -> dict[int, _Stacked]:
         module = entry.call.module
         key = rule.stack.key(module, entry.inputs, entry.G)
         if key is not None:
-            groups.setdefault((rule, tuple(entry.call.params), key), []).append(entry)
+            group = groups.setdefault((rule, tuple(entry.call.params), key), (rule.stack, []))
+            group[1].append(entry)
             elements[id(entry)] = rule.stack.elements(module, entry.inputs, entry.G)
     limit = _GROWTH * max(elements.values(), default=0)
     stacks: dict[int, _Stacked] = {}
-    for members in groups.values():
+    for stack, members in groups.values():
         size = min(len(members), int(limit // max(elements[id(members[0])], 1)))
         for start in range(0, len(members) - 1, max(size, 1)):
             chunk = members[start : start + size]
             if len(chunk) > 1:
-                stacked = _Stacked(chunk)
+                stacked = _Stacked(chunk, stack)
                 stacks.update((id(e), stacked) for e in chunk)
     return stacks
