@@ -230,12 +230,12 @@ def _rule_inputs(config: Config, model: Net, batch: tuple[Any, ...]) -> tuple[An
     return inputs, G
 
 
-BY_HAND = [c for c in CONFIGS if c.cls is nn.LSTM and c.packed is None and "proj" not in c.name]
+BY_HAND = [c for c in CONFIGS if c.packed is None and "proj" not in c.name]
 
 
 @pytest.mark.parametrize("config", BY_HAND, ids=lambda c: c.name)
-def test_lstm_by_hand_matches_the_unrolled_recurrence(config, monkeypatch):
-    """An LSTM's gate gradients by the fused kernel and a backward by hand are those of the
+def test_by_hand_matches_the_unrolled_recurrence(config, monkeypatch):
+    """A layer's gate gradients by the fused kernel and a backward by hand are those of the
     recurrence unrolled under autograd, to rounding, and so are the Linear maps' inputs."""
     model, batch = config.build()
     inputs, G = _rule_inputs(config, model, batch)
@@ -243,11 +243,16 @@ def test_lstm_by_hand_matches_the_unrolled_recurrence(config, monkeypatch):
         fast = recurrent._pieces(model.rnn, inputs, G)
         monkeypatch.setattr(recurrent, "_FUSED", False)
         unrolled = recurrent._pieces(model.rnn, inputs, G)
-    assert recurrent._lstm_steps(model.rnn, inputs, G, {}) is not None
+    assert recurrent._by_hand(model.rnn, inputs, G, {}) is not None
     assert [p.names for p, _, _ in fast] == [p.names for p, _, _ in unrolled]
     for (piece, A, Gp), (_, A_ref, G_ref) in zip(fast, unrolled, strict=True):
         torch.testing.assert_close(A, A_ref, rtol=1e-12, atol=1e-12, msg=str(piece.names))
         torch.testing.assert_close(Gp, G_ref, rtol=1e-10, atol=1e-12, msg=str(piece.names))
+
+
+def test_every_mode_is_compared_by_hand():
+    assert {c.cls for c in BY_HAND} == {nn.RNN, nn.LSTM, nn.GRU}
+    assert any(c.kwargs.get("nonlinearity") == "relu" for c in BY_HAND)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -427,10 +432,10 @@ def test_recurrence_is_recomputed_once_per_call(materialise, monkeypatch):
     model = Classifier(nn.LSTM).double()
     tokens, features = torch.randint(0, 11, (5, 7)), torch.randn(5, 2, dtype=torch.float64)
     y = torch.randint(0, 3, (5,))
-    calls = []  # recurrences recomputed: by hand (an LSTM's), or unrolled under autograd
-    real, by_hand = recurrent._unroll, recurrent._lstm_steps
+    calls = []  # recurrences recomputed: by hand, or unrolled under autograd
+    real, by_hand = recurrent._unroll, recurrent._by_hand
     monkeypatch.setattr(recurrent, "_unroll", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(recurrent, "_lstm_steps", lambda *a: calls.append(1) or by_hand(*a))
+    monkeypatch.setattr(recurrent, "_by_hand", lambda *a: calls.append(1) or by_hand(*a))
     with indigrad.capture(model) as cap:
         cap.clip_(F.cross_entropy(model(tokens, features), y, reduction="none"), max_norm=0.1)
     assert len(calls) == 1

@@ -31,11 +31,12 @@ from the detached inputs and the module's weights, and ONE ``torch.autograd.grad
 step's ``gi_t, gh_t, r_t``. A recurrence never mixes examples, so they are per example. The
 recurrence is recomputed once per call (``prepare``) for all three quantities.
 
-An LSTM without a projection on a padded input takes a shorter way (:func:`_lstm_steps`):
-its states come from the graph, where the fused kernel saved them per layer and direction
-(CPU, float32), or from the fused kernel run again; its gates from two batched products;
-and the backward through cells and states is written out, a few operations per step, so
-no step runs under autograd.
+Every layer without a projection (an LSTM's ``proj_size``) on a padded input takes a
+shorter way (:func:`_by_hand`): its states come from the graph, where the fused kernel saved
+them per layer and direction (an LSTM's, CPU, float32), or from the fused kernel run again
+(``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``, no grad); its gates
+from two batched products; and the backward through cells and states is written out, a few
+operations per step, so no step runs under autograd.
 
 Layouts: ``batch_first`` both ways; ``h0`` (``(h0, c0)`` for LSTM) given or zero. A
 ``PackedSequence`` input is padded in the original example order; an example's steps past
@@ -46,9 +47,9 @@ reproduced: an error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ from .linear import linear_grads, linear_sq_norms, linear_weighted_sum
 from .registry import Inner, Rule, Taken, prepared, register_rule
 
 _MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
-_FUSED = True  # LSTMs by the fused kernel and a backward by hand (tests turn it off)
+_FUSED = True  # states by the fused kernel and a backward by hand (tests turn it off)
 
 
 @dataclass
@@ -226,26 +227,23 @@ def _inner(rnn: nn.RNNBase, inputs: tuple[Any, ...], G: Any, u: _Unrolled) -> Te
     return inner
 
 
-def _lstm_steps(
+def _by_hand(
     rnn: nn.RNNBase, inputs: tuple[Any, ...], G: Any, states: dict[tuple[int, int], Tensor]
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
-    """For an LSTM without a projection on a padded input: the Linear maps' inputs
-    ``x{s}``, ``h{s}`` and the gate gradients ``gh{s}`` (n, T, 4H) of every layer and
-    direction, without recomputing the recurrence step by step under autograd. Each
-    layer's states come from the graph or from one call of the fused kernel; its gates
-    from two batched products; the cells from a loop of one op per step; the backward
-    through the cells and states by hand, a few ops per step, from the top layer down:
-
-        dh_t = G_t + dz_{t+1} W_hh,   dc_t = dh_t o_t (1 − tanh² c_t) + dc_{t+1} f_{t+1}
-        dz_t = [dc_t g_t i_t (1 − i_t), dc_t c_{t−1} f_t (1 − f_t), dc_t i_t (1 − g_t²),
-                dh_t tanh c_t o_t (1 − o_t)]
-        the layer below's G = Σ_directions dz W_ih
+    """For a layer without a projection on a padded input: the Linear maps' inputs
+    ``x{s}``, ``h{s}`` and the gradients ``gi{s}``, ``gh{s}`` (n, T, k·H) at their outputs,
+    for every layer and direction, without recomputing the recurrence step by step under
+    autograd. Each layer's states come from the graph or from one call of the fused
+    kernel; its gates from two batched products (an LSTM's cells from a loop of one op per
+    step); the backward through the cells and states is written out (:class:`_LSTMCells`,
+    :class:`_GRUCells`, :class:`_RNNCells`), a few ops per step, from the top layer down;
+    the layer below's G is ``Σ_directions dgi W_ih``.
 
     ``states``: each layer and direction's ``(T, n, H)`` states as the forward's fused
     kernel saved them (:func:`lstm_inner`, CPU); a layer without them is run again.
     None for the other forms (the recurrence is then recomputed under autograd)."""
     x = inputs[0]
-    if not _plain_lstm(rnn) or isinstance(x, PackedSequence):
+    if rnn.proj_size or isinstance(x, PackedSequence):
         return None
     if x.dtype != rnn.weight_ih_l0.dtype:
         return None  # the unrolled recurrence says what it makes of mixed precisions
@@ -259,11 +257,19 @@ def _lstm_steps(
     x = x.detach()
     n = x.shape[0]
     L, D, H = rnn.num_layers, 2 if rnn.bidirectional else 1, rnn.hidden_size
+    lstm = rnn.mode == "LSTM"
     if hx is None:
-        h0 = c0 = x.new_zeros(L * D, n, H)  # (L·D, n, H)
-    else:
+        h0 = x.new_zeros(L * D, n, H)  # (L·D, n, H)
+        c0 = h0 if lstm else None
+    elif lstm:
         h0, c0 = hx[0].detach(), hx[1].detach()  # (L·D, n, H)
-    g_h, g_c = (None, None) if g_state is None else g_state  # (L·D, n, H) each, or None
+    else:
+        h0, c0 = hx.detach(), None  # (L·D, n, H)
+    if lstm:
+        g_h, g_c = (None, None) if g_state is None else g_state  # (L·D, n, H) each, or None
+    else:
+        g_h, g_c = g_state, None  # (L·D, n, H) or None
+    cells_of = _CELLS[rnn.mode]
     layers = []  # per layer: its input and, per direction, what the backward needs
     layer_in = x  # (n, T, d_in)
     with torch.no_grad():
@@ -273,10 +279,11 @@ def _lstm_steps(
             else:  # (n, T, D·H) by the fused kernel again
                 names = _NAMES if rnn.bias else _NAMES[:2]
                 weights = [getattr(rnn, f"{k}{_suffix(layer, d)}") for d in range(D) for k in names]
-                hc = (h0[layer * D : (layer + 1) * D], c0[layer * D : (layer + 1) * D])
-                out = _run_layer(layer_in, hc, weights, rnn.bias, 1, 0.0, False, D == 2, True)[0]
+                h = h0[layer * D : (layer + 1) * D]  # (D, n, H)
+                state = (h, c0[layer * D : (layer + 1) * D]) if c0 is not None else h
+                out = _run_layer(rnn, layer_in, state, weights)
             dirs = [
-                _cells(rnn, layer, d, layer_in, out[..., d * H : (d + 1) * H], h0, c0)
+                cells_of(rnn, layer, d, layer_in, out[..., d * H : (d + 1) * H], h0, c0)
                 for d in range(D)
             ]
             layers.append((layer_in, dirs))
@@ -291,32 +298,38 @@ def _lstm_steps(
                 s = _suffix(layer, d)
                 Gh = None if G_layer is None else G_layer[..., d * H : (d + 1) * H]
                 k = layer * D + d
-                dz = _cells_backward(
-                    cells,
+                dgi, dgh = cells.backward(
                     Gh,
-                    None if g_h is None else g_h[k],
-                    None if g_c is None else g_c[k],
+                    None if g_h is None else g_h[k].to(x.dtype),
+                    None if g_c is None else g_c[k].to(x.dtype),
                     d == 1,
-                )
+                )  # (n, T, k·H) each
                 values[f"x{s}"], values[f"h{s}"] = layer_in, cells.prev  # (n, T, d_in), (n, T, H)
-                grads[f"gh{s}"] = dz  # (n, T, 4H)
+                grads[f"gi{s}"], grads[f"gh{s}"] = dgi, dgh
                 if layer > 0:
-                    W_ih = getattr(rnn, f"weight_ih{s}")  # (4H, d_in)
-                    term = dz @ W_ih  # (n, T, d_in)
+                    W_ih = getattr(rnn, f"weight_ih{s}")  # (k·H, d_in)
+                    term = dgi @ W_ih  # (n, T, d_in)
                     below = term if below is None else below + term
             G_layer = below
     return values, grads
 
 
 _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_KERNELS: dict[str, Callable[..., tuple[Tensor, ...]]] = {
+    "LSTM": torch.lstm,
+    "GRU": torch.gru,
+    "RNN_TANH": torch.rnn_tanh,
+    "RNN_RELU": torch.rnn_relu,
+}
 
 
-def _plain_lstm(rnn: nn.RNNBase) -> bool:
-    """An LSTM without a projection: the form whose gate gradients are taken by hand."""
-    return rnn.mode == "LSTM" and not rnn.proj_size
+def _run_layer(rnn: nn.RNNBase, x: Tensor, state: Any, weights: list[Tensor]) -> Tensor:
+    """One layer, all its directions, by the fused kernel: its states ``(n, T, D·H)``
+    from its input ``x`` (n, T, d_in), batch first."""
+    kernel = _KERNELS[rnn.mode]
+    return kernel(x, state, weights, rnn.bias, 1, 0.0, False, rnn.bidirectional, True)[0]
 
 
-_run_layer = torch.lstm  # one layer, both directions, by the fused kernel
 _LAYER_NODE = "MkldnnRnnLayerBackward0"  # CPU: one fused layer and direction per node
 
 
@@ -325,7 +338,7 @@ def lstm_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner | Non
     them, where it runs one layer and direction per node (on CPU), keyed ``(layer,
     direction)`` by the input weight it saved; None where there are none."""
     rnn = cast(nn.RNNBase, module)
-    if not _plain_lstm(rnn):
+    if rnn.proj_size:
         return None
     D = 2 if rnn.bidirectional else 1
     keys = {
@@ -349,8 +362,44 @@ def lstm_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner | Non
     return Inner(states, ()) if states else None
 
 
+def _gates(rnn: nn.RNNBase, layer: int, d: int, x: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
+    """``gi = x W_ihᵀ + b_ih`` and ``gh = h_{t-1} W_hhᵀ + b_hh`` of one layer and direction at
+    every step, from its input ``x`` (n, T, d_in) and previous states ``prev`` (n, T, H):
+    (n, T, k·H) each."""
+    s = _suffix(layer, d)
+    gi = torch.matmul(x, getattr(rnn, f"weight_ih{s}").T)  # (n, T, k·H)
+    gh = torch.matmul(prev, getattr(rnn, f"weight_hh{s}").T)  # (n, T, k·H)
+    if rnn.bias:
+        gi += getattr(rnn, f"bias_ih{s}")
+        gh += getattr(rnn, f"bias_hh{s}")
+    return gi, gh
+
+
+def _order(T: int, reverse: bool) -> range:
+    """The steps of a backward through time: last to first (first to last in reverse)."""
+    return range(T) if reverse else range(T - 1, -1, -1)
+
+
+def _start(like: Tensor, given: Tensor | None) -> Tensor:
+    """The gradient at the final state or cell (n, H): the one given, or zeros."""
+    return like.new_zeros(like.shape[0], like.shape[2]) if given is None else given
+
+
+class _Cells(Protocol):
+    """One layer and direction's forward, kept for its backward through time."""
+
+    prev: Tensor  # each step's previous state, (n, T, H)
+
+    def backward(
+        self, Gh: Tensor | None, g_hn: Tensor | None, g_cn: Tensor | None, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """``dgi``, ``dgh`` (n, T, k·H), given the gradient ``Gh`` (n, T, H) at the
+        states (None: none arrived) and those at the final state and cell."""
+        ...
+
+
 @dataclass
-class _Cells:
+class _LSTMCells:
     """One layer and direction of an LSTM, batch first, in time order: its previous
     states, gates and cells (n, T, ·), and its recurrent weight."""
 
@@ -363,20 +412,46 @@ class _Cells:
     c_prev: Tensor
     W_hh: Tensor  # (4H, H)
 
+    def backward(
+        self, Gh: Tensor | None, g_hn: Tensor | None, g_cn: Tensor | None, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The gate gradients ``dz`` (n, T, 4H) (``dgi = dgh = dz``), given the gradient
+        ``Gh`` (n, T, H) at the states and those at the final state and cell:
 
-def _cells(
-    rnn: nn.RNNBase, layer: int, d: int, x: Tensor, hs: Tensor, h0: Tensor, c0: Tensor
-) -> _Cells:
+            dh_t = G_t + dz_{t+1} W_hh,   dc_t = dh_t o_t (1 − tanh² c_t) + dc_{t+1} f_{t+1}
+            dz_t = [dc_t g_t i_t (1 − i_t), dc_t c_{t−1} f_t (1 − f_t), dc_t i_t (1 − g_t²),
+                    dh_t tanh c_t o_t (1 − o_t)]"""
+        i, f, g, o, c = self.i, self.f, self.g, self.o, self.c
+        tc = c.tanh()  # (n, T, H)
+        from_dh = (o * (1 - tc * tc)).unbind(1)  # T × (n, H): dc from dh
+        # dz = K ⊙ [dc, dc, dc, dh]
+        K = torch.cat(
+            [g * i * (1 - i), self.c_prev * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)], 2
+        )
+        Ks, fs = K.unbind(1), f.unbind(1)  # T × (n, 4H), T × (n, H)
+        Ghs = None if Gh is None else Gh.unbind(1)  # T × (n, H)
+        dh, dc = _start(c, g_hn), _start(c, g_cn)  # (n, H) each
+        dzs = list(Ks)  # T × (n, 4H), filled below
+        for t in _order(c.shape[1], reverse):
+            if Ghs is not None:
+                dh = dh + Ghs[t]  # (n, H)
+            dc = torch.addcmul(dc, dh, from_dh[t])  # (n, H)
+            dz = dzs[t] = Ks[t] * torch.cat([dc, dc, dc, dh], 1)  # (n, 4H)
+            dh = torch.mm(dz, self.W_hh)  # (n, H)
+            dc = dc * fs[t]  # (n, H)
+        dz = torch.stack(dzs, 1)  # (n, T, 4H)
+        return dz, dz
+
+
+def _lstm_cells(
+    rnn: nn.RNNBase, layer: int, d: int, x: Tensor, hs: Tensor, h0: Tensor, c0: Tensor | None
+) -> _LSTMCells:
     """The gates and cells of one direction from its input ``x`` and states ``hs``."""
-    s = _suffix(layer, d)
-    D = 2 if rnn.bidirectional else 1
-    k = layer * D + d
-    W_ih, W_hh = getattr(rnn, f"weight_ih{s}"), getattr(rnn, f"weight_hh{s}")
+    assert c0 is not None
+    k = layer * (2 if rnn.bidirectional else 1) + d
     prev = _previous(hs, h0[k], d == 1)  # (n, T, H)
-    z = torch.matmul(x, W_ih.T) + torch.matmul(prev, W_hh.T)  # (n, T, 4H)
-    if rnn.bias:
-        z += getattr(rnn, f"bias_ih{s}") + getattr(rnn, f"bias_hh{s}")
-    i, f, g, o = z.chunk(4, 2)  # 4 × (n, T, H)
+    gi, gh = _gates(rnn, layer, d, x, prev)  # (n, T, 4H) each
+    i, f, g, o = (gi + gh).chunk(4, 2)  # 4 × (n, T, H)
     i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
     ig, fs = (i * g).unbind(1), f.unbind(1)  # T × (n, H): one op each, not T slices
     state = c0[k]  # (n, H)
@@ -385,7 +460,108 @@ def _cells(
     for t in order:
         state = cs[t] = torch.addcmul(ig[t], fs[t], state)  # f c + i g
     c = torch.stack(cs, 1)  # (n, T, H)
-    return _Cells(prev, i, f, g, o, c, _previous(c, c0[k], d == 1), W_hh)
+    W_hh = getattr(rnn, f"weight_hh{_suffix(layer, d)}")
+    return _LSTMCells(prev, i, f, g, o, c, _previous(c, c0[k], d == 1), W_hh)
+
+
+@dataclass
+class _GRUCells:
+    """One layer and direction of a GRU, batch first, in time order: its previous states,
+    update gate, the coefficients of its gate gradients, and its recurrent weight."""
+
+    prev: Tensor  # h_{t-1} (h_{t+1} in the reverse direction), (n, T, H)
+    z: Tensor  # (n, T, H)
+    K_gi: Tensor  # (n, T, 3H): dgi_t = K_gi_t ⊙ [dh_t, dh_t, dh_t]
+    K_gh: Tensor  # (n, T, 3H): dgh_t = K_gh_t ⊙ [dh_t, dh_t, dh_t]
+    W_hh: Tensor  # (3H, H)
+
+    def backward(
+        self, Gh: Tensor | None, g_hn: Tensor | None, g_cn: Tensor | None, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """``dgi``, ``dgh`` (n, T, 3H), given the gradient ``Gh`` (n, T, H) at the states
+        and ``g_hn`` at the final state: ``dh_t = G_t + dh_{t+1} z_{t+1} + dgh_{t+1} W_hh``."""
+        Ks, zs = self.K_gh.unbind(1), self.z.unbind(1)  # T × (n, 3H), T × (n, H)
+        Ghs = None if Gh is None else Gh.unbind(1)  # T × (n, H)
+        dh = _start(self.prev, g_hn)  # (n, H)
+        dhs = list(zs)  # T × (n, H), filled below
+        for t in _order(len(zs), reverse):
+            if Ghs is not None:
+                dh = dh + Ghs[t]  # (n, H)
+            dhs[t] = dh
+            dgh = Ks[t] * torch.cat([dh, dh, dh], 1)  # (n, 3H)
+            dh = torch.addmm(dh * zs[t], dgh, self.W_hh)  # (n, H)
+        dh3 = torch.stack(dhs, 1).repeat(1, 1, 3)  # (n, T, 3H)
+        return self.K_gi * dh3, self.K_gh * dh3
+
+
+def _gru_cells(
+    rnn: nn.RNNBase, layer: int, d: int, x: Tensor, hs: Tensor, h0: Tensor, c0: Tensor | None
+) -> _GRUCells:
+    """The gates of one direction from its input ``x`` and states ``hs``, and the
+    derivatives of each state by its gates' pre-activations:
+
+        r = σ(gi_r + gh_r),   z = σ(gi_z + gh_z),   ñ = tanh(gi_n + r gh_n)
+        h = (1 − z) ñ + z h_{t−1}
+        ∂h/∂(gi_n + r gh_n) = (1 − z)(1 − ñ²) = a,   ∂h/∂gh_n = a r
+        ∂h/∂(gi_r + gh_r) = a gh_n r (1 − r),      ∂h/∂(gi_z + gh_z) = (h_{t−1} − ñ) z (1 − z)"""
+    k = layer * (2 if rnn.bidirectional else 1) + d
+    prev = _previous(hs, h0[k], d == 1)  # (n, T, H)
+    gi, gh = _gates(rnn, layer, d, x, prev)  # (n, T, 3H) each
+    gi_r, gi_z, gi_n = gi.chunk(3, 2)  # 3 × (n, T, H)
+    gh_r, gh_z, gh_n = gh.chunk(3, 2)  # 3 × (n, T, H)
+    r, z = (gi_r + gh_r).sigmoid(), (gi_z + gh_z).sigmoid()  # (n, T, H) each
+    cand = (gi_n + r * gh_n).tanh()  # (n, T, H)
+    a = (1 - z) * (1 - cand * cand)  # (n, T, H)
+    k_r = a * gh_n * r * (1 - r)  # (n, T, H)
+    k_z = (prev - cand) * z * (1 - z)  # (n, T, H)
+    K_gi = torch.cat([k_r, k_z, a], 2)  # (n, T, 3H)
+    K_gh = torch.cat([k_r, k_z, a * r], 2)  # (n, T, 3H)
+    return _GRUCells(prev, z, K_gi, K_gh, getattr(rnn, f"weight_hh{_suffix(layer, d)}"))
+
+
+@dataclass
+class _RNNCells:
+    """One layer and direction of an Elman RNN, batch first, in time order: its previous
+    states, the derivative of its activation at each step, and its recurrent weight."""
+
+    prev: Tensor  # (n, T, H)
+    slope: Tensor  # (n, T, H): 1 − h² (tanh) or [h > 0] (relu)
+    W_hh: Tensor  # (H, H)
+
+    def backward(
+        self, Gh: Tensor | None, g_hn: Tensor | None, g_cn: Tensor | None, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The pre-activation gradients ``dz`` (n, T, H) (``dgi = dgh = dz``):
+        ``dz_t = (G_t + dz_{t+1} W_hh) ⊙ act′``."""
+        slopes = self.slope.unbind(1)  # T × (n, H)
+        Ghs = None if Gh is None else Gh.unbind(1)  # T × (n, H)
+        dh = _start(self.prev, g_hn)  # (n, H)
+        dzs = list(slopes)  # T × (n, H), filled below
+        for t in _order(len(slopes), reverse):
+            if Ghs is not None:
+                dh = dh + Ghs[t]  # (n, H)
+            dz = dzs[t] = dh * slopes[t]  # (n, H)
+            dh = torch.mm(dz, self.W_hh)  # (n, H)
+        dz = torch.stack(dzs, 1)  # (n, T, H)
+        return dz, dz
+
+
+def _rnn_cells(
+    rnn: nn.RNNBase, layer: int, d: int, x: Tensor, hs: Tensor, h0: Tensor, c0: Tensor | None
+) -> _RNNCells:
+    """The activation's derivative from the states ``hs`` themselves (no gates needed)."""
+    k = layer * (2 if rnn.bidirectional else 1) + d
+    slope = 1 - hs * hs if rnn.mode == "RNN_TANH" else (hs > 0).to(hs.dtype)  # (n, T, H)
+    W_hh = getattr(rnn, f"weight_hh{_suffix(layer, d)}")
+    return _RNNCells(_previous(hs, h0[k], d == 1), slope, W_hh)
+
+
+_CELLS: dict[str, Callable[..., _Cells]] = {
+    "LSTM": _lstm_cells,
+    "GRU": _gru_cells,
+    "RNN_TANH": _rnn_cells,
+    "RNN_RELU": _rnn_cells,
+}
 
 
 def _previous(seq: Tensor, initial: Tensor, reverse: bool) -> Tensor:
@@ -393,36 +569,6 @@ def _previous(seq: Tensor, initial: Tensor, reverse: bool) -> Tensor:
     time order, ``initial`` (n, H) before the first step."""
     first = initial[:, None]  # (n, 1, H)
     return torch.cat([seq[:, 1:], first], 1) if reverse else torch.cat([first, seq[:, :-1]], 1)
-
-
-def _cells_backward(
-    cells: _Cells, Gh: Tensor | None, g_hn: Tensor | None, g_cn: Tensor | None, reverse: bool
-) -> Tensor:
-    """The gate gradients ``dz`` (n, T, 4H) of one direction, given the gradient ``Gh``
-    (n, T, H) at its states and those at its final state and cell."""
-    i, f, g, o, c = cells.i, cells.f, cells.g, cells.o, cells.c
-    n, T, H = c.shape
-    tc = c.tanh()  # (n, T, H)
-    from_dh = (o * (1 - tc * tc)).unbind(1)  # T × (n, H): dc from dh
-    # dz = K ⊙ [dc, dc, dc, dh]
-    K = torch.cat(
-        [g * i * (1 - i), cells.c_prev * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)], 2
-    )
-    Ks, fs = K.unbind(1), f.unbind(1)  # T × (n, 4H), T × (n, H)
-    Ghs = None if Gh is None else Gh.unbind(1)  # T × (n, H)
-    dh = c.new_zeros(n, H) if g_hn is None else g_hn.to(c.dtype)  # (n, H)
-    dc = c.new_zeros(n, H) if g_cn is None else g_cn.to(c.dtype)  # (n, H)
-    dzs = list(Ks)  # T × (n, 4H), filled below
-    W_hh = cells.W_hh
-    for t in range(T - 1, -1, -1) if not reverse else range(T):
-        if Ghs is not None:
-            dh = dh + Ghs[t]  # (n, H)
-        dc = torch.addcmul(dc, dh, from_dh[t])  # (n, H)
-        dz = dzs[t] = Ks[t] * torch.cat([dc, dc, dc, dh], 1)  # (n, 4H)
-        dh = torch.mm(dz, W_hh)  # (n, H)
-        dc = dc * fs[t]  # (n, H)
-    dz = torch.stack(dzs, 1)  # (n, T, 4H)
-    return dz
 
 
 def _pieces(
@@ -452,7 +598,7 @@ def _pieces(
     pieces = [p for p in pieces if p.weight.requires_grad or p.bias is not None]
     if not pieces:
         return []
-    fast = _lstm_steps(rnn, inputs, G, states) if _FUSED else None
+    fast = _by_hand(rnn, inputs, G, states) if _FUSED else None
     if fast is not None:
         values, steps = fast
         return [(p, values[p.value], steps[p.step]) for p in pieces]
