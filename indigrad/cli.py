@@ -120,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench.add_argument(
         "--problems",
         help="comma-separated problems of the zoo (default: all of them), or the extras "
-        "'vit', 'convnext' (torchvision's VisionTransformer and ConvNeXt), 'lstm' and "
-        "'seq2seq' (nn.Transformer)",
+        "'vit', 'convnext' (torchvision's VisionTransformer and ConvNeXt), 'lstm', 'gru', "
+        "'rnn' (2-layer recurrent classifiers) and 'seq2seq' (nn.Transformer)",
     )
     bench.add_argument("--sizes", help="a custom MLP instead, e.g. 784-512-256-10")
     bench.add_argument("--batch", type=int, help="batch size of the custom MLP (256)")

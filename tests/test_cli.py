@@ -233,12 +233,13 @@ def test_gpu_check_times_stacked_convs_against_one_by_one(tmp_path):
 def test_bench_extra_problems_are_named_not_run_by_default():
     from indigrad import bench, cli
 
-    assert set(bench.extras()) == {"vit", "convnext", "lstm", "seq2seq"}
+    assert set(bench.extras()) == {"vit", "convnext", "lstm", "gru", "rnn", "seq2seq"}
     assert "vit" not in bench.zoo()
     with pytest.raises(SystemExit, match=r"unknown problems.*'vit'"):
         cli.main(["bench", "--problems", "no-such-problem"])
     for problem in (
         bench.lstm_problem(batch=3, T=4, hidden=6),
+        bench.lstm_problem(batch=3, T=4, hidden=6, kind="GRU"),
         bench.seq2seq_problem(batch=3, layers=1, d=8, heads=2, T=4, vocab=11),
     ):
         results = bench.run(problem, ["plain", "norms", "clipped"], repeats=1, warmup=1)

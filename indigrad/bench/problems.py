@@ -254,14 +254,17 @@ class RNNClassifier(nn.Module):
         return self.head(out[:, -1])  # (n, classes)
 
 
-def lstm_problem(batch: int = 32, T: int = 32, hidden: int = 128, device: str = "cpu") -> Problem:
-    """A 2-layer LSTM classifier on random tokens: its rule recomputes the recurrence."""
+def lstm_problem(
+    batch: int = 32, T: int = 32, hidden: int = 128, device: str = "cpu", kind: str = "LSTM"
+) -> Problem:
+    """A 2-layer LSTM classifier on random tokens (``kind="GRU"`` or ``"RNN"``: the same
+    with that layer): its rule computes the gate gradients by hand."""
     g = _generator(device)
     ids = torch.randint(0, 1000, (batch, T), device=device, generator=g)
     y = torch.randint(0, 5, (batch,), device=device, generator=g)
     return Problem(
-        f"LSTM 2×{hidden}, T={T}, n={batch}",
-        lambda: RNNClassifier("LSTM", 1000, 64, hidden, 5),
+        f"{kind} 2×{hidden}, T={T}, n={batch}",
+        lambda: RNNClassifier(kind, 1000, 64, hidden, 5),
         ids,
         y,
         _cross_entropy,
@@ -317,12 +320,16 @@ def extras(device: str = "cpu", sizes: str | None = None) -> dict[str, Callable[
             "vit": lambda: vit_problem(batch=32, device=device),
             "convnext": lambda: convnext_problem(batch=32, device=device),
             "lstm": lambda: lstm_problem(device=device),
+            "gru": lambda: lstm_problem(device=device, kind="GRU"),
+            "rnn": lambda: lstm_problem(device=device, kind="RNN"),
             "seq2seq": lambda: seq2seq_problem(device=device),
         }
     return {
         "vit": lambda: vit_problem(256, 6, 384, 6, device=device),
         "convnext": lambda: convnext_problem(256, (64, 128, 256), device=device),
         "lstm": lambda: lstm_problem(256, 64, 512, device=device),
+        "gru": lambda: lstm_problem(256, 64, 512, device=device, kind="GRU"),
+        "rnn": lambda: lstm_problem(256, 64, 512, device=device, kind="RNN"),
         "seq2seq": lambda: seq2seq_problem(256, 6, 512, 8, 128, 8192, device=device),
     }
 
