@@ -439,6 +439,8 @@ class PerExample:
             if stacked is not None:
                 own = stacked.weighted_sum(entry, coef)
                 own = {k: v for k, v in own.items() if k not in skip}
+                # disjoint views of buffers the stack made for its sums (Stack.weighted_sums)
+                shared.update(v.untyped_storage().data_ptr() for v in own.values())
             else:
                 own = entry.weighted_sum(coef, skip)
             for local, ws in own.items():

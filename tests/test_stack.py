@@ -123,6 +123,30 @@ def test_stacked_and_unstacked_agree(monkeypatch):
         torch.testing.assert_close(grads_s[k], g, msg=k)
 
 
+def test_stacked_sums_become_grads_uncopied(monkeypatch):
+    """A stack's sums are disjoint views of one buffer made for them: each becomes its
+    parameter's ``.grad`` without a copy, and a second clipped sum adds into them."""
+    monkeypatch.setattr(conv, "_STACKED", conv._STACKED | {"cpu"})
+    monkeypatch.setattr(_stack, "_GROWTH", 1e9)
+    monkeypatch.setattr(_cost, "materialise_to_clip", lambda *_: False)  # sums stacked
+    torch.manual_seed(1)
+    model = Convs().double()
+    x, y = torch.randn(6, 4, 8, 8, dtype=torch.float64), torch.arange(6) % 3
+
+    def losses(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    for _ in range(2):
+        with indigrad.capture(model) as cap:
+            cap.clip_(losses(x, y), max_norm=0.5)
+        grads = [c.weight.grad for c in model.same]
+        assert all(g is not None and g._base is not None for g in grads)
+        assert len({g.untyped_storage().data_ptr() for g in grads}) == 1  # one buffer
+    ref = testing.clipped_sum(testing.loop_grads(model, losses, x, y), 0.5)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * ref[k], msg=k)  # the second added in
+
+
 def test_a_conv_used_twice_is_not_stacked(stacked):
     """A shared weight's norm needs the cross terms of its uses: its calls stay apart."""
     torch.manual_seed(2)

@@ -494,9 +494,9 @@ def stacked_weighted_sums(
 
 def _stacked_weight(weight: Tensor, k: int) -> Tensor:
     """A tensor of the stacked conv's weight shape, ``(k·C_out, C_in, *kk)``: the weight
-    gradient reads only its shape (zeros, not kept: a kept one per shape would hold k
-    times a large conv's weight for good)."""
-    return weight.new_zeros((k * weight.shape[0], *weight.shape[1:]))
+    gradient reads only its shape (left unfilled, which saves a kernel, and not kept: a
+    kept one per shape would hold k times a large conv's weight for good)."""
+    return weight.new_empty((k * weight.shape[0], *weight.shape[1:]))
 
 
 CONV_RULE = Rule(

@@ -44,7 +44,8 @@ class Stack:
             as large.
         sq_norms: ``(modules, inputs, Gs) -> [sq_norms of each call]``, as the rule's
             ``sq_norms`` gives them, for lists of calls with one ``key``.
-        weighted_sums: ``(modules, inputs, Gs, coef) -> [weighted_sum of each call]``.
+        weighted_sums: ``(modules, inputs, Gs, coef) -> [weighted_sum of each call]``,
+            disjoint views of buffers made for them (each becomes a ``.grad`` uncopied).
     """
 
     key: Callable[[nn.Module, tuple[Any, ...], Any], Any]
