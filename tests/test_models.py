@@ -286,9 +286,7 @@ def test_beit_relative_position_bias(shared):
     torch.manual_seed(0)
     model = transformers.BeitForImageClassification(config).double().eval()
     x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
-    _check(
-        model, lambda x, y: F.cross_entropy(model(pixel_values=x).logits, y, reduction="none"), x, y
-    )
+    _check(model, _vit_losses(model), x, y)
 
 
 def _hf_vit(dropout):
