@@ -246,11 +246,10 @@ def _moved(u: Any, b: int, here: tuple[int, ...]) -> tuple[int, int] | None:
 
     out = tuple(u._input_metadata[0].shape)
     kind = type(u).__name__.rstrip("0123456789")
-    perm = None if kind in _SAME_PLACE else _permuted(u, kind, len(out))
     if kind in _SAME_PLACE:
         moved = b + len(out) - len(here)  # broadcasting aligns from the right
-    elif perm is not None:  # the output dimension that is input dimension b
-        moved = perm.index(b)
+    elif (perm := _permuted(u, kind, len(out))) is not None:
+        moved = perm.index(b)  # the output dimension that is input dimension b
     elif kind == "UnsqueezeBackward":
         moved = b + (_dim(u._saved_dim, len(out)) <= b)
     elif kind in ("ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward"):

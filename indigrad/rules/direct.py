@@ -325,11 +325,10 @@ def _trace(
         seen.add((v, nr, at))
         kind = type(v).__name__.rstrip("0123456789")
         here = _shape(v, nr)
-        perm = None if kind in _SAME_PLACE else _permuted(v, kind, len(here))
         if kind in _SAME_PLACE:
             moved = at
-        elif perm is not None:  # output dimension j is input dimension perm[j]
-            moved = tuple(perm[d] for d in at)
+        elif (perm := _permuted(v, kind, len(here))) is not None:
+            moved = tuple(perm[d] for d in at)  # output dimension j is input dimension perm[j]
         else:
             continue  # a view, a reduction, a product: the dimensions cannot be followed
         for w, wnr in v.next_functions:
