@@ -26,11 +26,11 @@ from torch.nn.modules.module import register_module_forward_hook
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from . import _reparam, _shared
+from . import _reparam, _shared, _split
 from ._batch import has_batch
 from ._graph import View, _boundary, _check_accounted, confirm_batch, consumers_of
-from .quantities import PerExample
-from .rules import Rule, lookup_rule
+from .quantities import PerExample, rule_G, rule_inputs
+from .rules import Prepared, Rule, lookup_rule
 from .rules import direct as _direct
 
 # a module owning captured parameters: the module, its name, those parameters, its rule
@@ -78,6 +78,7 @@ class _Call:
     inner_value: Any = None  # what the rule's ``inner`` found (None: nothing)
     inner: list[GradientEdge] = field(default_factory=list)  # edges inside the call
     inner_grads: tuple[Tensor | None, ...] = ()  # their gradients
+    prepared: Prepared | None = None  # the rule's ``prepare`` result, where the backward split
 
     @property
     def label(self) -> str:
@@ -500,10 +501,29 @@ class capture:
                     call.inner_value, call.inner = found.value, list(found.edges)
         own = [call for call in calls if call.shared is None or meets is None]
         edges = [e for call in own for e in (*call.edges, *call.inner)]
+        spans, pos = [], 0
+        for call in own:
+            spans.append(range(pos, pos + len(call.edges) + len(call.inner)))
+            pos = spans[-1].stop
+        cuts = []
         if meets is not None:
             _shared.check_edges(meets, own)
             edges += [meet.use.edge for meet in meets.meets]
-        outs = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
+        elif any(call.rule is not None and call.rule.split is not None for call in own):
+            cuts = _split.plan(
+                losses.grad_fn,
+                own,
+                spans,
+                edges,
+                lambda call: rule_inputs(self, call, n),
+                self._positional,
+            )
+        outs: tuple[Tensor | None, ...]
+        if cuts:
+            split_at = functools.partial(self._split_at, n=n)
+            outs = tuple(_split.backward(losses, edges, cuts, split_at))
+        else:
+            outs = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
         pos = 0
         for call in own:
             end = pos + len(call.edges)
@@ -554,6 +574,19 @@ class capture:
         (creating it if ``None``), like ``.backward()`` accumulates. Returns the pre-clip
         norms ``(n,)``."""
         return self.backward(losses)._clip(max_norm, release=True)
+
+    def _split_at(self, cut: _split.Cut, grads: Sequence[Tensor | None], n: int) -> Tensor | None:
+        """Run a cut's rule (``Rule.split``) once its edges' gradients are known: keep its
+        ``prepare`` result for the call, return the gradient at its input."""
+        call = cut.call
+        if all(g is None for g in grads):
+            return None  # the losses do not reach the call, nor what is below it
+        k = len(call.edges)
+        call.grad_outputs, call.inner_grads = tuple(grads[:k]), tuple(grads[k:])
+        rule = call.rule
+        value, grad = rule.split.run(call.module, rule_inputs(self, call, n), rule_G(self, call, n))
+        call.prepared = Prepared(value)
+        return grad
 
     # -- helpers used by PerExample -----------------------------------------------------
 

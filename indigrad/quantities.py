@@ -32,6 +32,36 @@ if TYPE_CHECKING:
     from .capture import _Call, capture
 
 
+def rule_inputs(cap: capture, call: _Call, n: int) -> tuple[Any, ...]:
+    """The ``inputs`` a call's rule takes: its positional arguments, batch first (unless
+    the rule has a raw layout) in the parameters' precision, then what the rule's
+    ``saved`` and ``inner`` took from the graph."""
+    rule = call.rule
+    assert rule is not None
+    bd = 0 if rule.raw_layout else cap.batch_dim  # raw: nothing is moved
+    dtype = _param_dtype(call)
+    inputs = tuple(_upcast(_batch_first(t, n, bd), dtype) for t in cap._positional(call))
+    if rule.saved is not None:
+        inputs += (call.saved,)
+    if rule.inner is not None and call.inner_value is not None:
+        inputs += (Taken(call.inner_value, call.inner_grads),)
+    return inputs
+
+
+def rule_G(cap: capture, call: _Call, n: int) -> Any:
+    """The ``G`` a call's rule takes: its output gradients laid out as :func:`rule_inputs`,
+    in the output's structure (None where none arrived)."""
+    rule = call.rule
+    assert rule is not None
+    bd = 0 if rule.raw_layout else cap.batch_dim
+    dtype = _param_dtype(call)
+    leaves = list(call.out_leaves)
+    for i, g in zip(call.edge_index, call.grad_outputs, strict=True):
+        leaves[i] = None if g is None else _upcast(_batch_first(g, n, bd), dtype)
+    spec = call.out_spec
+    return leaves[0] if spec.is_leaf() else tree_unflatten(leaves, spec)
+
+
 class _Entry:
     """A recorded call, its rule, and the rule's inputs in batch-first layout."""
 
@@ -46,19 +76,9 @@ class _Entry:
         # its originals by the chain rule, from materialised gradients
         self.reparam = _reparam.parametrized(call.module) if self.rule is not None else {}
         if self.rule is not None:
-            bd = 0 if self.rule.raw_layout else cap.batch_dim  # raw: nothing is moved
-            dtype = _param_dtype(call)
-            inputs = cap._positional(call)
-            self.inputs = tuple(_upcast(_batch_first(t, n, bd), dtype) for t in inputs)
-            if self.rule.saved is not None:
-                self.inputs += (call.saved,)
-            if self.rule.inner is not None and call.inner_value is not None:
-                self.inputs += (Taken(call.inner_value, call.inner_grads),)
-            leaves = list(call.out_leaves)
-            for i, g in zip(call.edge_index, call.grad_outputs, strict=True):
-                leaves[i] = None if g is None else _upcast(_batch_first(g, n, bd), dtype)
-            spec = call.out_spec
-            self.G: Any = leaves[0] if spec.is_leaf() else tree_unflatten(leaves, spec)
+            self.inputs = rule_inputs(cap, call, n)
+            self.G: Any = rule_G(cap, call, n)
+            self._prepared = call.prepared  # where the backward was split at the call
 
     def _own(self, values: dict[str, Tensor], what: str) -> dict[str, Tensor]:
         """The rule's results for the call's trainable parameters, shape-checked: a rule
@@ -194,7 +214,7 @@ class _Entry:
         self.inputs, self.G, self._prepared = (), None, None
         call = self.call
         call.args, call.kwargs, call.grad_outputs, call.versions = (), {}, (), []
-        call.saved, call.direct, call.inner_value = None, None, None
+        call.saved, call.direct, call.inner_value, call.prepared = None, None, None, None
         call.inner, call.inner_grads = [], ()
 
 

@@ -36,7 +36,10 @@ shorter way (:func:`_by_hand`): its states come from the graph, where the fused 
 them per layer and direction (an LSTM's, CPU, float32), or from the fused kernel run again
 (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``, no grad); its gates
 from two batched products; and the backward through cells and states is written out, a few
-operations per step, so no step runs under autograd.
+operations per step, so no step runs under autograd. That backward gives the gradient at
+the layer's input as well (``Σ_directions dgi W_ih`` of the first layer), so the capture's
+backward is split at the layer (``Rule.split``, ``indigrad/_split.py``): autograd never
+runs the layer's own backward where the graph below it is reached through it alone.
 
 Layouts: ``batch_first`` both ways; ``h0`` (``(h0, c0)`` for LSTM) given or zero. A
 ``PackedSequence`` input is padded in the original example order; an example's steps past
@@ -57,7 +60,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .linear import linear_grads, linear_sq_norms, linear_weighted_sum
-from .registry import Inner, Rule, Taken, prepared, register_rule
+from .registry import Inner, Rule, Split, Taken, prepared, register_rule
 
 _MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
 _FUSED = True  # states by the fused kernel and a backward by hand (tests turn it off)
@@ -228,8 +231,12 @@ def _inner(rnn: nn.RNNBase, inputs: tuple[Any, ...], G: Any, u: _Unrolled) -> Te
 
 
 def _by_hand(
-    rnn: nn.RNNBase, inputs: tuple[Any, ...], G: Any, states: dict[tuple[int, int], Tensor]
-) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+    rnn: nn.RNNBase,
+    inputs: tuple[Any, ...],
+    G: Any,
+    states: dict[tuple[int, int], Tensor],
+    input_grad: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None] | None:
     """For a layer without a projection on a padded input: the Linear maps' inputs
     ``x{s}``, ``h{s}`` and the gradients ``gi{s}``, ``gh{s}`` (n, T, k·H) at their outputs,
     for every layer and direction, without recomputing the recurrence step by step under
@@ -237,7 +244,8 @@ def _by_hand(
     kernel; its gates from two batched products (an LSTM's cells from a loop of one op per
     step); the backward through the cells and states is written out (:class:`_LSTMCells`,
     :class:`_GRUCells`, :class:`_RNNCells`), a few ops per step, from the top layer down;
-    the layer below's G is ``Σ_directions dgi W_ih``.
+    the layer below's G is ``Σ_directions dgi W_ih``, and with ``input_grad`` so is the
+    gradient at the input ``x`` (n, T, d_in), returned last (None without).
 
     ``states``: each layer and direction's ``(T, n, H)`` states as the forward's fused
     kernel saved them (:func:`lstm_inner`, CPU); a layer without them is run again.
@@ -306,12 +314,12 @@ def _by_hand(
                 )  # (n, T, k·H) each
                 values[f"x{s}"], values[f"h{s}"] = layer_in, cells.prev  # (n, T, d_in), (n, T, H)
                 grads[f"gi{s}"], grads[f"gh{s}"] = dgi, dgh
-                if layer > 0:
+                if layer > 0 or input_grad:
                     W_ih = getattr(rnn, f"weight_ih{s}")  # (k·H, d_in)
                     term = dgi @ W_ih  # (n, T, d_in)
                     below = term if below is None else below + term
             G_layer = below
-    return values, grads
+    return values, grads, G_layer if input_grad else None
 
 
 _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -576,6 +584,14 @@ def _pieces(
 ) -> list[tuple[_Piece, Tensor, Tensor]]:
     """``(piece, A (n, T, d_in), G (n, T, d_out))`` for every Linear map with a trainable
     parameter."""
+    return _prepare(module, inputs, G)[0]
+
+
+def _prepare(
+    module: nn.Module, inputs: tuple[Any, ...], G: Any, input_grad: bool = False
+) -> tuple[list[tuple[_Piece, Tensor, Tensor]], Tensor | None]:
+    """:func:`_pieces`, and with ``input_grad`` the gradient at the input (n, T, d_in)
+    from the backward by hand (:func:`_by_hand`), which must apply."""
     states: dict[tuple[int, int], Tensor] = {}
     if inputs and isinstance(inputs[-1], Taken):  # what lstm_inner read from the graph
         states, inputs = inputs[-1].value, inputs[:-1]
@@ -596,12 +612,14 @@ def _pieces(
         if p.bias is not None and not p.bias.requires_grad:
             p.bias = None  # skip its work
     pieces = [p for p in pieces if p.weight.requires_grad or p.bias is not None]
-    if not pieces:
-        return []
-    fast = _by_hand(rnn, inputs, G, states) if _FUSED else None
+    if not pieces and not input_grad:
+        return [], None
+    fast = _by_hand(rnn, inputs, G, states, input_grad) if _FUSED else None
     if fast is not None:
-        values, steps = fast
-        return [(p, values[p.value], steps[p.step]) for p in pieces]
+        values, steps, below = fast
+        return [(p, values[p.value], steps[p.step]) for p in pieces], below
+    if input_grad:
+        raise RuntimeError(f"{type(module).__name__}: no backward by hand for this call")
     u = _unroll(module, inputs)
     keys = list(dict.fromkeys(p.step for p in pieces))  # each step gradient once
     targets = [t for k in keys for t in u.steps[k]]  # T per key
@@ -613,7 +631,38 @@ def _pieces(
             grads = torch.autograd.grad(inner, targets, allow_unused=True, materialize_grads=True)
     T = u.out.shape[1]
     d = {k: torch.stack(grads[i * T : (i + 1) * T], 1) for i, k in enumerate(keys)}  # (n, T, ·)
-    return [(p, u.values[p.value], d[p.step]) for p in pieces]
+    return [(p, u.values[p.value], d[p.step]) for p in pieces], None
+
+
+def _split_able(module: nn.Module, inputs: tuple[Any, ...]) -> bool:
+    """Whether :func:`_split_run` gives the input's gradient: a padded input that needs
+    one, no initial state that needs one, and the backward by hand (no projection, one
+    precision)."""
+    if inputs and isinstance(inputs[-1], Taken):
+        inputs = inputs[:-1]
+    rnn = cast(nn.RNNBase, module)
+    x, hx = inputs[0], inputs[1] if len(inputs) > 1 else None
+    states = [hx] if isinstance(hx, Tensor) else list(hx) if isinstance(hx, tuple) else []
+    return (
+        _FUSED
+        and rnn.mode in _MODES
+        and not rnn.proj_size
+        and not (rnn.training and rnn.dropout > 0 and rnn.num_layers > 1)
+        and isinstance(x, Tensor)
+        and x.dim() == 3
+        and x.requires_grad
+        and x.dtype == rnn.weight_ih_l0.dtype
+        and not any(isinstance(h, Tensor) and h.requires_grad for h in states)
+    )
+
+
+def _split_run(module: nn.Module, inputs: tuple[Any, ...], G: Any) -> tuple[Any, Tensor | None]:
+    """:func:`_pieces`, and the gradient at the input in its own layout: ``Σ_directions
+    dgi W_ih`` of the first layer."""
+    pieces, below = _prepare(module, inputs, G, input_grad=True)  # below: (n, T, d_in)
+    if below is not None and not cast(nn.RNNBase, module).batch_first:
+        below = below.transpose(0, 1)  # (T, n, d_in)
+    return pieces, below
 
 
 def _named(piece: _Piece, result: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -661,6 +710,7 @@ RNN, LSTM, GRU = (
             raw_layout=True,
             prepare=_pieces,
             inner=lstm_inner if cls is nn.LSTM else None,
+            split=Split(_split_able, _split_run),
         ),
     )
     for cls in (nn.RNN, nn.LSTM, nn.GRU)

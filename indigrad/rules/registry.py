@@ -102,6 +102,10 @@ class Rule:
             then end with ``Taken(value, grads)``. None (or no ``inner``): no such entry,
             and the rule works from its inputs alone.
         stack: a :class:`Stack`, for a rule that can take same-shaped calls together.
+        split: a :class:`Split`, for a rule with a ``prepare`` whose work yields the
+            gradient at the call's input as well (a recurrence's backward through time):
+            the backward below the call then starts from that gradient, and autograd's
+            backward of the call itself is never run.
 
     Every function only needs to return entries for the module's trainable parameters;
     extra entries for frozen parameters are ignored. Results must be new tensors, not
@@ -119,6 +123,29 @@ class Rule:
     inner: Callable[[nn.Module, Any, Sequence[Any]], Inner | None] | None = None
     prepare: Callable[[nn.Module, tuple[Any, ...], Any], Any] | None = None
     stack: Stack | None = None
+    split: Split | None = None
+
+
+class Split(NamedTuple):
+    """How a rule gives the gradient at its call's first input from its own work.
+
+    The backward then runs in two parts: from the losses to the call's outputs (and every
+    edge not below the call), then from that gradient at the input to the edges below,
+    so that autograd's backward of the call (a fused RNN kernel's, say) is skipped.
+    indigrad splits only where every path from the losses to the graph below the call
+    passes through the call, and the call's only differentiable input is its first.
+
+    Attributes:
+        able: ``(module, inputs) -> bool``, before the backward: whether ``run`` will
+            give the input's gradient for this call (``inputs`` as the rule gets them,
+            without ``G``).
+        run: ``(module, inputs, G) -> (prepared, grad)``: the rule's ``prepare`` result
+            for the call, and the gradient at ``inputs[0]`` (its shape and layout),
+            None where none reaches it.
+    """
+
+    able: Callable[[nn.Module, tuple[Any, ...]], bool]
+    run: Callable[[nn.Module, tuple[Any, ...], Any], tuple[Any, Tensor | None]]
 
 
 class Inner(NamedTuple):

@@ -1,0 +1,188 @@
+"""The backward split at recurrent layers (``indigrad/_split.py``): where it applies, the
+layer's own autograd backward never runs and every quantity still matches the loop;
+where a path goes around the layer, the backward is not split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import indigrad
+from indigrad import _split
+from indigrad.rules import recurrent
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V, E, H, K = 13, 5, 6, 3
+
+
+class Tagger(nn.Module):
+    """Tokens -> embedding -> Linear -> recurrent layer(s) -> head; ``skip`` adds the
+    embedding to the head's input (a path around the recurrent layer), ``tied`` makes the
+    head's weight the embedding's."""
+
+    def __init__(
+        self,
+        cls: type[nn.RNNBase],
+        kw: dict[str, Any],
+        second: type[nn.RNNBase] | None = None,
+        skip: bool = False,
+        tied: bool = False,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, E)
+        self.lin = nn.Linear(E, E)
+        self.rnn = cls(E, H, **kw)
+        self.batch_first = kw.get("batch_first", False)
+        width = H * (2 if kw.get("bidirectional") else 1)
+        self.second = None if second is None else second(width, E, batch_first=self.batch_first)
+        self.top = nn.Linear(width if second is None else E, E)
+        self.head = nn.Linear(E, V)
+        if tied:
+            self.head.weight = self.embed.weight
+        self.skip = skip
+
+    def forward(self, ids: Tensor) -> Tensor:  # (n, T) -> (n, T, V)
+        x = torch.tanh(self.lin(self.embed(ids)))  # (n, T, E)
+        seq = x if self.batch_first else x.transpose(0, 1)
+        out = self.rnn(seq)[0]
+        if self.second is not None:
+            out = self.second(torch.tanh(out))[0]
+        out = out if self.batch_first else out.transpose(0, 1)  # (n, T, ·)
+        z = self.top(out)  # (n, T, E)
+        if self.skip:
+            z = z + x
+        return self.head(z)  # (n, T, V)
+
+
+def _losses(model: nn.Module) -> Any:
+    def losses(ids: Tensor, y: Tensor) -> Tensor:
+        logits = model(ids)  # (n, T, V)
+        return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").sum(1)  # (n,)
+
+    return losses
+
+
+def _batch() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, V, (4, 6), generator=g), torch.randint(0, V, (4, 6), generator=g)
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    """The cuts each backward planned, and the recurrent layers whose own autograd
+    backward ran (a hook on the node of their output sequence)."""
+    cuts: list[list[Any]] = []
+    real = _split.plan
+
+    def plan(*args: Any) -> list[Any]:
+        found = real(*args)
+        cuts.append([cut.call.name for cut in found])
+        return found
+
+    monkeypatch.setattr(_split, "plan", plan)
+    return cuts
+
+
+def _layer_backward_ran(model: nn.Module) -> list[str]:
+    """The recurrent layers whose own autograd backward ran (a hook on the node of their
+    output sequence) in one capture's clipped sum."""
+    ran: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.RNNBase):
+
+            def hook(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
+                out[0].grad_fn.register_hook(lambda *a: ran.append(name))
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with indigrad.capture(model) as cap:
+            cap.clip_(_losses(model)(*_batch()), 1.0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ran
+
+
+MODES = [nn.LSTM, nn.GRU, nn.RNN]
+OPTIONS = {
+    "1layer": {},
+    "2layers-bi-bf": {"num_layers": 2, "bidirectional": True, "batch_first": True},
+    "2layers-no_bias": {"num_layers": 2, "bias": False},
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=list(OPTIONS))
+@pytest.mark.parametrize("cls", MODES, ids=lambda c: c.__name__)
+def test_split_matches_loop(cls, options, spied):
+    torch.manual_seed(0)
+    model = Tagger(cls, OPTIONS[options]).double()
+    indigrad.testing.check(model, _losses(model), *_batch(), max_norm=0.5)
+    assert spied and all(cuts == ["rnn"] for cuts in spied)  # split in every backward
+    assert _layer_backward_ran(model) == []  # and the layer's own backward never ran
+
+
+@pytest.mark.parametrize("cls", MODES, ids=lambda c: c.__name__)
+def test_stacked_layers_split_from_the_top(cls, spied):
+    torch.manual_seed(0)
+    model = Tagger(cls, {"batch_first": True}, second=nn.GRU).double()
+    indigrad.testing.check(model, _losses(model), *_batch(), max_norm=0.5)
+    assert spied and all(sorted(cuts) == ["rnn", "second"] for cuts in spied)
+    assert _layer_backward_ran(model) == []
+
+
+def test_tied_head_still_splits(spied):
+    """The head's use of the embedding's weight reaches the parameter, not the graph
+    below the recurrent layer: the split stands."""
+    torch.manual_seed(0)
+    model = Tagger(nn.LSTM, {"num_layers": 2}, tied=True).double()
+    indigrad.testing.check(model, _losses(model), *_batch(), max_norm=0.5)
+    assert spied and all(cuts == ["rnn"] for cuts in spied)
+
+
+@pytest.mark.parametrize("cls", MODES, ids=lambda c: c.__name__)
+def test_a_path_around_the_layer_keeps_one_backward(cls, spied):
+    torch.manual_seed(0)
+    model = Tagger(cls, {"num_layers": 2}, skip=True).double()
+    indigrad.testing.check(model, _losses(model), *_batch(), max_norm=0.5)
+    assert spied and all(cuts == [] for cuts in spied)
+    assert _layer_backward_ran(model) == ["rnn"]  # it gave the gradient below the layer
+
+
+def test_no_split_without_the_backward_by_hand(spied, monkeypatch):
+    monkeypatch.setattr(recurrent, "_FUSED", False)
+    torch.manual_seed(0)
+    model = Tagger(nn.GRU, {"num_layers": 2}).double()
+    indigrad.testing.check(model, _losses(model), *_batch())
+    assert spied and all(cuts == [] for cuts in spied)
+
+
+def test_no_split_where_nothing_below_is_captured(spied):
+    torch.manual_seed(0)
+    model = Tagger(nn.LSTM, {})
+    for p in [*model.embed.parameters(), *model.lin.parameters()]:
+        p.requires_grad_(False)
+    indigrad.testing.check(model.double(), _losses(model), *_batch())
+    assert spied and all(cuts == [] for cuts in spied)
+
+
+def test_frozen_input_weights_still_give_the_gradient_below(spied):
+    """The gradient below comes from ``W_ih`` whether or not it is trained."""
+    torch.manual_seed(0)
+    model = Tagger(nn.GRU, {"num_layers": 2, "bidirectional": True}).double()
+    model.rnn.weight_ih_l0.requires_grad_(False)
+    model.rnn.weight_ih_l0_reverse.requires_grad_(False)
+    indigrad.testing.check(model, _losses(model), *_batch(), max_norm=0.5)
+    assert spied and all(cuts == ["rnn"] for cuts in spied)
+
+
+def test_float32_clipped_sum(spied):
+    torch.manual_seed(0)
+    model = Tagger(nn.LSTM, {"num_layers": 2, "batch_first": True})
+    indigrad.testing.check(model, _losses(model), *_batch(), max_norm=0.5, rtol=1e-4, atol=1e-6)
+    assert spied and all(cuts == ["rnn"] for cuts in spied)
