@@ -186,3 +186,76 @@ def test_float32_clipped_sum(spied):
     model = Tagger(nn.LSTM, {"num_layers": 2, "batch_first": True})
     indigrad.testing.check(model, _losses(model), *_batch(), max_norm=0.5, rtol=1e-4, atol=1e-6)
     assert spied and all(cuts == ["rnn"] for cuts in spied)
+
+
+class Siamese(nn.Module):
+    """One GRU called on two sequences, each with its own embedding call: two cuts,
+    whose inputs start the second part together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, E)
+        self.rnn = nn.GRU(E, H, batch_first=True)
+        self.head = nn.Linear(2 * H, K)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        last = [self.rnn(self.embed(ids))[0][:, -1] for ids in (a, b)]  # 2 × (n, H)
+        return self.head(torch.cat(last, 1))  # (n, K)
+
+
+def test_two_calls_of_one_layer_split_together(spied):
+    torch.manual_seed(0)
+    model = Siamese().double()
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randint(0, V, (4, 6), generator=g), torch.randint(0, V, (4, 6), generator=g)
+    y = torch.randint(0, K, (4,), generator=g)
+
+    def losses(a, b, y):
+        return F.cross_entropy(model(a, b), y, reduction="none")
+
+    indigrad.testing.check(model, losses, a, b, y, max_norm=0.5)
+    assert spied and all(cuts == ["rnn", "rnn"] for cuts in spied)
+
+
+class Scaled(nn.Module):
+    """A module with a parameter of its own, used directly below its LSTM child: the
+    parameter's use is an edge of a call without a rule, below the cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(E))
+        self.lstm = nn.LSTM(E, H, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lstm(x * self.scale)[0]  # (n, T, H)
+
+
+class Encoder(nn.Module):
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, E)
+        self.enc = Scaled()
+        self.head = nn.Linear(H, K)
+        self.checkpointed = checkpointed
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.embed(ids)  # (n, T, E)
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(self.enc, x, use_reentrant=False)
+        else:
+            h = self.enc(x)
+        return self.head(h[:, -1])  # (n, K)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+def test_a_parameter_used_below_the_cut(checkpointed, spied):
+    torch.manual_seed(0)
+    model = Encoder(checkpointed).double()
+    ids, _ = _batch()
+    y = torch.randint(0, K, (4,))
+
+    def losses(ids, y):
+        return F.cross_entropy(model(ids), y, reduction="none")
+
+    indigrad.testing.check(model, losses, ids, y, max_norm=0.5)
+    assert spied and all(cuts == ["enc.lstm"] for cuts in spied)
