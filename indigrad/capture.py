@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.module import register_module_forward_hook
 from torch.nn.utils.parametrize import ParametrizationList
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 from . import _reparam, _shared, _split
 from ._batch import has_batch
@@ -79,6 +79,7 @@ class _Call:
     inner: list[GradientEdge] = field(default_factory=list)  # edges inside the call
     inner_grads: tuple[Tensor | None, ...] = ()  # their gradients
     prepared: Prepared | None = None  # the rule's ``prepare`` result, where the backward split
+    output: Any = None  # the call's output, detached, for a rule that asks for it
 
     @property
     def label(self) -> str:
@@ -386,6 +387,7 @@ class capture:
                     questioned=questioned,
                     training=module.training,
                     rule=rule,
+                    output=tree_map(_detach, output) if rule is not None and rule.output else None,
                 )
             )
             self._consumed = False
@@ -615,6 +617,10 @@ class _GlobalHook:
         self._handle.remove()
         with_kwargs = getattr(torch.nn.modules.module, "_global_forward_hooks_with_kwargs", {})
         with_kwargs.pop(self._handle.id, None)
+
+
+def _detach(t: Any) -> Any:
+    return t.detach() if isinstance(t, Tensor) else t
 
 
 def _edge(t: Tensor) -> GradientEdge:

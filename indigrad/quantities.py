@@ -26,7 +26,7 @@ from ._precision import _exact, _param_dtype, _upcast
 from .rules import Rule, _cost, tied
 from .rules import direct as _direct
 from .rules.generic import generic_grads
-from .rules.registry import Prepared, Taken
+from .rules.registry import Output, Prepared, Taken
 
 if TYPE_CHECKING:
     from .capture import _Call, capture
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 def rule_inputs(cap: capture, call: _Call, n: int) -> tuple[Any, ...]:
     """The ``inputs`` a call's rule takes: its positional arguments, batch first (unless
     the rule has a raw layout) in the parameters' precision, then what the rule's
-    ``saved`` and ``inner`` took from the graph."""
+    ``saved`` and ``inner`` took from the graph, then the call's output where the rule
+    asks for it."""
     rule = call.rule
     assert rule is not None
     bd = 0 if rule.raw_layout else cap.batch_dim  # raw: nothing is moved
@@ -45,6 +46,8 @@ def rule_inputs(cap: capture, call: _Call, n: int) -> tuple[Any, ...]:
         inputs += (call.saved,)
     if rule.inner is not None and call.inner_value is not None:
         inputs += (Taken(call.inner_value, call.inner_grads),)
+    if rule.output and call.output is not None:
+        inputs += (Output(call.output),)
     return inputs
 
 
@@ -215,6 +218,7 @@ class _Entry:
         call = self.call
         call.args, call.kwargs, call.grad_outputs, call.versions = (), {}, (), []
         call.saved, call.direct, call.inner_value, call.prepared = None, None, None, None
+        call.output = None
         call.inner, call.inner_grads = [], ()
 
 

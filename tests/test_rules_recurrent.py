@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import indigrad
-from indigrad.rules import linear, recurrent
+from indigrad.rules import Output, linear, recurrent
 
 N, T, D_IN, H, K = 4, 5, 3, 4, 3
 SORTED, UNSORTED = [5, 4, 2, 1], [2, 5, 1, 4]  # lengths for enforce_sorted True / False
@@ -210,8 +210,11 @@ def test_recomputed_recurrence_is_the_modules_forward(config):
         torch.testing.assert_close(unrolled.c_n, c_n, **tight)
 
 
-def _rule_inputs(config: Config, model: Net, batch: tuple[Any, ...]) -> tuple[Any, Any]:
-    """``(inputs, G)`` as the framework hands them to the rule, G taken with autograd."""
+def _rule_inputs(
+    config: Config, model: Net, batch: tuple[Any, ...], output: bool = False
+) -> tuple[Any, Any]:
+    """``(inputs, G)`` as the framework hands them to the rule, G taken with autograd;
+    with ``output``, the inputs end with the call's output (``Rule.output``)."""
     x, y, lengths, h0, c0 = batch
     inp, out, padded = model.call_rnn(x, lengths, h0, c0)
     seq, state = out
@@ -227,23 +230,32 @@ def _rule_inputs(config: Config, model: Net, batch: tuple[Any, ...]) -> tuple[An
     if h0 is not None:
         hx = h0.transpose(0, 1) if c0 is None else (h0.transpose(0, 1), c0.transpose(0, 1))
     inputs = (inp,) if config.h0 is None else (inp, hx)
+    if output:
+        detached = (seq.detach(), tuple(t.detach() for t in states))
+        inputs = (*inputs, Output(detached if isinstance(state, tuple) else detached[:1]))
     return inputs, G
 
 
 BY_HAND = [c for c in CONFIGS if c.packed is None and "proj" not in c.name]
 
 
+@pytest.mark.parametrize("top", ["run_again", "output"])
 @pytest.mark.parametrize("config", BY_HAND, ids=lambda c: c.name)
-def test_by_hand_matches_the_unrolled_recurrence(config, monkeypatch):
+def test_by_hand_matches_the_unrolled_recurrence(config, top, monkeypatch):
     """A layer's gate gradients by the fused kernel and a backward by hand are those of the
-    recurrence unrolled under autograd, to rounding, and so are the Linear maps' inputs."""
+    recurrence unrolled under autograd, to rounding, and so are the Linear maps' inputs;
+    the top layer's states run again or read from the call's output."""
     model, batch = config.build()
-    inputs, G = _rule_inputs(config, model, batch)
+    inputs, G = _rule_inputs(config, model, batch, output=top == "output")
+    runs = []
+    run_layer = recurrent._run_layer
+    monkeypatch.setattr(recurrent, "_run_layer", lambda *a: runs.append(1) or run_layer(*a))
     with torch.no_grad():
         fast = recurrent._pieces(model.rnn, inputs, G)
         monkeypatch.setattr(recurrent, "_FUSED", False)
         unrolled = recurrent._pieces(model.rnn, inputs, G)
-    assert recurrent._by_hand(model.rnn, inputs, G, {}) is not None
+    layers = model.rnn.num_layers
+    assert len(runs) == (layers if top == "run_again" else layers - 1)
     assert [p.names for p, _, _ in fast] == [p.names for p, _, _ in unrolled]
     for (piece, A, Gp), (_, A_ref, G_ref) in zip(fast, unrolled, strict=True):
         torch.testing.assert_close(A, A_ref, rtol=1e-12, atol=1e-12, msg=str(piece.names))

@@ -12,6 +12,7 @@ from . import normalization as normalization
 from . import recurrent as recurrent
 from .registry import (
     Inner,
+    Output,
     Prepared,
     Rule,
     Split,
@@ -25,6 +26,7 @@ from .registry import (
 
 __all__ = [
     "Inner",
+    "Output",
     "Prepared",
     "Rule",
     "Split",

@@ -33,8 +33,9 @@ recurrence is recomputed once per call (``prepare``) for all three quantities.
 
 Every layer without a projection (an LSTM's ``proj_size``) on a padded input takes a
 shorter way (:func:`_by_hand`): its states come from the graph, where the fused kernel saved
-them per layer and direction (an LSTM's, CPU, float32), or from the fused kernel run again
-(``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``, no grad); its gates
+them per layer and direction (an LSTM's, CPU, float32), from the call's output sequence for
+the top layer (``Rule.output``), or else from the fused kernel run again (``torch.lstm``,
+``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``, no grad); its gates
 from two batched products; and the backward through cells and states is written out, a few
 operations per step, so no step runs under autograd. That backward gives the gradient at
 the layer's input as well (``Σ_directions dgi W_ih`` of the first layer), so the capture's
@@ -60,7 +61,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .linear import linear_grads, linear_sq_norms, linear_weighted_sum
-from .registry import Inner, Rule, Split, Taken, prepared, register_rule
+from .registry import Inner, Output, Rule, Split, Taken, prepared, register_rule
 
 _MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
 _FUSED = True  # states by the fused kernel and a backward by hand (tests turn it off)
@@ -236,6 +237,7 @@ def _by_hand(
     G: Any,
     states: dict[tuple[int, int], Tensor],
     input_grad: bool = False,
+    output: Any = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None] | None:
     """For a layer without a projection on a padded input: the Linear maps' inputs
     ``x{s}``, ``h{s}`` and the gradients ``gi{s}``, ``gh{s}`` (n, T, k·H) at their outputs,
@@ -248,7 +250,8 @@ def _by_hand(
     gradient at the input ``x`` (n, T, d_in), returned last (None without).
 
     ``states``: each layer and direction's ``(T, n, H)`` states as the forward's fused
-    kernel saved them (:func:`lstm_inner`, CPU); a layer without them is run again.
+    kernel saved them (:func:`lstm_inner`, CPU); ``output``: the call's output, whose
+    sequence is the top layer's states. A layer without either is run again.
     None for the other forms (the recurrence is then recomputed under autograd)."""
     x = inputs[0]
     if rnn.proj_size or isinstance(x, PackedSequence):
@@ -263,6 +266,9 @@ def _by_hand(
         x = x.transpose(0, 1)  # (n, T, d_in)
         g_out = None if g_out is None else g_out.transpose(0, 1)  # (n, T, D·H)
     x = x.detach()
+    top = None if output is None else output[0]  # the top layer's states
+    if top is not None and not rnn.batch_first:
+        top = top.transpose(0, 1)  # (n, T, D·H)
     n = x.shape[0]
     L, D, H = rnn.num_layers, 2 if rnn.bidirectional else 1, rnn.hidden_size
     lstm = rnn.mode == "LSTM"
@@ -284,6 +290,8 @@ def _by_hand(
         for layer in range(L):
             if all((layer, d) in states for d in range(D)):  # read from the graph
                 out = torch.cat([states[layer, d].transpose(0, 1) for d in range(D)], 2)
+            elif layer == L - 1 and top is not None:  # (n, T, D·H) the call's output
+                out = top
             else:  # (n, T, D·H) by the fused kernel again
                 names = _NAMES if rnn.bias else _NAMES[:2]
                 weights = [getattr(rnn, f"{k}{_suffix(layer, d)}") for d in range(D) for k in names]
@@ -587,14 +595,24 @@ def _pieces(
     return _prepare(module, inputs, G)[0]
 
 
+def _unpack(inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[tuple[int, int], Tensor], Any]:
+    """The call's own arguments, the states :func:`lstm_inner` read from the graph (keyed
+    ``(layer, direction)``; none where it read none) and the call's output (None without)."""
+    output = None
+    if inputs and isinstance(inputs[-1], Output):
+        output, inputs = inputs[-1].value, inputs[:-1]
+    states: dict[tuple[int, int], Tensor] = {}
+    if inputs and isinstance(inputs[-1], Taken):
+        states, inputs = inputs[-1].value, inputs[:-1]
+    return inputs, states, output
+
+
 def _prepare(
     module: nn.Module, inputs: tuple[Any, ...], G: Any, input_grad: bool = False
 ) -> tuple[list[tuple[_Piece, Tensor, Tensor]], Tensor | None]:
     """:func:`_pieces`, and with ``input_grad`` the gradient at the input (n, T, d_in)
     from the backward by hand (:func:`_by_hand`), which must apply."""
-    states: dict[tuple[int, int], Tensor] = {}
-    if inputs and isinstance(inputs[-1], Taken):  # what lstm_inner read from the graph
-        states, inputs = inputs[-1].value, inputs[:-1]
+    inputs, states, output = _unpack(inputs)
     rnn = _check(module, inputs)
     pieces = []
     for layer in range(rnn.num_layers):
@@ -614,7 +632,7 @@ def _prepare(
     pieces = [p for p in pieces if p.weight.requires_grad or p.bias is not None]
     if not pieces and not input_grad:
         return [], None
-    fast = _by_hand(rnn, inputs, G, states, input_grad) if _FUSED else None
+    fast = _by_hand(rnn, inputs, G, states, input_grad, output) if _FUSED else None
     if fast is not None:
         values, steps, below = fast
         return [(p, values[p.value], steps[p.step]) for p in pieces], below
@@ -638,8 +656,7 @@ def _split_able(module: nn.Module, inputs: tuple[Any, ...]) -> bool:
     """Whether :func:`_split_run` gives the input's gradient: a padded input that needs
     one, no initial state that needs one, and the backward by hand (no projection, one
     precision)."""
-    if inputs and isinstance(inputs[-1], Taken):
-        inputs = inputs[:-1]
+    inputs = _unpack(inputs)[0]
     rnn = cast(nn.RNNBase, module)
     x, hx = inputs[0], inputs[1] if len(inputs) > 1 else None
     states = [hx] if isinstance(hx, Tensor) else list(hx) if isinstance(hx, tuple) else []
@@ -710,6 +727,7 @@ RNN, LSTM, GRU = (
             raw_layout=True,
             prepare=_pieces,
             inner=lstm_inner if cls is nn.LSTM else None,
+            output=True,
             split=Split(_split_able, _split_run),
         ),
     )

@@ -102,6 +102,10 @@ class Rule:
             then end with ``Taken(value, grads)``. None (or no ``inner``): no such entry,
             and the rule works from its inputs alone.
         stack: a :class:`Stack`, for a rule that can take same-shaped calls together.
+        output: the rule's ``inputs`` end with ``Output(value)``, the call's output as
+            the forward returned it (its tensors detached), for a rule that reads what
+            the forward computed rather than computing it again (a recurrent layer's
+            top-layer states).
         split: a :class:`Split`, for a rule with a ``prepare`` whose work yields the
             gradient at the call's input as well (a recurrence's backward through time):
             the backward below the call then starts from that gradient, and autograd's
@@ -123,6 +127,7 @@ class Rule:
     inner: Callable[[nn.Module, Any, Sequence[Any]], Inner | None] | None = None
     prepare: Callable[[nn.Module, tuple[Any, ...], Any], Any] | None = None
     stack: Stack | None = None
+    output: bool = False
     split: Split | None = None
 
 
@@ -171,6 +176,13 @@ def prepared(
     """In a rule's function: what ``prepare`` gives for this call, handed over by indigrad
     (``G`` is then :class:`Prepared`) or computed now (``G`` is the output gradient)."""
     return G.value if isinstance(G, Prepared) else prepare(module, inputs, G)
+
+
+class Output(NamedTuple):
+    """The last of a rule's ``inputs`` when the rule asks for its call's output
+    (``Rule.output``): the output's structure, its tensors detached."""
+
+    value: Any
 
 
 class Taken(NamedTuple):
