@@ -503,15 +503,15 @@ class capture:
                     call.inner_value, call.inner = found.value, list(found.edges)
         own = [call for call in calls if call.shared is None or meets is None]
         edges = [e for call in own for e in (*call.edges, *call.inner)]
-        spans, pos = [], 0
-        for call in own:
-            spans.append(range(pos, pos + len(call.edges) + len(call.inner)))
-            pos = spans[-1].stop
         cuts = []
         if meets is not None:
             _shared.check_edges(meets, own)
             edges += [meet.use.edge for meet in meets.meets]
         elif any(call.rule is not None and call.rule.split is not None for call in own):
+            spans, pos = [], 0  # each call's edges in ``edges``
+            for call in own:
+                spans.append(range(pos, pos + len(call.edges) + len(call.inner)))
+                pos = spans[-1].stop
             cuts = _split.plan(
                 losses.grad_fn,
                 own,
