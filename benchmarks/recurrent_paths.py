@@ -5,7 +5,9 @@ one path switched off and on alternately in one process, as ratios to the plain 
                       capture's backward is one ``autograd.grad`` that runs the layer's own
                       backward to reach the embedding below it
     --switch output   the top layer's states read from the call's output (``Rule.output``);
-                      off, the top layer is run again like the layers below it
+                      off, the top layer is run again
+    --switch graph    the states of the layers below the top read from the graph
+                      (``recurrent.rnn_inner``); off, those layers are run again
 
 Rounds alternate which comes first; the first three warm up.
 
@@ -39,20 +41,22 @@ def _switches(name: str) -> tuple[Callable[[bool], None], Callable[[], None]]:
         return set_split, lambda: setattr(_split, "plan", plan)
     by_hand = recurrent._by_hand
 
-    def without_output(
+    def without(
         rnn: Any, inputs: Any, G: Any, states: Any, input_grad: bool = False, output: Any = None
     ) -> Any:
-        return by_hand(rnn, inputs, G, states, input_grad)  # every layer run again
+        if name == "output":
+            return by_hand(rnn, inputs, G, states, input_grad)  # the top layer run again
+        return by_hand(rnn, inputs, G, {}, input_grad, output)  # the layers below run again
 
-    def set_output(on: bool) -> None:
-        setattr(recurrent, "_by_hand", by_hand if on else without_output)  # noqa: B010
+    def set_path(on: bool) -> None:
+        setattr(recurrent, "_by_hand", by_hand if on else without)  # noqa: B010
 
-    return set_output, lambda: setattr(recurrent, "_by_hand", by_hand)
+    return set_path, lambda: setattr(recurrent, "_by_hand", by_hand)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--switch", choices=["split", "output"], default="split")
+    parser.add_argument("--switch", choices=["split", "output", "graph"], default="split")
     parser.add_argument("--kinds", default="LSTM,GRU,RNN")
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()

@@ -267,28 +267,45 @@ def test_every_mode_is_compared_by_hand():
     assert any(c.kwargs.get("nonlinearity") == "relu" for c in BY_HAND)
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_lstm_states_are_read_from_the_graph(batch_first, monkeypatch):
-    """On CPU the fused kernel runs one layer and direction per autograd node, which saves
-    its states (float32): the rule reads them instead of running the layers again."""
+READ = {
+    "lstm": (nn.LSTM, torch.float32),  # one node per layer and direction
+    "lstm-float64": (nn.LSTM, torch.float64),  # step by step, as a GRU
+    "gru": (nn.GRU, torch.float32),
+    "rnn": (nn.RNN, torch.float32),
+}
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["bf", "seq_first"])
+@pytest.mark.parametrize("kind", READ)
+def test_states_below_the_top_are_read_from_the_graph(kind, batch_first, monkeypatch):
+    """On CPU the forward saves the states of every layer below the top (an LSTM's fused
+    layer node, or the product of the layer above with ``W_ihᵀ``) and the top layer's are
+    the call's output: the rule runs no layer again."""
+    cls, dtype = READ[kind]
     torch.manual_seed(0)
-    lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first)
-    x = torch.randn(5, 6, 3)  # (n, T, d) or (T, n, d)
-    out, _ = lstm(x)
-    found = recurrent.lstm_inner(lstm, out.grad_fn, [])
+    rnn = cls(3, 4, num_layers=3, bidirectional=True, batch_first=batch_first).to(dtype)
+    x = torch.randn(5, 6, 3, dtype=dtype)  # (n, T, d) or (T, n, d)
+    out, _ = rnn(x)
+    found = recurrent.rnn_inner(rnn, out.grad_fn, [])
     if found is None:
-        pytest.skip("this build's LSTM kernel saves no per-layer states")
+        pytest.skip("this build's recurrent kernel saves no per-layer states")
     assert set(found.value) == {(0, 0), (0, 1), (1, 0), (1, 1)} and found.edges == ()
-    top = out if not batch_first else out.transpose(0, 1)  # (T, n, 2H)
-    torch.testing.assert_close(found.value[1, 0], top[..., :4])
-    torch.testing.assert_close(found.value[1, 1], top[..., 4:])
+    T, n = (6, 5) if batch_first else (5, 6)
+    for layer in (0, 1):  # its states: the output of the first layer + 1 layers
+        below = cls(3, 4, num_layers=layer + 1, bidirectional=True, batch_first=batch_first)
+        below.load_state_dict(rnn.state_dict(), strict=False)
+        seq = below.to(dtype)(x)[0]
+        seq = seq.transpose(0, 1) if batch_first else seq  # (T, n, 2H)
+        for d in (0, 1):
+            read = found.value[layer, d].reshape(T, n, 4)  # (T, n, H)
+            torch.testing.assert_close(read, seq[..., d * 4 : (d + 1) * 4])
 
     def run_layer_again(*args):
         raise AssertionError("a layer was run again")
 
     monkeypatch.setattr(recurrent, "_run_layer", run_layer_again)
     bd = 0 if batch_first else 1
-    indigrad.testing.check(lstm, lambda x: lstm(x)[0].sin().sum((1 - bd, 2)), x, batch_dim=bd)
+    indigrad.testing.check(rnn, lambda x: rnn(x)[0].sin().sum((1 - bd, 2)), x, batch_dim=bd)
 
 
 @pytest.mark.parametrize("config", PACKED, ids=lambda c: c.name)

@@ -32,9 +32,9 @@ step's ``gi_t, gh_t, r_t``. A recurrence never mixes examples, so they are per e
 recurrence is recomputed once per call (``prepare``) for all three quantities.
 
 Every layer without a projection (an LSTM's ``proj_size``) on a padded input takes a
-shorter way (:func:`_by_hand`): its states come from the graph, where the fused kernel saved
-them per layer and direction (an LSTM's, CPU, float32), from the call's output sequence for
-the top layer (``Rule.output``), or else from the fused kernel run again (``torch.lstm``,
+shorter way (:func:`_by_hand`): the top layer's states are the call's output sequence
+(``Rule.output``); those of the layers below come from the graph where the forward saved
+them (:func:`rnn_inner`, on CPU), or else from the fused kernel run again (``torch.lstm``,
 ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``, no grad); its gates
 from two batched products; and the backward through cells and states is written out, a few
 operations per step, so no step runs under autograd. That backward gives the gradient at
@@ -51,6 +51,7 @@ reproduced: an error.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -250,7 +251,7 @@ def _by_hand(
     gradient at the input ``x`` (n, T, d_in), returned last (None without).
 
     ``states``: each layer and direction's ``(T, n, H)`` states as the forward's fused
-    kernel saved them (:func:`lstm_inner`, CPU); ``output``: the call's output, whose
+    kernel saved them (:func:`rnn_inner`, CPU); ``output``: the call's output, whose
     sequence is the top layer's states. A layer without either is run again.
     None for the other forms (the recurrence is then recomputed under autograd)."""
     x = inputs[0]
@@ -288,8 +289,9 @@ def _by_hand(
     layer_in = x  # (n, T, d_in)
     with torch.no_grad():
         for layer in range(L):
-            if all((layer, d) in states for d in range(D)):  # read from the graph
-                out = torch.cat([states[layer, d].transpose(0, 1) for d in range(D)], 2)
+            saved = _saved(states, layer, D, x.shape[:2], H)
+            if saved is not None:  # (n, T, D·H) read from the graph
+                out = saved
             elif layer == L - 1 and top is not None:  # (n, T, D·H) the call's output
                 out = top
             else:  # (n, T, D·H) by the fused kernel again
@@ -330,6 +332,18 @@ def _by_hand(
     return values, grads, G_layer if input_grad else None
 
 
+def _saved(
+    states: dict[tuple[int, int], Tensor], layer: int, D: int, nT: Any, H: int
+) -> Tensor | None:
+    """One layer's states ``(n, T, D·H)`` from those :func:`rnn_inner` read, or None
+    where it read none (or not all of its directions, or not of this size)."""
+    parts = [states.get((layer, d)) for d in range(D)]
+    n, T = nT
+    if any(p is None or p.numel() != T * n * H for p in parts):
+        return None
+    return torch.cat([cast(Tensor, p).reshape(T, n, H).transpose(0, 1) for p in parts], 2)
+
+
 _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 _KERNELS: dict[str, Callable[..., tuple[Tensor, ...]]] = {
     "LSTM": torch.lstm,
@@ -346,35 +360,51 @@ def _run_layer(rnn: nn.RNNBase, x: Tensor, state: Any, weights: list[Tensor]) ->
     return kernel(x, state, weights, rnn.bias, 1, 0.0, False, rnn.bidirectional, True)[0]
 
 
-_LAYER_NODE = "MkldnnRnnLayerBackward0"  # CPU: one fused layer and direction per node
+_LAYER_NODE = "MkldnnRnnLayerBackward0"  # an LSTM on CPU (float32): a layer and direction
+# A GRU's or RNN's layers on CPU (and an LSTM's in float64) run step by step, each above the
+# first after one product of all its inputs with ``W_ihᵀ``, which saves them: the states of
+# the layer below. The node and the name of its saved input, by the product's kind.
+_PRODUCTS = {"AddmmBackward0": "_saved_mat1", "MmBackward0": "_saved_self"}
 
 
-def lstm_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner | None:
-    """Each layer and direction's states ``(T, n, H)`` as the forward's fused kernel saved
-    them, where it runs one layer and direction per node (on CPU), keyed ``(layer,
-    direction)`` by the input weight it saved; None where there are none."""
+def rnn_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner | None:
+    """The states of every layer but the top one (which are the call's output), as the
+    forward saved them, keyed ``(layer, direction)``: ``(T, n, H)`` where the fused kernel
+    runs one LSTM layer and direction per node (on CPU, keyed by the input weight it
+    saved), or ``(T·n, H)`` from the input of a layer's product with ``W_ihᵀ`` (keyed by
+    that weight). None where there are none. A breadth-first walk of the call's part of
+    the graph, which ends once every layer below the top is found."""
     rnn = cast(nn.RNNBase, module)
-    if rnn.proj_size:
+    L, D, H = rnn.num_layers, 2 if rnn.bidirectional else 1, rnn.hidden_size
+    if rnn.proj_size or L == 1:
         return None
-    D = 2 if rnn.bidirectional else 1
-    keys = {
-        id(getattr(rnn, f"weight_ih{_suffix(layer, d)}")): (layer, d)
-        for layer in range(rnn.num_layers)
-        for d in range(D)
-    }
+    weights = [
+        (getattr(rnn, f"weight_ih{_suffix(k, d)}"), k, d) for k in range(L) for d in range(D)
+    ]
+    keys = {id(w): (k, d) for w, k, d in weights}  # an LSTM layer node's own weight
+    above = {w.untyped_storage().data_ptr(): k for w, k, _ in weights if k > 0}
+    wanted = (L - 1) * D
     states: dict[tuple[int, int], Tensor] = {}
     seen: set[Any] = set()
-    stack = [node]
-    while stack and len(seen) < 256:
-        u = stack.pop()
+    queue = collections.deque([node])
+    while queue and len(states) < wanted:
+        u = queue.popleft()
         if u is None or u in seen or u in stop:
             continue
         seen.add(u)
-        if type(u).__name__ == _LAYER_NODE:
+        kind = type(u).__name__
+        if kind == _LAYER_NODE:
             key = keys.get(id(u._saved_weight0))
-            if key is not None and bool(u._saved_reverse) == (key[1] == 1):
+            if key is not None and key[0] < L - 1 and bool(u._saved_reverse) == (key[1] == 1):
                 states[key] = u._saved_result0  # (T, n, H)
-        stack.extend(v for v, _ in u.next_functions if type(v).__name__ != "AccumulateGrad")
+        elif kind in _PRODUCTS:
+            w = u._saved_mat2  # W_ihᵀ of the layer above, or another product's
+            k = None if w is None else above.get(w.untyped_storage().data_ptr())
+            if k is not None:
+                x = getattr(u, _PRODUCTS[kind])  # (T·n, D·H): layer k - 1's states
+                if x is not None and x.dim() == 2 and x.shape[1] == D * H:
+                    states.update(((k - 1, d), x[:, d * H : (d + 1) * H]) for d in range(D))
+        queue.extend(v for v, _ in u.next_functions if type(v).__name__ != "AccumulateGrad")
     return Inner(states, ()) if states else None
 
 
@@ -596,7 +626,7 @@ def _pieces(
 
 
 def _unpack(inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[tuple[int, int], Tensor], Any]:
-    """The call's own arguments, the states :func:`lstm_inner` read from the graph (keyed
+    """The call's own arguments, the states :func:`rnn_inner` read from the graph (keyed
     ``(layer, direction)``; none where it read none) and the call's output (None without)."""
     output = None
     if inputs and isinstance(inputs[-1], Output):
@@ -726,7 +756,7 @@ RNN, LSTM, GRU = (
             rnn_weighted_sum,
             raw_layout=True,
             prepare=_pieces,
-            inner=lstm_inner if cls is nn.LSTM else None,
+            inner=rnn_inner,
             output=True,
             split=Split(_split_able, _split_run),
         ),
