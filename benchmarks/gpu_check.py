@@ -13,8 +13,11 @@
 5. Profiles of one plain and one clipped step of the GPT and ResNet-18 problems.
 6. CUDA graphs: replayed steps checked against eager ones, and the zoo timed as graphs.
 
-``--parts`` picks some of them (run in the order check, graphs, zoo, stacks, variants,
-profiles, outer), to fit a short device session.
+7. The recurrent classifiers, and what the backward split at the recurrent layer and
+   the top layer's states read from its output save (each switched off and on).
+
+``--parts`` picks some of them (run in the order check, graphs, zoo, stacks, recurrent,
+variants, profiles, outer), to fit a short device session.
 
 Results go to ``OUT/gpu_check.json`` (a plot and the profiles beside it), a summary to
 stdout last.
@@ -83,8 +86,11 @@ def small_problems(device: str) -> dict[str, Callable[[], bench.Problem]]:
         "convnext": lambda: bench.convnext_problem(3, (4, 8), device, stochastic_depth=0.0),
         # cross-attention (key is value) read from the graph
         "seq2seq": lambda: bench.seq2seq_problem(3, 1, 8, 2, 4, 11, 0.0, device),
-        # the LSTM's backward by hand, on the device's fused kernel
+        # the recurrent layers' backward by hand, on the device's fused kernels, with the
+        # backward split at them (the embedding below)
         "lstm": lambda: bench.lstm_problem(batch=3, T=4, hidden=6, device=device),
+        "gru": lambda: bench.lstm_problem(batch=3, T=4, hidden=6, device=device, kind="GRU"),
+        "rnn": lambda: bench.lstm_problem(batch=3, T=4, hidden=6, device=device, kind="RNN"),
     }
 
 
@@ -282,6 +288,31 @@ def graphs(device: str, repeats: int) -> dict[str, Any]:
     return report
 
 
+def recurrent(device: str, repeats: int) -> dict[str, Any]:
+    """The recurrent classifiers (``indigrad bench --problems lstm,gru,rnn``), and what the
+    backward split at the layer and the top layer's states read from the output save,
+    each switched off and on alternately (``benchmarks/recurrent_paths.py``)."""
+    import recurrent_paths
+
+    report: dict[str, Any] = {}
+    for key in ("lstm", "gru", "rnn"):
+        problem = bench.extras(device)[key]()
+        results = bench.run(problem, ["plain", "norms", "clipped", "grads"], repeats=repeats)
+        print(bench.table(problem, results), flush=True)
+        entry: dict[str, Any] = {"name": problem.name, "results": results}
+        for switch in ("split", "output"):
+            ratios = recurrent_paths.compare(problem, switch, max(5, repeats // 2))
+            entry[switch] = ratios
+            cells = ", ".join(
+                f"{m} {a:.2f}× → {b:.2f}×" for m, (a, b) in ratios.items() if m != "plain"
+            )
+            print(f"{key}, {switch} off → on: {cells}", flush=True)
+        report[key] = entry
+        del problem
+        _empty_cache(device)
+    return report
+
+
 def _pytest(name: str) -> dict[str, str]:
     """Each test of ``tests/<name>``: "ok", "skipped" or its failure (pytest, installed
     beside this script on the device from the wheels it is given)."""
@@ -414,7 +445,7 @@ def _sync(device: str) -> None:
 
 
 # the parts of a run, in the order they run: the figures the issues ask for first
-PARTS = ["check", "graphs", "zoo", "stacks", "variants", "profiles", "outer"]
+PARTS = ["check", "graphs", "zoo", "stacks", "recurrent", "variants", "profiles", "outer"]
 
 
 def main() -> None:
@@ -465,6 +496,9 @@ def main() -> None:
     if "stacks" in parts:
         report["stacks"] = stacks(device, args.repeats)
         save()
+    if "recurrent" in parts:
+        report["recurrent"] = recurrent(device, args.repeats)
+        save()
     if "variants" in parts:
         report["variants"] = cost_variants(device, max(5, args.repeats // 2))
         report["without_gc"] = without_gc(device, args.repeats)
@@ -489,7 +523,8 @@ def summary(report: dict[str, Any], header: str) -> None:
     failed = {k: v for k, v in checks.items() if v.split(" (")[0] != "ok"}
     print(f"checks: {len(checks) - len(failed)} ok; not ok: {failed or 'none'}")
     graphed = {f"{k} graphed": v for k, v in report.get("graphs", {}).items() if k != "check"}
-    for key, entry in {**graphed, **report.get("zoo", {})}.items():
+    timed = {**graphed, **report.get("zoo", {}), **report.get("recurrent", {})}
+    for key, entry in timed.items():
         cells = []
         for method, r in entry["results"].items():
             if "ratio" in r:

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from indigrad import _split, bench
 from indigrad.bench.methods import METHODS
 from indigrad.rules import recurrent
@@ -54,36 +56,49 @@ def _switches(name: str) -> tuple[Callable[[bool], None], Callable[[], None]]:
     return set_path, lambda: setattr(recurrent, "_by_hand", by_hand)
 
 
+def compare(problem: bench.Problem, switch: str, rounds: int) -> dict[str, tuple[float, float]]:
+    """Each quantity's step with the path ``switch`` off and on, as ratios to the plain
+    step: ``{method: (off, on)}``, and ``"plain"``: its milliseconds (twice)."""
+    set_path, restore = _switches(switch)
+    cuda = problem.x.device.type == "cuda"
+    try:
+        steps = {m: METHODS[m](problem) for m in ("plain", *QUANTITIES)}
+        times: dict[tuple[str, bool], list[float]] = {}
+        for r in range(rounds + 3):  # the first three rounds warm up
+            for on in (True, False) if r % 2 else (False, True):
+                set_path(on)
+                for method, step in steps.items():
+                    if method == "plain" and not on:
+                        continue
+                    start = time.perf_counter()
+                    step()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    if r >= 3:
+                        elapsed = (time.perf_counter() - start) * 1e3
+                        times.setdefault((method, on), []).append(elapsed)
+    finally:
+        restore()
+    base = statistics.median(times["plain", True])
+    out = {"plain": (base, base)}
+    for method in QUANTITIES:
+        off, on_ = (statistics.median(times[method, s]) / base for s in (False, True))
+        out[method] = (off, on_)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--switch", choices=["split", "output", "graph"], default="split")
     parser.add_argument("--kinds", default="LSTM,GRU,RNN")
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
-    switch, restore = _switches(args.switch)
-    try:
-        for kind in args.kinds.split(","):
-            problem = bench.lstm_problem(kind=kind)
-            steps = {m: METHODS[m](problem) for m in ("plain", *QUANTITIES)}
-            times: dict[tuple[str, bool], list[float]] = {}
-            for r in range(args.rounds + 3):
-                for on in (True, False) if r % 2 else (False, True):
-                    switch(on)
-                    for method, step in steps.items():
-                        if method == "plain" and not on:
-                            continue
-                        start = time.perf_counter()
-                        step()
-                        if r >= 3:
-                            elapsed = (time.perf_counter() - start) * 1e3
-                            times.setdefault((method, on), []).append(elapsed)
-            base = statistics.median(times["plain", True])
-            print(f"{problem.name}: plain {base:.1f} ms; × plain, {args.switch} off → on")
-            for method in QUANTITIES:
-                off, on_ = (statistics.median(times[method, s]) / base for s in (False, True))
-                print(f"  {method:<8} {off:.2f}× → {on_:.2f}×")
-    finally:
-        restore()
+    for kind in args.kinds.split(","):
+        problem = bench.lstm_problem(kind=kind)
+        result = compare(problem, args.switch, args.rounds)
+        print(f"{problem.name}: plain {result['plain'][0]:.1f} ms; × plain, {args.switch} off → on")
+        for method in QUANTITIES:
+            print(f"  {method:<8} {result[method][0]:.2f}× → {result[method][1]:.2f}×")
 
 
 if __name__ == "__main__":
