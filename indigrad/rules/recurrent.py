@@ -431,6 +431,23 @@ def _start(like: Tensor, given: Tensor | None) -> Tensor:
     return like.new_zeros(like.shape[0], like.shape[2]) if given is None else given
 
 
+def _steps(T: int, reverse: bool) -> list[tuple[int, int | None]]:
+    """Each step of a backward through time (:func:`_order`) with the one after it, None
+    after the last: the next step's ``G`` is added where the carry to it is made, in the
+    same operation, and the last step makes no carry (it would be the gradient at h0,
+    which the rule does not need)."""
+    order = list(_order(T, reverse))
+    return list(zip(order, [*order[1:], None], strict=True))
+
+
+def _first(like: Tensor, given: Tensor | None, Ghs: Sequence[Tensor] | None, t: int) -> Tensor:
+    """The gradient at the state of the backward's first step ``t`` (n, H): the one
+    given at the final state (or zeros), plus the step's ``G``."""
+    if Ghs is None:
+        return _start(like, given)
+    return Ghs[t] if given is None else given + Ghs[t]
+
+
 class _Cells(Protocol):
     """One layer and direction's forward, kept for its backward through time."""
 
@@ -476,14 +493,17 @@ class _LSTMCells:
         )
         Ks, fs = K.unbind(1), f.unbind(1)  # T × (n, 4H), T × (n, H)
         Ghs = None if Gh is None else Gh.unbind(1)  # T × (n, H)
-        dh, dc = _start(c, g_hn), _start(c, g_cn)  # (n, H) each
+        steps = _steps(c.shape[1], reverse)
+        dh, dc = _first(c, g_hn, Ghs, steps[0][0]), _start(c, g_cn)  # (n, H) each
         dzs = list(Ks)  # T × (n, 4H), filled below
-        for t in _order(c.shape[1], reverse):
-            if Ghs is not None:
-                dh = dh + Ghs[t]  # (n, H)
+        W = self.W_hh
+        for t, after in steps:
             dc = torch.addcmul(dc, dh, from_dh[t])  # (n, H)
             dz = dzs[t] = Ks[t] * torch.cat([dc, dc, dc, dh], 1)  # (n, 4H)
-            dh = torch.mm(dz, self.W_hh)  # (n, H)
+            if after is None:
+                break
+            # dz W_hh, plus the next step's G where there is one: (n, H)
+            dh = torch.mm(dz, W) if Ghs is None else torch.addmm(Ghs[after], dz, W)
             dc = dc * fs[t]  # (n, H)
         dz = torch.stack(dzs, 1)  # (n, T, 4H)
         return dz, dz
@@ -526,16 +546,21 @@ class _GRUCells:
     ) -> tuple[Tensor, Tensor]:
         """``dgi``, ``dgh`` (n, T, 3H), given the gradient ``Gh`` (n, T, H) at the states
         and ``g_hn`` at the final state: ``dh_t = G_t + dh_{t+1} z_{t+1} + dgh_{t+1} W_hh``."""
-        Ks, zs = self.K_gh.unbind(1), self.z.unbind(1)  # T × (n, 3H), T × (n, H)
+        n, T, H = self.z.shape
+        Ks = self.K_gh.view(n, T, 3, H).unbind(1)  # T × (n, 3, H)
+        zs = self.z.unbind(1)  # T × (n, H)
         Ghs = None if Gh is None else Gh.unbind(1)  # T × (n, H)
-        dh = _start(self.prev, g_hn)  # (n, H)
+        steps = _steps(T, reverse)
+        dh = _first(self.prev, g_hn, Ghs, steps[0][0])  # (n, H)
         dhs = list(zs)  # T × (n, H), filled below
-        for t in _order(len(zs), reverse):
-            if Ghs is not None:
-                dh = dh + Ghs[t]  # (n, H)
+        for t, after in steps:
             dhs[t] = dh
-            dgh = Ks[t] * torch.cat([dh, dh, dh], 1)  # (n, 3H)
-            dh = torch.addmm(dh * zs[t], dgh, self.W_hh)  # (n, H)
+            if after is None:
+                break
+            dgh = (Ks[t] * dh[:, None]).view(n, 3 * H)  # (n, 3H): K ⊙ [dh, dh, dh]
+            # dh z, plus the next step's G where there is one: (n, H)
+            carry = dh * zs[t] if Ghs is None else torch.addcmul(Ghs[after], dh, zs[t])
+            dh = torch.addmm(carry, dgh, self.W_hh)  # (n, H)
         dh3 = torch.stack(dhs, 1).repeat(1, 1, 3)  # (n, T, 3H)
         return self.K_gi * dh3, self.K_gh * dh3
 
@@ -581,13 +606,15 @@ class _RNNCells:
         ``dz_t = (G_t + dz_{t+1} W_hh) ⊙ act′``."""
         slopes = self.slope.unbind(1)  # T × (n, H)
         Ghs = None if Gh is None else Gh.unbind(1)  # T × (n, H)
-        dh = _start(self.prev, g_hn)  # (n, H)
+        steps = _steps(len(slopes), reverse)
+        dh = _first(self.prev, g_hn, Ghs, steps[0][0])  # (n, H)
         dzs = list(slopes)  # T × (n, H), filled below
-        for t in _order(len(slopes), reverse):
-            if Ghs is not None:
-                dh = dh + Ghs[t]  # (n, H)
+        for t, after in steps:
             dz = dzs[t] = dh * slopes[t]  # (n, H)
-            dh = torch.mm(dz, self.W_hh)  # (n, H)
+            if after is None:
+                break
+            # dz W_hh, plus the next step's G where there is one: (n, H)
+            dh = torch.mm(dz, self.W_hh) if Ghs is None else torch.addmm(Ghs[after], dz, self.W_hh)
         dz = torch.stack(dzs, 1)  # (n, T, H)
         return dz, dz
 
