@@ -244,11 +244,12 @@ def _by_hand(
     ``x{s}``, ``h{s}`` and the gradients ``gi{s}``, ``gh{s}`` (n, T, k·H) at their outputs,
     for every layer and direction, without recomputing the recurrence step by step under
     autograd. Each layer's states come from the graph, from the call's output (the top
-    layer) or from one call of the fused kernel; its gates from two batched products (an LSTM's cells from a loop of one op per
-    step); the backward through the cells and states is written out (:class:`_LSTMCells`,
-    :class:`_GRUCells`, :class:`_RNNCells`), a few ops per step, from the top layer down;
-    the layer below's G is ``Σ_directions dgi W_ih``, and with ``input_grad`` so is the
-    gradient at the input ``x`` (n, T, d_in), returned last (None without).
+    layer) or from one call of the fused kernel; its gates from two batched products (an
+    LSTM's cells from a loop of one op per step); the backward through the cells and
+    states is written out (:class:`_LSTMCells`, :class:`_GRUCells`, :class:`_RNNCells`), a
+    few ops per step, from the top layer down; the layer below's G is ``Σ_directions dgi
+    W_ih``, and with ``input_grad`` so is the gradient at the input ``x`` (n, T, d_in),
+    returned last (None without).
 
     ``states``: layers' and directions' states as the forward saved them, ``(T, n, H)``
     or ``(T·n, H)`` (:func:`rnn_inner`, CPU); ``output``: the call's output, whose
