@@ -12,11 +12,14 @@ not below the cut, the cut's outputs among them; then the cut's rule runs
 from that input, with that gradient, to the edges below. Autograd never runs the cut's
 own backward: nothing in the first part needs it, and the second starts under it.
 
-This is exact only where the losses reach the graph below the cut through the cut
-alone. :func:`plan` checks that for each candidate by walking the graph from the losses
-without entering the cut: a skip connection around the layer, or an initial state
-computed from below, leaves the call as it is (one backward through it). Cuts below
-cuts (stacked recurrent modules) take one part each, from the top down.
+This is exact only where the losses reach the graph below the cut through the cut's input
+alone. :func:`plan` checks that for each candidate by walking the graph: from the losses
+without entering the cut's outputs (a skip connection around the layer), and from its
+other inputs (an initial state computed from below). Either leaves the call as it is: one
+backward through it. What the call reads besides its inputs is the rule's to vouch for
+(``Split.able``: a recurrent layer's weights must be its own parameters, not tensors
+computed in the graph). Cuts below cuts (stacked recurrent modules) take one part each,
+from the top down.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def plan(
     (``inputs(call)``: the rule's inputs; ``raw(call)``: the call's own arguments), with
     requested edges below them, and whose graph below the losses reach through the call
     alone. ``spans[k]`` is the range of ``calls[k]``'s edges in ``edges``."""
+    if any(isinstance(e.node, _ACCUMULATE) for e in edges):
+        return []  # a parameter's own edge: the walks below leave accumulators out
     cuts = []
     for call, span in zip(calls, spans, strict=True):
         rule = call.rule
@@ -67,8 +72,11 @@ def plan(
         below = _reach([x.grad_fn])  # empty for a leaf
         if not any(edges[i].node in below for i in range(len(edges)) if i not in span):
             continue  # nothing below is asked for: the backward does not go there anyway
-        if _reaches(root, below, {e.node for e in call.edges}):
+        outputs = {e.node for e in call.edges}
+        if _reaches([root], below, outputs):
             continue  # a path around the call
+        if _reaches([b for b in call.boundary if b is not x.grad_fn], below, set()):
+            continue  # another input (an initial state) computed from the graph below
         cuts.append(Cut(call, x, below, span))
     return cuts
 
@@ -86,11 +94,11 @@ def _reach(start: list[Any]) -> set[Any]:
     return seen
 
 
-def _reaches(root: Any, targets: set[Any], through: set[Any]) -> bool:
-    """Whether the backward from ``root`` reaches any of ``targets`` without passing
+def _reaches(start: list[Any], targets: set[Any], through: set[Any]) -> bool:
+    """Whether the backward from ``start`` reaches any of ``targets`` without passing
     through a node of ``through``."""
     seen: set[Any] = set()
-    stack = [root]
+    stack = list(start)
     while stack:
         u = stack.pop()
         if u is None or u in seen or u in through:

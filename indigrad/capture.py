@@ -79,7 +79,8 @@ class _Call:
     inner: list[GradientEdge] = field(default_factory=list)  # edges inside the call
     inner_grads: tuple[Tensor | None, ...] = ()  # their gradients
     prepared: Prepared | None = None  # the rule's ``prepare`` result, where the backward split
-    output: Any = None  # the call's output, detached, for a rule that asks for it
+    # the call's output, detached, and its tensors' versions, for a rule that asks for it
+    output: tuple[Any, list[tuple[Tensor, int]]] | None = None
 
     @property
     def label(self) -> str:
@@ -387,7 +388,7 @@ class capture:
                     questioned=questioned,
                     training=module.training,
                     rule=rule,
-                    output=tree_map(_detach, output) if rule is not None and rule.output else None,
+                    output=_kept(output) if rule is not None and rule.output else None,
                 )
             )
             self._consumed = False
@@ -621,6 +622,13 @@ class _GlobalHook:
 
 def _detach(t: Any) -> Any:
     return t.detach() if isinstance(t, Tensor) else t
+
+
+def _kept(output: Any) -> tuple[Any, list[tuple[Tensor, int]]]:
+    """A call's output for its rule (``Rule.output``): detached, with each tensor's
+    version counter at call time (shared with the output's), to see an in-place change."""
+    kept = tree_map(_detach, output)
+    return kept, [(t, t._version) for t in tree_flatten(kept)[0] if isinstance(t, Tensor)]
 
 
 def _edge(t: Tensor) -> GradientEdge:

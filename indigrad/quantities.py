@@ -36,7 +36,7 @@ def rule_inputs(cap: capture, call: _Call, n: int) -> tuple[Any, ...]:
     """The ``inputs`` a call's rule takes: its positional arguments, batch first (unless
     the rule has a raw layout) in the parameters' precision, then what the rule's
     ``saved`` and ``inner`` took from the graph, then the call's output where the rule
-    asks for it."""
+    asks for it (and nothing has changed it in place since)."""
     rule = call.rule
     assert rule is not None
     bd = 0 if rule.raw_layout else cap.batch_dim  # raw: nothing is moved
@@ -47,7 +47,9 @@ def rule_inputs(cap: capture, call: _Call, n: int) -> tuple[Any, ...]:
     if rule.inner is not None and call.inner_value is not None:
         inputs += (Taken(call.inner_value, call.inner_grads),)
     if rule.output and call.output is not None:
-        inputs += (Output(call.output),)
+        value, versions = call.output
+        if all(t._version == version for t, version in versions):  # not changed in place
+            inputs += (Output(value),)
     return inputs
 
 

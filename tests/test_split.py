@@ -4,6 +4,7 @@ where a path goes around the layer, the backward is not split."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 import indigrad
 from indigrad import _split
-from indigrad.rules import recurrent
+from indigrad.rules import Split, recurrent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -259,3 +260,107 @@ def test_a_parameter_used_below_the_cut(checkpointed, spied):
 
     indigrad.testing.check(model, losses, ids, y, max_norm=0.5)
     assert spied and all(cuts == ["enc.lstm"] for cuts in spied)
+
+
+class FromBelow(nn.Module):
+    """An LSTM whose initial state is computed from the layer below its input, given as
+    a list (which ``nn.LSTM`` takes as it takes a tuple)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(E, E)
+        self.rnn = nn.LSTM(E, E, batch_first=True)
+        self.head = nn.Linear(E, K)
+
+    def forward(self, x: Tensor) -> Tensor:  # (n, T, E)
+        z = torch.tanh(self.lin(x))  # (n, T, E)
+        h0 = z.mean(1)[None]  # (1, n, E)
+        return self.head(self.rnn(z, [h0, torch.zeros_like(h0)])[0].mean(1))  # (n, K)
+
+
+def _regression_losses(model: nn.Module) -> Any:
+    def losses(x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(model(x), y, reduction="none")  # (n,)
+
+    return losses
+
+
+def _features() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, E, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, K, (4,), generator=g)
+
+
+def test_an_initial_state_from_below_keeps_one_backward(spied):
+    torch.manual_seed(0)
+    model = FromBelow().double()
+    indigrad.testing.check(model, _regression_losses(model), *_features(), max_norm=0.5)
+    assert spied and all(cuts == [] for cuts in spied)
+
+
+def test_the_walk_refuses_a_path_through_the_layer_by_itself(spied):
+    """With the rule's own test of the initial state switched off, the walk from the
+    layer's outputs still finds the path from h0 into the graph below."""
+    able = Split(lambda module, inputs: True, recurrent._split_run)
+    indigrad.register_rule(nn.LSTM, dataclasses.replace(recurrent.LSTM, split=able))
+    try:
+        torch.manual_seed(0)
+        model = FromBelow().double()
+        indigrad.testing.check(model, _regression_losses(model), *_features(), max_norm=0.5)
+    finally:
+        indigrad.register_rule(nn.LSTM, recurrent.LSTM)
+    assert spied and all(cuts == [] for cuts in spied)
+
+
+class ChangedAfter(nn.Module):
+    """A recurrent layer whose output an in-place op changes after the call."""
+
+    def __init__(self, cls: type[nn.RNNBase], how: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(E, E)
+        self.rnn = cls(E, E, num_layers=2, batch_first=True)
+        self.head = nn.Linear(E, K)
+        self.how = how
+
+    def forward(self, x: Tensor) -> Tensor:  # (n, T, E)
+        z = torch.tanh(self.lin(x))  # (n, T, E)
+        out = self.rnn(z)[0]  # (n, T, E)
+        if self.how == "add":
+            out += z  # a path around the layer too: no split
+        elif self.how == "mul":
+            out.mul_(2)
+        else:
+            out[:, 0] = 0
+        return self.head(out.mean(1))  # (n, K)
+
+
+@pytest.mark.parametrize("how", ["add", "mul", "setitem"])
+@pytest.mark.parametrize("cls", MODES, ids=lambda c: c.__name__)
+def test_an_output_changed_in_place_is_not_read(cls, how, spied):
+    """The top layer's states are not read from an output changed after the call."""
+    torch.manual_seed(0)
+    model = ChangedAfter(cls, how).double()
+    indigrad.testing.check(model, _regression_losses(model), *_features(), max_norm=0.5)
+    assert spied
+
+
+@pytest.mark.parametrize("cls", MODES, ids=lambda c: c.__name__)
+def test_parameters_in_one_buffer(cls):
+    """Weights that are views of one flat buffer (``vector_to_parameters``): the layers'
+    products are told apart by where their weights' elements are, not by the buffer."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    torch.manual_seed(0)
+    model = Tagger(cls, {"num_layers": 3, "bidirectional": True}).double()
+    vector_to_parameters(parameters_to_vector(model.parameters()).clone(), model.parameters())
+    indigrad.testing.check(model, _losses(model), *_batch(), max_norm=0.5)
+
+
+def test_a_parametrized_layer_keeps_one_backward(spied):
+    """Weights computed in the graph (a parametrization) could carry a path from below
+    that no walk of the inputs sees: such a layer is not split."""
+    torch.manual_seed(0)
+    model = Tagger(nn.GRU, {"num_layers": 2}).double()
+    torch.nn.utils.parametrizations.weight_norm(model.rnn, "weight_hh_l0")
+    indigrad.testing.check(model, _losses(model), *_batch(), max_norm=0.5)
+    assert spied and all(cuts == [] for cuts in spied)

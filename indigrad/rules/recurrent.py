@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.utils._pytree import tree_flatten
 
 from .linear import linear_grads, linear_sq_norms, linear_weighted_sum
 from .registry import Inner, Output, Rule, Split, Taken, prepared, register_rule
@@ -383,7 +384,11 @@ def rnn_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner | None
         (getattr(rnn, f"weight_ih{_suffix(k, d)}"), k, d) for k in range(L) for d in range(D)
     ]
     keys = {id(w): (k, d) for w, k, d in weights}  # an LSTM layer node's own weight
-    above = {w.untyped_storage().data_ptr(): k for w, k, _ in weights if k > 0}
+    # a product's W_ihᵀ by its memory, shape and strides (parameters may share a buffer)
+    above = {_where(w.T): k for w, k, _ in weights if k > 0}
+    hh = [getattr(rnn, f"weight_hh{_suffix(k, d)}").T for k in range(L) for d in range(D)]
+    if len(above) < (L - 1) * D or any(_where(w) in above for w in hh):
+        return None  # weights that alias one another: a product's layer is not known
     wanted = (L - 1) * D
     states: dict[tuple[int, int], Tensor] = {}
     seen: set[Any] = set()
@@ -400,7 +405,7 @@ def rnn_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner | None
                 states[key] = u._saved_result0  # (T, n, H)
         elif kind in _PRODUCTS:
             w = u._saved_mat2  # W_ihᵀ of the layer above, or another product's
-            k = None if w is None else above.get(w.untyped_storage().data_ptr())
+            k = None if w is None else above.get(_where(w))
             if k is not None:
                 x = getattr(u, _PRODUCTS[kind])  # (T·n, D·H): layer k - 1's states
                 if x is not None and x.dim() == 2 and x.shape[1] == D * H:
@@ -430,6 +435,11 @@ def _order(T: int, reverse: bool) -> range:
 def _start(like: Tensor, given: Tensor | None) -> Tensor:
     """The gradient at the final state or cell (n, H): the one given, or zeros."""
     return like.new_zeros(like.shape[0], like.shape[2]) if given is None else given
+
+
+def _where(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """Where a tensor's elements are: its first element's address, its shape, its strides."""
+    return t.data_ptr(), tuple(t.shape), t.stride()
 
 
 def _steps(T: int, reverse: bool) -> list[tuple[int, int | None]]:
@@ -712,12 +722,11 @@ def _prepare(
 
 def _split_able(module: nn.Module, inputs: tuple[Any, ...]) -> bool:
     """Whether :func:`_split_run` gives the input's gradient: a padded input that needs
-    one, no initial state that needs one, and the backward by hand (no projection, one
-    precision)."""
+    one, no initial state that needs one, weights that are the module's own parameters
+    (not parametrized), and the backward by hand (no projection, one precision)."""
     inputs = _unpack(inputs)[0]
     rnn = cast(nn.RNNBase, module)
-    x, hx = inputs[0], inputs[1] if len(inputs) > 1 else None
-    states = [hx] if isinstance(hx, Tensor) else list(hx) if isinstance(hx, tuple) else []
+    x, rest = inputs[0], tree_flatten(inputs[1:])[0]  # the initial state in any container
     return (
         _FUSED
         and rnn.mode in _MODES
@@ -727,7 +736,9 @@ def _split_able(module: nn.Module, inputs: tuple[Any, ...]) -> bool:
         and x.dim() == 3
         and x.requires_grad
         and x.dtype == rnn.weight_ih_l0.dtype
-        and not any(isinstance(h, Tensor) and h.requires_grad for h in states)
+        and not any(isinstance(t, Tensor) and t.requires_grad for t in rest)
+        # its own parameters: not parametrized, nor tensors computed in the graph
+        and all(isinstance(rnn._parameters.get(k), nn.Parameter) for k in rnn._flat_weights_names)
     )
 
 

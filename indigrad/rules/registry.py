@@ -105,7 +105,8 @@ class Rule:
         output: the rule's ``inputs`` end with ``Output(value)``, the call's output as
             the forward returned it (its tensors detached), for a rule that reads what
             the forward computed rather than computing it again (a recurrent layer's
-            top-layer states).
+            top-layer states). Where an in-place op changed the output after the call
+            (``out += x``), there is no such entry.
         split: a :class:`Split`, for a rule with a ``prepare`` whose work yields the
             gradient at the call's input as well (a recurrence's backward through time):
             the backward below the call then starts from that gradient, and autograd's
@@ -138,12 +139,15 @@ class Split(NamedTuple):
     edge not below the call), then from that gradient at the input to the edges below,
     so that autograd's backward of the call (a fused RNN kernel's, say) is skipped.
     indigrad splits only where every path from the losses to the graph below the call
-    passes through the call, and the call's only differentiable input is its first.
+    passes through the call's first input.
 
     Attributes:
         able: ``(module, inputs) -> bool``, before the backward: whether ``run`` will
             give the input's gradient for this call (``inputs`` as the rule gets them,
-            without ``G``).
+            without ``G``). True only where the call reads nothing that requires grad
+            but its inputs and its module's own parameters (not tensors computed in the
+            graph, as a parametrization's are): indigrad checks the inputs' paths, not
+            what the module reads otherwise.
         run: ``(module, inputs, G) -> (prepared, grad)``: the rule's ``prepare`` result
             for the call, and the gradient at ``inputs[0]`` (its shape and layout),
             None where none reaches it.
