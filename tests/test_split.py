@@ -347,13 +347,27 @@ def test_an_output_changed_in_place_is_not_read(cls, how, spied):
 @pytest.mark.parametrize("cls", MODES, ids=lambda c: c.__name__)
 def test_parameters_in_one_buffer(cls):
     """Weights that are views of one flat buffer (``vector_to_parameters``): the layers'
-    products are told apart by where their weights' elements are, not by the buffer."""
+    products are told apart by where their weights' elements are, not by the buffer.
+    (At these sizes a product of the wrong layer has the right size to be taken.)"""
     from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
     torch.manual_seed(0)
-    model = Tagger(cls, {"num_layers": 3, "bidirectional": True}).double()
+    model = nn.ModuleDict(
+        {
+            "lin": nn.Linear(3, 3),
+            "rnn": cls(3, 2, num_layers=3, batch_first=True, bidirectional=True),
+            "head": nn.Linear(4, 1),
+        }
+    ).double()
     vector_to_parameters(parameters_to_vector(model.parameters()).clone(), model.parameters())
-    indigrad.testing.check(model, _losses(model), *_batch(), max_norm=0.5)
+
+    def losses(x: Tensor, y: Tensor) -> Tensor:
+        out = model["rnn"](torch.tanh(model["lin"](x)))[0]  # (n, T, 4)
+        return (model["head"](out.mean(1)).squeeze(-1) - y) ** 2  # (n,)
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(3, 4, 3, generator=g, dtype=torch.float64), torch.randn(3, generator=g)
+    indigrad.testing.check(model, losses, x, y.double())
 
 
 def test_a_parametrized_layer_keeps_one_backward(spied):
