@@ -257,10 +257,8 @@ def _by_hand(
     sequence is the top layer's states. A layer without either is run again.
     None for the other forms (the recurrence is then recomputed under autograd)."""
     x = inputs[0]
-    if rnn.proj_size or isinstance(x, PackedSequence):
+    if not _by_hand_takes(rnn, x):
         return None
-    if x.dtype != rnn.weight_ih_l0.dtype:
-        return None  # the unrolled recurrence says what it makes of mixed precisions
     hx = inputs[1] if len(inputs) > 1 else None
     g_out, g_state = G
     if g_out is not None:
@@ -334,6 +332,16 @@ def _by_hand(
     return values, grads, G_layer if input_grad else None
 
 
+def _by_hand_takes(rnn: nn.RNNBase, x: Any) -> bool:
+    """Whether :func:`_by_hand` takes a call on input ``x``: no projection, a padded input,
+    and one precision (the unrolled recurrence says what it makes of mixed ones)."""
+    return (
+        not rnn.proj_size
+        and not isinstance(x, PackedSequence)
+        and x.dtype == rnn.weight_ih_l0.dtype
+    )
+
+
 def _saved(
     states: dict[tuple[int, int], Tensor], layer: int, D: int, nT: Any, H: int
 ) -> Tensor | None:
@@ -386,10 +394,10 @@ def rnn_inner(module: nn.Module, node: Any, stop: Sequence[Any]) -> Inner | None
     keys = {id(w): (k, d) for w, k, d in weights}  # an LSTM layer node's own weight
     # a product's W_ihᵀ by its memory, shape and strides (parameters may share a buffer)
     above = {_where(w.T): k for w, k, _ in weights if k > 0}
+    wanted = (L - 1) * D  # the states of every layer below the top, each direction
     hh = [getattr(rnn, f"weight_hh{_suffix(k, d)}").T for k in range(L) for d in range(D)]
-    if len(above) < (L - 1) * D or any(_where(w) in above for w in hh):
+    if len(above) < wanted or any(_where(w) in above for w in hh):
         return None  # weights that alias one another: a product's layer is not known
-    wanted = (L - 1) * D
     states: dict[tuple[int, int], Tensor] = {}
     seen: set[Any] = set()
     queue = collections.deque([node])
@@ -730,12 +738,11 @@ def _split_able(module: nn.Module, inputs: tuple[Any, ...]) -> bool:
     return (
         _FUSED
         and rnn.mode in _MODES
-        and not rnn.proj_size
         and not (rnn.training and rnn.dropout > 0 and rnn.num_layers > 1)
         and isinstance(x, Tensor)
         and x.dim() == 3
         and x.requires_grad
-        and x.dtype == rnn.weight_ih_l0.dtype
+        and _by_hand_takes(rnn, x)
         and not any(isinstance(t, Tensor) and t.requires_grad for t in rest)
         # its own parameters: not parametrized, nor tensors computed in the graph
         and all(isinstance(rnn._parameters.get(k), nn.Parameter) for k in rnn._flat_weights_names)
