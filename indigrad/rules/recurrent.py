@@ -300,10 +300,14 @@ def _by_hand(
                 h = h0[layer * D : (layer + 1) * D]  # (D, n, H)
                 state = (h, c0[layer * D : (layer + 1) * D]) if c0 is not None else h
                 out = _run_layer(rnn, layer_in, state, weights)
-            dirs = [
-                cells_of(rnn, layer, d, layer_in, out[..., d * H : (d + 1) * H], h0, c0)
-                for d in range(D)
-            ]
+            dirs = []
+            for d in range(D):
+                k = layer * D + d  # the layer and direction's initial state
+                hs = out[..., d * H : (d + 1) * H]  # (n, T, H)
+                prev = _previous(hs, h0[k], d == 1)  # (n, T, H)
+                dirs.append(
+                    cells_of(rnn, layer, d, layer_in, hs, prev, None if c0 is None else c0[k])
+                )
             layers.append((layer_in, dirs))
             layer_in = out  # (n, T, D·H)
         values: dict[str, Tensor] = {}
@@ -529,24 +533,23 @@ class _LSTMCells:
 
 
 def _lstm_cells(
-    rnn: nn.RNNBase, layer: int, d: int, x: Tensor, hs: Tensor, h0: Tensor, c0: Tensor | None
+    rnn: nn.RNNBase, layer: int, d: int, x: Tensor, hs: Tensor, prev: Tensor, c0: Tensor | None
 ) -> _LSTMCells:
-    """The gates and cells of one direction from its input ``x`` and states ``hs``."""
+    """The gates and cells of one direction from its input ``x``, states ``hs``, previous
+    states ``prev`` and initial cell ``c0`` (n, H)."""
     assert c0 is not None
-    k = layer * (2 if rnn.bidirectional else 1) + d
-    prev = _previous(hs, h0[k], d == 1)  # (n, T, H)
     gi, gh = _gates(rnn, layer, d, x, prev)  # (n, T, 4H) each
     i, f, g, o = (gi + gh).chunk(4, 2)  # 4 × (n, T, H)
     i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
     ig, fs = (i * g).unbind(1), f.unbind(1)  # T × (n, H): one op each, not T slices
-    state = c0[k]  # (n, H)
+    state = c0  # (n, H)
     cs = list(ig)  # T × (n, H), filled in the direction's time order
     order = range(len(cs)) if d == 0 else range(len(cs) - 1, -1, -1)
     for t in order:
         state = cs[t] = torch.addcmul(ig[t], fs[t], state)  # f c + i g
     c = torch.stack(cs, 1)  # (n, T, H)
     W_hh = getattr(rnn, f"weight_hh{_suffix(layer, d)}")
-    return _LSTMCells(prev, i, f, g, o, c, _previous(c, c0[k], d == 1), W_hh)
+    return _LSTMCells(prev, i, f, g, o, c, _previous(c, c0, d == 1), W_hh)
 
 
 @dataclass
@@ -585,17 +588,15 @@ class _GRUCells:
 
 
 def _gru_cells(
-    rnn: nn.RNNBase, layer: int, d: int, x: Tensor, hs: Tensor, h0: Tensor, c0: Tensor | None
+    rnn: nn.RNNBase, layer: int, d: int, x: Tensor, hs: Tensor, prev: Tensor, c0: Tensor | None
 ) -> _GRUCells:
-    """The gates of one direction from its input ``x`` and states ``hs``, and the
-    derivatives of each state by its gates' pre-activations:
+    """The gates of one direction from its input ``x`` and previous states ``prev``, and
+    the derivatives of each state by its gates' pre-activations:
 
         r = σ(gi_r + gh_r),   z = σ(gi_z + gh_z),   ñ = tanh(gi_n + r gh_n)
         h = (1 − z) ñ + z h_{t−1}
         ∂h/∂(gi_n + r gh_n) = (1 − z)(1 − ñ²) = a,   ∂h/∂gh_n = a r
         ∂h/∂(gi_r + gh_r) = a gh_n r (1 − r),      ∂h/∂(gi_z + gh_z) = (h_{t−1} − ñ) z (1 − z)"""
-    k = layer * (2 if rnn.bidirectional else 1) + d
-    prev = _previous(hs, h0[k], d == 1)  # (n, T, H)
     gi, gh = _gates(rnn, layer, d, x, prev)  # (n, T, 3H) each
     gi_r, gi_z, gi_n = gi.chunk(3, 2)  # 3 × (n, T, H)
     gh_r, gh_z, gh_n = gh.chunk(3, 2)  # 3 × (n, T, H)
@@ -639,13 +640,12 @@ class _RNNCells:
 
 
 def _rnn_cells(
-    rnn: nn.RNNBase, layer: int, d: int, x: Tensor, hs: Tensor, h0: Tensor, c0: Tensor | None
+    rnn: nn.RNNBase, layer: int, d: int, x: Tensor, hs: Tensor, prev: Tensor, c0: Tensor | None
 ) -> _RNNCells:
     """The activation's derivative from the states ``hs`` themselves (no gates needed)."""
-    k = layer * (2 if rnn.bidirectional else 1) + d
     slope = 1 - hs * hs if rnn.mode == "RNN_TANH" else (hs > 0).to(hs.dtype)  # (n, T, H)
     W_hh = getattr(rnn, f"weight_hh{_suffix(layer, d)}")
-    return _RNNCells(_previous(hs, h0[k], d == 1), slope, W_hh)
+    return _RNNCells(prev, slope, W_hh)
 
 
 _CELLS: dict[str, Callable[..., _Cells]] = {
