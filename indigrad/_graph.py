@@ -391,7 +391,12 @@ def _boundary(leaves: Iterable[Any]) -> list[Any]:
     """Autograd nodes of the tensor inputs of a call, taken at call time."""
     nodes = []
     for t in leaves:
-        if isinstance(t, torch.Tensor) and t.requires_grad and not isinstance(t, nn.Parameter):
-            fn = t.grad_fn  # a leaf's node is its gradient accumulator, which takes longer
-            nodes.append(fn if fn is not None else get_gradient_edge(t).node)
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            fn = t.grad_fn
+            if fn is not None:
+                nodes.append(fn)
+            # a leaf's node is its gradient accumulator, which takes longer; a parameter's
+            # is not a boundary. (isinstance of nn.Parameter runs Python, so only here.)
+            elif not isinstance(t, nn.Parameter):
+                nodes.append(get_gradient_edge(t).node)
     return nodes

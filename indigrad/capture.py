@@ -37,7 +37,7 @@ from .rules import direct as _direct
 _Plan = tuple[nn.Module, str, dict[str, nn.Parameter], "Rule | None"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Call:
     """One recorded call of a module that owns trainable parameters."""
 
@@ -346,6 +346,7 @@ class capture:
                 )
                 questioned = (
                     batched
+                    and not boundary  # an input that requires grad: the common case
                     and not any(isinstance(t, Tensor) and t.requires_grad for t in in_leaves)
                     and self._questioned(in_leaves, n)
                 )
