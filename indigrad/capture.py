@@ -29,6 +29,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 from . import _reparam, _shared, _split
 from ._batch import has_batch
 from ._graph import View, _boundary, _check_accounted, confirm_batch, consumers_of
+from ._host import gc_paused
 from .quantities import PerExample, rule_G, rule_inputs
 from .rules import Prepared, Rule, lookup_rule
 from .rules import direct as _direct
@@ -399,6 +400,7 @@ class capture:
 
     # -- the backward -------------------------------------------------------------------
 
+    @gc_paused
     def backward(self, losses: Tensor) -> PerExample:
         """Run the one backward over the recorded forward and return its per-example view.
 

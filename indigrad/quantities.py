@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_unflatten
 
 from . import _reparam, _stack
 from ._batch import has_batch
+from ._host import gc_paused
 from ._joint import Joint
 from ._precision import _exact, _param_dtype, _upcast
 from .rules import Rule, _cost, tied
@@ -259,6 +260,7 @@ class PerExample:
         self._stacks: dict[int, _stack._Stacked] = {}  # same-shaped calls taken together
         self._group = cap._process_group
 
+    @gc_paused
     @_exact
     def grads(self) -> dict[str, Tensor]:
         """``{name: (n, *param.shape)}`` for every captured parameter, in
@@ -281,6 +283,7 @@ class PerExample:
         """``{name: (n,)}``: each parameter's per-example squared gradient norm."""
         return self._sq(clipping=False)
 
+    @gc_paused
     @_exact
     def _sq(
         self, clipping: bool, release: bool = False, joint: Joint | None = None
@@ -414,6 +417,7 @@ class PerExample:
         """``(n,)``: ``‖∇θ losses[i]‖₂`` over all captured parameters together."""
         return self._norms(clipping=False)
 
+    @gc_paused
     @_exact
     def _norms(self, clipping: bool, release: bool = False) -> Tensor:
         if not self._params:
@@ -439,6 +443,7 @@ class PerExample:
         convention); the returned norms are this rank's."""
         return self._clip(max_norm, release=False)
 
+    @gc_paused
     @_exact
     def _clip(self, max_norm: float, release: bool) -> Tensor:
         """:meth:`clip_`; with ``release``, each call's tensors are dropped as soon as its
