@@ -258,8 +258,8 @@ _group_norm_sums = _make_grads(_group_norm, _channels_second, params_last=False)
 
 
 @functools.lru_cache(maxsize=16)
-def _ones(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.ones(numel, dtype=dtype, device=device)  # a γ for the kernel: read only
+def _ones(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.ones(shape, dtype=dtype, device=device)  # a γ for the kernel: read only
 
 
 def _group_norm_saved(node: Any) -> tuple[Tensor, Tensor] | None:
@@ -278,32 +278,35 @@ def _group_norm_grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[s
         return _group_norm_sums(module, (x,), G)
     n, C = x.shape[:2]
     P, groups = x.numel() // (n * C), module.num_groups * n  # positions; groups of all
-    xf, Gf = x.view(1, n * C, P), G.view(1, n * C, P)  # one example of n·C channels
+    # The kernel reads its tensors by their element counts alone (one example of n·C
+    # channels, P positions each, in n·groups groups), so x and G go in as they are, and
+    # dγ and dβ come out shaped like the γ it is given, (n, C), in some torch releases
+    # (others make them (n·C,)): views only where needed, each a dispatch on the host.
     saved = inputs[-1] if len(inputs) > 1 else None  # the forward's statistics, if recorded
     if _statistics_of(saved, (n, module.num_groups), x) and all(t.is_contiguous() for t in saved):
         mean, rstd = saved  # (n, groups) each: the kernel reads n·groups in order
     else:
         _, mean, rstd = torch.ops.aten.native_group_norm(
-            xf, None, None, 1, n * C, P, groups, module.eps
+            x.view(1, n * C, P), None, None, 1, n * C, P, groups, module.eps
         )  # each example's statistics per group: (1, n·groups) each
     weight, bias = _trainable(module.weight), _trainable(module.bias)
     _, dw, db = torch.ops.aten.native_group_norm_backward(
-        Gf,
-        xf,
+        G,
+        x,
         mean,
         rstd,
-        _ones(n * C, x.dtype, x.device),
+        _ones((n, C), x.dtype, x.device),
         1,
         n * C,
         P,
         groups,
         [False, weight, bias],
-    )  # (n·C,) each: dγ = Σ_p x̂ G, dβ = Σ_p G per channel of each example
+    )  # (n, C) each: dγ = Σ_p x̂ G, dβ = Σ_p G per channel of each example
     out = {}
     if weight:
-        out["weight"] = dw.view(n, C)
+        out["weight"] = dw if dw.dim() == 2 else dw.view(n, C)
     if bias:
-        out["bias"] = db.view(n, C)
+        out["bias"] = db if db.dim() == 2 else db.view(n, C)
     return out
 
 
