@@ -13,6 +13,7 @@ of floating-point sums.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -60,11 +61,23 @@ class _Stacked:
 _GROWTH = 1.5
 
 
-def plan(entries: list[_Entry]) -> dict[int, _Stacked]:
+@dataclass
+class Plan:
+    """The stacks of one step's calls, by ``id`` of each member: for the norms, and for the
+    weighted sums. A stack's weighted sums copy only its calls' inputs and output
+    gradients side by side (a conv's: no im2col), so more calls fit in one under the same
+    limit: ResNet-18's four layer1 convs take their sums together, and their norms apart."""
+
+    norms: dict[int, _Stacked] = field(default_factory=dict)
+    sums: dict[int, _Stacked] = field(default_factory=dict)
+
+
+def plan(entries: list[_Entry]) -> Plan:
     """The stacks among ``entries`` (calls that take their rule's fast paths, each of
-    their parameters used by that call alone), by ``id`` of each member: calls with one
-    rule, one stack key and the same parameter names, as many together as
-    :data:`_GROWTH` allows, two at least."""
+    their parameters used by that call alone): calls with one rule, one stack key and the
+    same parameter names, two at least, as many together as :data:`_GROWTH` allows. For
+    the norms, the tensor a stack makes is ``k`` times one call's largest; for the
+    weighted sums, it is the calls' inputs and output gradients together."""
     groups: dict[Any, tuple[Stack, list[_Entry]]] = {}
     elements: dict[int, int] = {}
     for entry in entries:
@@ -78,12 +91,41 @@ def plan(entries: list[_Entry]) -> dict[int, _Stacked]:
             group[1].append(entry)
             elements[id(entry)] = rule.stack.elements(module, entry.inputs, entry.G)
     limit = _GROWTH * max(elements.values(), default=0)
-    stacks: dict[int, _Stacked] = {}
+    stacks = Plan()
     for stack, members in groups.values():
+        if len(members) < 2:
+            continue
         size = min(len(members), int(limit // max(elements[id(members[0])], 1)))
-        for start in range(0, len(members) - 1, max(size, 1)):
-            chunk = members[start : start + size]
-            if len(chunk) > 1:
-                stacked = _Stacked(chunk, stack)
-                stacks.update((id(e), stacked) for e in chunk)
+        _chunks(stacks.norms, stack, members, [max(size, 1)] * len(members))
+        _chunks(stacks.sums, stack, members, _fitting([e.held() for e in members], limit))
     return stacks
+
+
+def _fitting(sizes: list[int], limit: float) -> list[int]:
+    """Consecutive chunks of items of ``sizes`` whose sums stay within ``limit`` (an item
+    larger than that alone): the chunks' lengths."""
+    lengths: list[int] = []
+    total = 0
+    for size in sizes:
+        if lengths and total + size <= limit:
+            lengths[-1] += 1
+            total += size
+        else:
+            lengths.append(1)
+            total = size
+    return lengths
+
+
+def _chunks(
+    into: dict[int, _Stacked], stack: Stack, members: list[_Entry], lengths: list[int]
+) -> None:
+    """Stacks of ``members`` in consecutive chunks of ``lengths``, those of two or more."""
+    start = 0
+    for length in lengths:
+        chunk = members[start : start + length]
+        start += length
+        if len(chunk) > 1:
+            stacked = _Stacked(chunk, stack)
+            into.update((id(e), stacked) for e in chunk)
+        if start >= len(members):
+            break

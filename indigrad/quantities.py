@@ -257,7 +257,9 @@ class PerExample:
         self._sq_norms: dict[str, Tensor] | None = None
         self._total: Tensor | None = None  # (n,) squared norms over all parameters
         self._joint: Joint | None = None  # the small gradients taken into that total
-        self._stacks: dict[int, _stack._Stacked] = {}  # same-shaped calls taken together
+        # same-shaped calls taken together, by id of each: for the norms, for the sums
+        self._stacks: dict[int, _stack._Stacked] = {}
+        self._sum_stacks: dict[int, _stack._Stacked] = {}
         self._group = cap._process_group
 
     @gc_paused
@@ -329,7 +331,8 @@ class PerExample:
         one rule call per recorded call (``per_call``), or one per stack of calls taken
         together (:mod:`._stack`); see :meth:`_sq`."""
         fast = self._choose(clipping)
-        self._stacks = _stack.plan([e for e in self._entries if self._stackable(e, fast)])
+        stacks = _stack.plan([e for e in self._entries if self._stackable(e, fast)])
+        self._stacks, self._sum_stacks = stacks.norms, stacks.sums
         for name, p in self._params.items():
             uses = self._uses.get(name, [])
             if len(uses) > 1 and self._grads is None:
@@ -466,7 +469,7 @@ class PerExample:
         for entry in entries:
             params = entry.call.params
             skip = [k for k, p in params.items() if self._names[id(p)] in in_joint]
-            stacked = self._stacks.get(id(entry))
+            stacked = self._sum_stacks.get(id(entry))
             if stacked is not None:
                 own = stacked.weighted_sum(entry, coef)
                 own = {k: v for k, v in own.items() if k not in skip}

@@ -20,22 +20,34 @@ from indigrad.rules import _cost, conv
 GROWTH = _stack._GROWTH  # the library's own, before a test replaces it
 
 
+class Plans(list):
+    """Each plan's stacks for the norms, as lists of the calls' names; ``sums``: those for
+    the weighted sums."""
+
+    sums: list[list[str]]
+
+
+def _names(stacks: dict[int, Any]) -> list[str]:
+    unique = {id(s): s for s in stacks.values()}.values()
+    return sorted(",".join(e.call.name for e in s.members) for s in unique)
+
+
 @pytest.fixture(params=["auto", "ghost"])
-def stacked(request: Any, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Stacking on for the CPU, of any size; each plan's stacks, as lists of the calls'
-    names. Under "ghost", no call keeps its gradients for a clipped sum: every conv's sum
-    is stacked."""
+def stacked(request: Any, monkeypatch: pytest.MonkeyPatch) -> Plans:
+    """Stacking on for the CPU, of any size; each plan's stacks. Under "ghost", no call
+    keeps its gradients for a clipped sum: every conv's sum is stacked."""
     monkeypatch.setattr(conv, "_STACKED", conv._STACKED | {"cpu"})
     monkeypatch.setattr(_stack, "_GROWTH", 1e9)
     if request.param == "ghost":
         monkeypatch.setattr(_cost, "materialise_to_clip", lambda *_: False)
-    plans: list[list[str]] = []
+    plans = Plans()
+    plans.sums = []
     real = _stack.plan
 
-    def plan(entries: list[Any]) -> dict[int, Any]:
+    def plan(entries: list[Any]) -> _stack.Plan:
         stacks = real(entries)
-        unique = {id(s): s for s in stacks.values()}.values()
-        plans.append(sorted(",".join(e.call.name for e in s.members) for s in unique))
+        plans.append(_names(stacks.norms))
+        plans.sums.append(_names(stacks.sums))
         return stacks
 
     monkeypatch.setattr(_stack, "plan", plan)
@@ -76,7 +88,7 @@ class Convs(nn.Module):
 
 def _plans(stacked: list[list[str]]) -> list[str]:
     """The one plan of a check's norms and clipped sums (none where the gradients came
-    first: from them, nothing is stacked)."""
+    first: from them, nothing is stacked); of the sums' stacks with ``stacked.sums``."""
     plans = [plan for plan in stacked if plan]
     assert plans and all(plan == plans[0] for plan in plans), stacked
     return plans[0]
@@ -176,10 +188,20 @@ def test_stacks_are_as_large_as_their_memory_allows(stacked, monkeypatch):
     monkeypatch.setattr(_stack, "_GROWTH", 2.5)  # two at a time
     testing.check(model, lambda x: model(x).square().sum(1), x)
     assert _plans(stacked) == ["0.0,1.0", "2.0,3.0"]
+    # the sums copy each call's input and output gradient (2·4·8·8 elements per
+    # example), not its im2col (4·9·8·8): all five fit together
+    assert _plans(stacked.sums) == ["0.0,1.0,2.0,3.0,4.0"]
     stacked.clear()
+    stacked.sums.clear()
     monkeypatch.setattr(_stack, "_GROWTH", 1.5)  # none: two would make twice the largest
     testing.check(model, lambda x: model(x).square().sum(1), x)
     assert stacked and not any(stacked), stacked
+    assert _plans(stacked.sums) == ["0.0,1.0,2.0,3.0,4.0"]  # 5 · 2·4·64 ≤ 1.5 · 4·9·64
+    stacked.clear()
+    stacked.sums.clear()
+    monkeypatch.setattr(_stack, "_GROWTH", 0.5)  # the sums two at a time: 4 ≤ 0.5 · 9 < 6
+    testing.check(model, lambda x: model(x).square().sum(1), x)
+    assert _plans(stacked.sums) == ["0.0,1.0", "2.0,3.0"]
 
 
 def test_frozen_weights_and_parameter_subsets(stacked):
@@ -213,8 +235,11 @@ def test_resnet18_under_a_gpus_settings(stacked, monkeypatch):
     p = bench.resnet18_problem(batch=2)
     model = p.model().double()
     testing.check(model, lambda x, y: p.loss(model(x), y), p.x.double(), p.y)
-    assert _plans(stacked) == [  # not layer1's: its four convs' im2col are the largest
+    later = [
         "layer2.0.conv2,layer2.1.conv1,layer2.1.conv2",
         "layer3.0.conv2,layer3.1.conv1,layer3.1.conv2",
         "layer4.0.conv2,layer4.1.conv1,layer4.1.conv2",
     ]
+    assert _plans(stacked) == later  # not layer1's: its four convs' im2col are the largest
+    layer1 = "layer1.0.conv1,layer1.0.conv2,layer1.1.conv1,layer1.1.conv2"
+    assert _plans(stacked.sums) == [layer1, *later]  # their sums copy only x and G
