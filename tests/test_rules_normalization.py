@@ -410,6 +410,22 @@ def test_group_norm_backward_kernel_path_gives_the_sums(frozen, monkeypatch):
         torch.testing.assert_close(kernel[k], sums[k])
 
 
+def test_group_norm_backward_kernel_path_over_batches_of_varying_size(monkeypatch):
+    """The kernel's γ of ones is kept for the largest batch seen: a smaller one takes its
+    first rows, and all give the loop's results (Poisson sampling varies n every step)."""
+    monkeypatch.setattr(normalization, "_GN_KERNEL_DEVICES", {"cpu"})
+    monkeypatch.setattr(normalization, "_ONES", {})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.GroupNorm(3, 6), nn.Flatten(), nn.Linear(24, 2))
+    model = model.double()
+    for n in (5, 3, 7, 1):
+        x = torch.randn(n, 2, 4, 4, dtype=torch.float64)
+        indigrad.testing.check(model, lambda x: model(x).square().sum(1), x)
+    (ones,) = normalization._ONES.values()
+    assert ones.shape == (7, 6)
+    assert normalization._ones(2, 6, torch.float64, torch.device("cpu"))._base is ones
+
+
 def test_group_norm_statistics_from_the_graph_are_the_forwards():
     module = nn.GroupNorm(3, 6).double()
     x = torch.randn(4, 6, 3, 5, dtype=torch.float64, requires_grad=True)

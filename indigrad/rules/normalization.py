@@ -47,7 +47,6 @@ covers the batch dimension.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
@@ -257,9 +256,18 @@ _GN_KERNEL_DEVICES = {"cuda"}
 _group_norm_sums = _make_grads(_group_norm, _channels_second, params_last=False)
 
 
-@functools.lru_cache(maxsize=16)
-def _ones(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.ones(shape, dtype=dtype, device=device)  # a γ for the kernel: read only
+_ONES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _ones(n: int, C: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A γ of ones ``(n, C)`` for the kernel, read only: the first ``n`` rows of one kept
+    per channel count, dtype and device, so that batches of varying size (Poisson
+    sampling) take a view of it rather than a new one each step."""
+    key = (C, dtype, device)
+    ones = _ONES.get(key)
+    if ones is None or ones.shape[0] < n:
+        ones = _ONES[key] = torch.ones((n, C), dtype=dtype, device=device)
+    return ones if ones.shape[0] == n else ones[:n]  # (n, C), contiguous
 
 
 def _group_norm_saved(node: Any) -> tuple[Tensor, Tensor] | None:
@@ -295,7 +303,7 @@ def _group_norm_grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[s
         x,
         mean,
         rstd,
-        _ones((n, C), x.dtype, x.device),
+        _ones(n, C, x.dtype, x.device),
         1,
         n * C,
         P,
