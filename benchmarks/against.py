@@ -1,0 +1,150 @@
+"""Another revision's clipped step against this tree's, interleaved in one process.
+
+Timings of separate processes, on a shared machine or a GPU machine's host, differ by
+10–30 % from one process to the next: more than most changes to a step. So this loads the
+other revision's ``indigrad`` beside this one (as the package ``indigrad_base``; the
+package imports itself relatively) and times plain, the other's clipped step and this
+tree's in turn, round after round, on one model.
+
+    python benchmarks/against.py 0ad6047                          # the zoo's ResNet-18
+    python benchmarks/against.py 0ad6047 --problem gpt --rounds 20
+    python benchmarks/against.py 0ad6047 --tiny --as cuda         # host_time.py's model
+    python benchmarks/against.py --base DIR --device cuda   # DIR/indigrad_base, made
+                                                            # here (a device has no git)
+
+``--export REV DIR`` only writes ``DIR/indigrad_base`` from a revision, to carry to a
+machine without the repository's history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# the cost settings host_ops.act_as changes, by module: copied onto the other revision's
+SETTINGS = {
+    "_alloc": ["_MIN_BYTES"],
+    "_joint": ["_MAX_ELEMENTS"],
+    "rules._cost": ["_PASS_COST", "_GROWTH", "_BUDGET_SHARE"],
+    "rules.conv": ["_BATCHED_UNFOLD", "_BY_POSITION", "_DEPTHWISE_BY_CONV", "_STACKED"],
+    "rules.normalization": ["_GN_KERNEL_DEVICES", "_LN_SAVED_DEVICES"],
+}
+
+
+def export(rev: str, into: Path) -> None:
+    """Write ``rev``'s ``indigrad`` package to ``into/indigrad_base``."""
+    tar = subprocess.run(
+        ["git", "archive", rev, "indigrad"], cwd=HERE.parent, capture_output=True, check=True
+    ).stdout
+    with tarfile.open(fileobj=BytesIO(tar)) as archive:
+        archive.extractall(into, filter="data")
+    (into / "indigrad").rename(into / "indigrad_base")
+
+
+def act_as_both(device: str) -> None:
+    """``host_ops.act_as`` for this tree, then the same settings on the other revision."""
+    from host_ops import act_as
+
+    act_as(device)
+    for module, names in SETTINGS.items():
+        mine = importlib.import_module(f"indigrad.{module}")
+        theirs = importlib.import_module(f"indigrad_base.{module}")
+        for name in names:
+            if hasattr(theirs, name):
+                setattr(theirs, name, getattr(mine, name))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("rev", nargs="?", help="the other revision (git)")
+    parser.add_argument("--base", type=Path, help="a folder holding indigrad_base instead")
+    parser.add_argument("--export", type=Path, help="only write REV's package into this folder")
+    parser.add_argument("--problem", default="resnet18", help="a problem of the zoo")
+    parser.add_argument("--tiny", action="store_true", help="host_time.py's tiny ResNet-18")
+    parser.add_argument("--as", dest="act_as", help="take this device's cost settings")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=40)
+    args = parser.parse_args()
+    if args.export:
+        export(args.rev, args.export)
+        return
+    folder = args.base or Path(tempfile.mkdtemp(prefix="indigrad-against-"))
+    if args.base is None:
+        if args.rev is None:
+            parser.error("give a revision or --base")
+        export(args.rev, folder)
+    sys.path.insert(0, str(folder))
+    import indigrad_base  # type: ignore[import-not-found]
+
+    import indigrad
+    from indigrad import bench
+    from indigrad.bench.problems import _cross_entropy
+
+    if args.act_as:
+        act_as_both(args.act_as)
+    if args.tiny:
+        from host_time import tiny_resnet18
+
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g)
+        problem = bench.Problem("tiny ResNet-18", tiny_resnet18, x, y, _cross_entropy)
+    else:
+        problem = bench.zoo(args.device)[args.problem]()
+    model = problem.model()
+    x, y, loss = problem.x, problem.y, problem.loss
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=args.device != "cpu")
+    cuda = torch.device(args.device).type == "cuda"
+
+    def clipped(lib: Any) -> None:
+        with lib.capture(model) as cap:
+            cap.clip_(loss(model(x), y), max_norm=1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def plain() -> None:
+        loss(model(x), y).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    steps = {
+        "plain": plain,
+        "other": lambda: clipped(indigrad_base),
+        "this tree": lambda: clipped(indigrad),
+    }
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for rnd in range(args.rounds + 3):  # three rounds of warm-up
+        for name, step in steps.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            if rnd >= 3:
+                times[name].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    label = args.rev or str(args.base)
+    print(f"{problem.name}, torch {torch.__version__}, {args.rounds} interleaved rounds")
+    for name, ms in median.items():
+        what = f"clipped ({label})" if name == "other" else name
+        what = "clipped (this tree)" if name == "this tree" else what
+        print(f"  {what:<28} {ms:8.2f} ms  {ms / median['plain']:.3f}× plain")
+
+
+if __name__ == "__main__":
+    main()
