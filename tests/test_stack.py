@@ -194,9 +194,20 @@ def test_stacks_are_as_large_as_their_memory_allows(stacked, monkeypatch):
     stacked.clear()
     stacked.sums.clear()
     monkeypatch.setattr(_stack, "_GROWTH", 1.5)  # none: two would make twice the largest
+    summed: list[int] = []  # the calls each stacked weighted sum takes
+    weighted_sum = _stack._Stacked.weighted_sum
+
+    def counted(self: Any, entry: Any, coef: torch.Tensor) -> Any:
+        if self._sums is None or self._sums[0] is not coef:
+            summed.append(len(self.members))
+        return weighted_sum(self, entry, coef)
+
+    monkeypatch.setattr(_stack._Stacked, "weighted_sum", counted)
+    monkeypatch.setattr(_cost, "materialise_to_clip", lambda *_: False)  # no kept gradients
     testing.check(model, lambda x: model(x).square().sum(1), x)
     assert stacked and not any(stacked), stacked
     assert _plans(stacked.sums) == ["0.0,1.0,2.0,3.0,4.0"]  # 5 · 2·4·64 ≤ 1.5 · 4·9·64
+    assert summed and set(summed) == {5}  # the sums are taken by their own stacks
     stacked.clear()
     stacked.sums.clear()
     monkeypatch.setattr(_stack, "_GROWTH", 0.5)  # the sums two at a time: 4 ≤ 0.5 · 9 < 6
