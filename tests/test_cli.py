@@ -251,3 +251,47 @@ def test_bench_extra_problems_are_named_not_run_by_default():
     ):
         results = bench.run(problem, ["plain", "norms", "clipped"], repeats=1, warmup=1)
         assert all("seconds" in r for r in results.values()), results
+
+
+def test_against_times_another_revision_beside_this_tree(tmp_path):
+    root = Path(__file__).parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("needs the repository's history")
+    out = _benchmark_script("against.py", "HEAD", "--problem", "mlp", "--rounds", "1")
+    lines = out.splitlines()
+    assert lines[0].startswith("MLP 784-512-256-10")
+    assert [line.split("  ")[1].strip() for line in lines[1:]] == [
+        "plain",
+        "clipped (HEAD)",
+        "clipped (this tree)",
+    ]
+    _benchmark_script("against.py", "HEAD", "--export", str(tmp_path))
+    assert (tmp_path / "indigrad_base" / "capture.py").exists()
+    out = _benchmark_script(
+        "against.py", "--base", str(tmp_path), "--problem", "mlp", "--rounds", "1"
+    )
+    assert "clipped (this tree)" in out
+
+
+def test_step_phases_times_each_phase_and_counts_its_operators():
+    out = _benchmark_script(
+        "step_phases.py", "--problem", "mlp", "--device", "cpu", "--rounds", "1"
+    )
+    lines = out.splitlines()
+    assert lines[0].startswith("MLP 784-512-256-10")
+    phases = [line.split()[1] for line in lines[1:-1]]
+    assert phases[:6] == ["enter", "forward", "backward", "norms", "sums", "step"]
+    assert "operators" in lines[4] and lines[-1].startswith("  clipped / plain:")
+
+
+def test_op_cost_times_each_operator():
+    out = _benchmark_script("op_cost.py", "--device", "cpu", "--calls", "1").splitlines()
+    assert out[0].startswith("torch ") and len(out) == 1 + 4 * 12
+    assert all(len(line.split()) >= 5 for line in out[1:])
+
+
+def test_host_threads_times_one_thread_against_two():
+    pytest.importorskip("torchvision")
+    out = _benchmark_script("host_threads.py", "--device", "cpu", "--rounds", "1").splitlines()
+    assert "the norms of" in out[0]
+    assert [line.split()[0] for line in out[1:]] == ["one", "two"]
