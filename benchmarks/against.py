@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import torch
+from _rounds import interleaved
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -126,18 +125,7 @@ def main() -> None:
         "other": lambda: clipped(indigrad_base),
         "this tree": lambda: clipped(indigrad),
     }
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for rnd in range(args.rounds + 3):  # three rounds of warm-up
-        for name, step in steps.items():
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-            if rnd >= 3:
-                times[name].append(time.perf_counter() - start)
-    median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    median = {k: s * 1e3 for k, s in interleaved(steps, args.rounds, cuda=cuda).items()}
     label = args.rev or str(args.base)
     print(f"{problem.name}, torch {torch.__version__}, {args.rounds} interleaved rounds")
     for name, ms in median.items():

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
 import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from _rounds import interleaved
 
 from indigrad.rules import recurrent
 
@@ -93,14 +92,8 @@ def main() -> None:
             for module in (recurrent, other)
         ]
         torch.testing.assert_close(*exact, rtol=1e-10, atol=1e-12)
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for i in range(args.calls + 10):  # the first ten warm up
-            for label in runs if i % 2 else reversed(list(runs)):
-                start = time.perf_counter()
-                runs[label]()
-                if i >= 10:
-                    times[label].append((time.perf_counter() - start) * 1e3)
-        medians = {k: statistics.median(v) for k, v in times.items()}
+        times = interleaved(runs, args.calls, warmup=10, alternate=True)
+        medians = {k: s * 1e3 for k, s in times.items()}
         print(
             f"{kind:<11} {args.against}: {medians[args.against]:.2f} ms   "
             f"this checkout: {medians['this']:.2f} ms"

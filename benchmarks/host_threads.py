@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import threading
-import time
 from typing import Any
 
 import torch
+from _rounds import interleaved
 
 import indigrad
 from indigrad import bench
@@ -52,19 +51,11 @@ def main() -> None:
         norms(entries[0::2])
         other.join()
 
-    times: dict[str, list[float]] = {"one thread": [], "two threads": []}
-    for _ in range(args.rounds + 2):
-        for name, run in (("one thread", lambda: norms(entries)), ("two threads", two_threads)):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run()
-            if cuda:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+    steps = {"one thread": lambda: norms(entries), "two threads": two_threads}
+    medians = interleaved(steps, args.rounds, warmup=2, cuda=cuda)
     print(f"{problem.name}: the norms of {len(entries)} calls, torch {torch.__version__}")
-    for name, values in times.items():
-        print(f"  {name:<12} {statistics.median(values[2:]) * 1e3:7.2f} ms")
+    for name, seconds in medians.items():
+        print(f"  {name:<12} {seconds * 1e3:7.2f} ms")
 
 
 if __name__ == "__main__":
