@@ -39,7 +39,13 @@ SETTINGS = {
     "_alloc": ["_MIN_BYTES"],
     "_joint": ["_MAX_ELEMENTS"],
     "rules._cost": ["_PASS_COST", "_GROWTH", "_BUDGET_SHARE"],
-    "rules.conv": ["_BATCHED_UNFOLD", "_BY_POSITION", "_DEPTHWISE_BY_CONV", "_STACKED"],
+    "rules.conv": [
+        "_BATCHED_UNFOLD",
+        "_ONE_IMAGE_UNFOLD",
+        "_BY_POSITION",
+        "_DEPTHWISE_BY_CONV",
+        "_STACKED",
+    ],
     "rules.normalization": ["_GN_KERNEL_DEVICES", "_LN_SAVED_DEVICES"],
 }
 

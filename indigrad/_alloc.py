@@ -107,3 +107,13 @@ def empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
     numel = math.prod(shape)
     mem, offset = _POOL.take(numel * like.element_size())
     return torch.frombuffer(mem, dtype=like.dtype, count=numel, offset=offset).view(shape)
+
+
+def bmm(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.bmm(a, b)`` ``(m, i, k) @ (m, k, j)``, written into a buffer from the pool
+    where :func:`empty` takes one; elsewhere (a GPU) one operation, where an allocation
+    and a product into it are two dispatches for the host."""
+    shape = (a.shape[0], a.shape[1], b.shape[2])  # (m, i, j)
+    if not pooled(shape, a):
+        return torch.bmm(a, b)
+    return torch.bmm(a, b, out=empty(shape, like=a))

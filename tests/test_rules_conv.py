@@ -216,15 +216,18 @@ def test_cost_widths_match_the_factors(conf):
 @pytest.mark.parametrize("conf", CONFS, ids=lambda c: c.name)
 def test_unfold_and_strided_copy_build_the_same_factors(conf, monkeypatch):
     # on CPU a 2-d conv with symmetric zero padding unfolds with F.unfold, except into the
-    # pool's large buffers, where a kernel row is longer than an output row (copied
-    # position by position) and on devices whose F.unfold loops over the examples (CUDA):
-    # all must give the strided copy's im2col, bit for bit
+    # pool's large buffers and where a kernel row is longer than an output row (copied
+    # position by position); on CUDA, whose F.unfold loops over the images, it unfolds the
+    # batch as one image where there is padding: all must give the strided copy's im2col,
+    # bit for bit
     layer = conf.layer().double()
     x = torch.randn(conf.x_shape, dtype=torch.float64)
     G = torch.randn_like(layer(x).detach())  # (n, C_out, *out)
     unfolded = []
     real = F.unfold
-    monkeypatch.setattr(conv.F, "unfold", lambda *a, **k: unfolded.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        conv.F, "unfold", lambda t, *a, **k: unfolded.append(tuple(t.shape)) or real(t, *a, **k)
+    )
     L, R = conv._factors(layer, x, G)  # (n·g, a, P), (n·g, b, P)
     two_d = isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"
     pads = conv._pad_list(layer)
@@ -236,11 +239,17 @@ def test_unfold_and_strided_copy_build_the_same_factors(conf, monkeypatch):
         m.setattr(conv._alloc, "pooled", lambda shape, like: True)  # no F.unfold
         L2, R2 = conv._factors(layer, x, G)
     assert torch.equal(L, L2) and torch.equal(R, R2)
-    monkeypatch.setattr(conv, "_BATCHED_UNFOLD", set())  # as on CUDA: no F.unfold
-    monkeypatch.setattr(conv, "_BY_POSITION", set())  # nor copies by position
+    monkeypatch.setattr(conv, "_BATCHED_UNFOLD", set())  # neither F.unfold: the copy
+    monkeypatch.setattr(conv, "_BY_POSITION", set())  # and not by position
     L3, R3 = conv._factors(layer, x, G)
     assert torch.equal(L, L3) and torch.equal(R, R3)
     assert not unfolded
+    monkeypatch.setattr(conv, "_ONE_IMAGE_UNFOLD", {"cpu"})  # as on CUDA
+    L4, R4 = conv._factors(layer, x, G)
+    assert torch.equal(L, L4) and torch.equal(R, R4)
+    assert bool(unfolded) == (symmetric and any(pads)), unfolded
+    if unfolded:  # the whole batch as one image, n·C_in channels
+        assert unfolded[0] == (1, x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 @pytest.mark.parametrize(

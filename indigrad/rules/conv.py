@@ -13,8 +13,9 @@ Both are written as one product per group ``g`` over positions ``P``:
 ``t``, copied once. The conv sees its input padded exactly as the module pads it (zeros,
 "same", or ``F.pad`` with ``padding_mode``), then with padding 0. On CPU a 2-d conv with
 symmetric zero padding takes ``F.unfold`` instead, one operation that pads as it copies
-(except into the CPU buffer pool's large buffers, which it cannot write). Not on CUDA:
-its ``im2col`` launches one kernel per example, n launches where the copy takes two.
+(except into the CPU buffer pool's large buffers, which it cannot write). On CUDA, whose
+``im2col`` launches one kernel per image, it unfolds the batch taken as one image of
+n·C_in channels (the same elements in the same order), where padding is needed.
 
 A transposed conv's output is its "full" output ``full[i·s + k·d] += x[i] W[k]`` cropped
 by ``padding`` on both sides and extended by ``output_padding`` at the end, so ``G_full`` is
@@ -168,21 +169,28 @@ def _window(
     return size_, strides_, (n, C * math.prod(kernel), math.prod(out))
 
 
-# devices whose ``F.unfold`` unfolds the batch in one kernel (CUDA's launches one per example)
+# Devices whose ``F.unfold`` unfolds the batch in one kernel (a CPU's), and those where it
+# unfolds the batch taken as one image of n·C_in channels instead: CUDA's launches one
+# kernel per image, so one image is one launch, which pads as it copies (one operation
+# where padding and the strided copy take two, and the host's dispatch sets the pace).
 _BATCHED_UNFOLD = {"cpu"}
+_ONE_IMAGE_UNFOLD = {"cuda"}
 
 
 def _unfold(module: _ConvNd, x: Tensor, out: tuple[int, ...]) -> Tensor:
     """``im2col`` of a conv's input ``x`` (n, C_in, *in): ``(n·g, C_in/g·k, P)``."""
     pads = _pad_list(module)
     symmetric = len(out) == 2 and pads[0] == pads[1] and pads[2] == pads[3]
-    if symmetric and module.padding_mode == "zeros" and x.device.type in _BATCHED_UNFOLD:
+    batched = x.device.type in _BATCHED_UNFOLD
+    one_image = x.device.type in _ONE_IMAGE_UNFOLD and any(pads)  # else a view or one copy
+    if symmetric and module.padding_mode == "zeros" and (batched or one_image):
         n, C, P, g = x.shape[0], x.shape[1], math.prod(out), module.groups
         size = (n, C * math.prod(module.kernel_size), P)
         if not (_alloc.pooled(size, x) or _by_position(module, x, out)):
+            images = x if batched else x.reshape(1, n * C, *x.shape[2:])  # (1, n·C_in, *in)
             cols = F.unfold(
-                x, module.kernel_size, module.dilation, (pads[2], pads[0]), module.stride
-            )
+                images, module.kernel_size, module.dilation, (pads[2], pads[0]), module.stride
+            )  # (n, C_in·k, P), or (1, n·C_in·k, P): the same elements in the same order
             if cols.shape[2] != P:
                 raise _mismatch(module, out, x)
             return cols.view(n * g, size[1] // g, P)  # (n·g, C_in/g·k, P)
@@ -313,9 +321,8 @@ def conv_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[st
         out["weight"] = _depthwise_grads(conv, x, G)  # (n, C_out, 1, *k)
     elif conv.weight.requires_grad:
         L, R = _factors(conv, x, G)  # (n·g, a, P), (n·g, b, P)
-        W = _alloc.empty((n, *conv.weight.shape), like=L)  # (n, *weight.shape)
-        torch.bmm(L, R.transpose(1, 2), out=W.view(L.shape[0], L.shape[1], R.shape[1]))
-        out["weight"] = W
+        W = _alloc.bmm(L, R.transpose(1, 2))  # (n·g, a, b)
+        out["weight"] = W.view(n, *conv.weight.shape)  # (n, *weight.shape)
     if conv.bias is not None:
         out["bias"] = G.flatten(2).sum(2)  # (n, C_out)
     return out
@@ -345,8 +352,7 @@ def _product_sq_norms(L: Tensor, R: Tensor) -> Tensor:
         LL = torch.bmm(L.transpose(1, 2), L).view(m, 1, P * P)  # (m, 1, P²)
         RR = torch.bmm(R.transpose(1, 2), R).view(m, P * P, 1)  # (m, P², 1)
         return torch.bmm(LL, RR).view(m)  # (m,) ⟨LᵀL, RᵀR⟩, one batched dot
-    W = _alloc.empty((m, a, R.shape[1]), like=L)  # (m, a, b)
-    torch.bmm(L, R.transpose(1, 2), out=W)
+    W = _alloc.bmm(L, R.transpose(1, 2))  # (m, a, b)
     return torch.linalg.vector_norm(W, dim=(1, 2)).square()  # (m,)
 
 

@@ -47,15 +47,14 @@ def _flat(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> tuple[Tensor
 def _outer_products(L: Tensor, R: Tensor) -> Tensor:
     """Per example ``Σ_t L_t ⊗ R_t``: (n, T, a), (n, T, b) -> (n, a, b), in a fresh buffer."""
     n, T, a = L.shape
-    W = _alloc.empty((n, a, R.shape[2]), like=R)  # (n, a, b)
-    on_kernel_device = T == 1 and R.device.type in _outer.DEVICES
-    if on_kernel_device and _outer.outer(L.reshape(n, a), R.reshape(n, -1), W):
-        return W  # Triton's kernel (CUDA)
-    if T == 1 and R.device.type == "cpu":  # a GPU writes W faster as a GEMM (H200: 1.5×)
-        torch.mul(L.transpose(1, 2), R, out=W)  # (n, a, 1) * (n, 1, b)
-    else:
-        torch.bmm(L.transpose(1, 2), R, out=W)  # (n, a, T) @ (n, T, b)
-    return W
+    device = R.device.type
+    if T == 1 and (device in _outer.DEVICES or device == "cpu"):
+        W = _alloc.empty((n, a, R.shape[2]), like=R)  # (n, a, b)
+        if device in _outer.DEVICES and _outer.outer(L.reshape(n, a), R.reshape(n, -1), W):
+            return W  # Triton's kernel (CUDA)
+        if device == "cpu":  # a GPU writes W faster as a GEMM (H200: 1.5×)
+            return torch.mul(L.transpose(1, 2), R, out=W)  # (n, a, 1) * (n, 1, b)
+    return _alloc.bmm(L.transpose(1, 2), R)  # (n, a, T) @ (n, T, b)
 
 
 def linear_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
