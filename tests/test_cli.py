@@ -295,3 +295,10 @@ def test_host_threads_times_one_thread_against_two():
     out = _benchmark_script("host_threads.py", "--device", "cpu", "--rounds", "1").splitlines()
     assert "the norms of" in out[0]
     assert [line.split()[0] for line in out[1:]] == ["one", "two"]
+
+
+def test_overlap_backward_times_the_norms_taken_during_the_backward():
+    pytest.importorskip("torchvision")  # the tiny ResNet-18's blocks
+    out = _benchmark_script("overlap_backward.py", "--as", "cuda", "--rounds", "1").splitlines()
+    assert out[0].startswith("tiny ResNet-18") and "40 calls" in out[0]
+    assert [line.split(",")[0].split()[0] for line in out[1:]] == ["backward", "overlapped"]
