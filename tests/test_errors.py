@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import BY_NAME, Scale
+from zoo import BY_NAME, RecurrentInside, Scale
 
 import indigrad
 
@@ -190,6 +190,28 @@ def test_bad_max_norm(max_norm):
 def test_generic_rule_refuses_randomness():
     model = nn.Sequential(nn.Linear(5, 4), DropoutMatmul(4), nn.Linear(4, 3)).double().train()
     x, y = _xy()
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="random numbers"):
+        cap.grads(F.cross_entropy(model(x), y, reduction="none"))
+
+
+@pytest.mark.parametrize("where", ["after", "inside"])
+def test_generic_rule_refuses_randomness_one_example_at_a_time(where):
+    # vmap cannot batch nn.GRU's fused kernel: the generic rule re-runs the module one
+    # example after another, where dropout (after the GRU, or between a 2-layer LSTM's
+    # layers) must still be refused, not drawn anew
+    class Noisy(RecurrentInside):
+        def __init__(self):
+            super().__init__(3, 4, 3)
+            if where == "inside":
+                self.lstm = nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True)
+            self.drop = nn.Dropout(0.5 if where == "after" else 0.0)
+
+        def forward(self, x):
+            return self.drop(super().forward(x))
+
+    model = Noisy().double().train()
+    x = torch.randn(5, 6, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
     with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="random numbers"):
         cap.grads(F.cross_entropy(model(x), y, reduction="none"))
 

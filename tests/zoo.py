@@ -97,6 +97,25 @@ class RawParams(nn.Module):
         return self.head(h[:, 0])
 
 
+class RecurrentInside(nn.Module):
+    """A module without a rule around an LSTM and a GRU, using its own parameter through
+    functions the direct rules do not cover: the generic rule re-runs it for each example,
+    recurrent layers and all, whose fused kernels vmap cannot batch (one example after
+    another instead)."""
+
+    def __init__(self, d: int, h: int, k: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(d, h, batch_first=True)
+        self.gru = nn.GRU(h, h, batch_first=True)
+        self.gain = nn.Parameter(torch.linspace(-0.5, 0.5, h))
+        self.head = nn.Linear(h, k)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, T, d)
+        h, _ = self.lstm(x)  # (n, T, h)
+        h, _ = self.gru(torch.tanh(h * self.gain.exp()))  # (n, T, h)
+        return self.head(h[:, -1] * torch.sigmoid(self.gain))  # (n, k)
+
+
 class Masked(nn.Module):
     """A custom layer called with a keyword and an unbatched argument (generic rule)."""
 
@@ -243,6 +262,7 @@ CASES = [
     Case("generic_scale", _generic_scale, (6, 5), _classes(6, 3), _ce),
     Case("raw_params", lambda: RawParams(4, 3), (5, 3, 4), _classes(5, 3), _ce),
     Case("generic_kwargs_mask", lambda: MaskedNet(4, 3), (5, 3, 4), _classes(5, 3), _ce),
+    Case("generic_around_rnns", lambda: RecurrentInside(3, 4, 3), (5, 6, 3), _classes(5, 3), _ce),
     Case("keyword_call", lambda: KeywordLinear(5, 3), (6, 5), _classes(6, 3), _ce),
     Case("inplace_relu", _inplace_relu, (6, 5), _classes(6, 3), _ce),
     # on tokens a Linear's output is its addmm viewed back, which an in-place op rebuilds

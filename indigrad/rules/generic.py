@@ -10,7 +10,10 @@ Each example is run as a batch of one, so forwards that look at ``x.shape[0]`` w
 tensor argument counts as batched when its batch dimension has the losses' ``n`` entries;
 anything else (masks without a batch dimension, numbers, flags) is shared by all examples.
 A call whose output all examples share (a position embedding of ``arange(T)``, called
-without the batch) is run once as it was called, and only ``G_i`` is vmapped.
+without the batch) is run once as it was called, and only ``G_i`` is vmapped. Where
+``vmap`` has no batching rule for an operator of the forward (the fused kernels of
+``nn.LSTM`` and ``nn.GRU``), the examples are taken one after another instead, with
+random numbers refused as ``vmap`` refuses them.
 This is correct for any forward that treats examples independently and uses no
 randomness (dropout in training mode is refused: its masks could not be reproduced). It
 re-runs the module's forward, so it is the fallback, not the fast path.
@@ -18,11 +21,13 @@ re-runs the module's forward, so it is the fallback, not the fast path.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, vjp, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._batch import has_batch
@@ -80,13 +85,54 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
                 xs, cotangents
             )
     except RuntimeError as err:
-        if "randomness" not in str(err):
-            raise
-        why = f" It is re-run because {call.rerun_because}." if call.rerun_because else ""
-        raise RuntimeError(
-            f"{call.label} has no rule of its own, and the generic rule cannot re-run its "
-            "forward because it draws random numbers (dropout in training mode?)."
-            f"{why} Put the module in eval mode, or register a rule for it with "
-            "indigrad.register_rule."
-        ) from err
+        if "randomness" in str(err):
+            raise _random(call) from err
+        # vmap has no batching rule for some operators (the fused kernels of nn.LSTM and
+        # nn.GRU): one example after another instead, each as a batch of one, as above,
+        # refusing random numbers as vmap would have. An error of the forward itself is
+        # raised again, by the first example.
+        with torch.no_grad(), _NoRandomness(call):
+            out = _one_by_one(one_example, xs, bd, cotangents, g_dim, n)
     return out
+
+
+def _random(call: _Call) -> RuntimeError:
+    why = f" It is re-run because {call.rerun_because}." if call.rerun_because else ""
+    return RuntimeError(
+        f"{call.label} has no rule of its own, and the generic rule cannot re-run its "
+        "forward because it draws random numbers (dropout in training mode?)."
+        f"{why} Put the module in eval mode, or register a rule for it with "
+        "indigrad.register_rule."
+    )
+
+
+class _NoRandomness(TorchDispatchMode):
+    """Raise on any operator that draws random numbers (``vmap``'s ``randomness="error"``
+    for the loop of :func:`_one_by_one`): a re-run would draw other numbers than the
+    forward did."""
+
+    def __init__(self, call: _Call) -> None:
+        super().__init__()
+        self.call = call
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            raise _random(self.call)
+        return func(*args, **(kwargs or {}))
+
+
+def _one_by_one(
+    one_example: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], dict[str, Tensor]],
+    xs: tuple[Tensor, ...],
+    bd: int,
+    gs: tuple[Tensor, ...],
+    g_dim: int,
+    n: int,
+) -> dict[str, Tensor]:
+    """What ``vmap(one_example, in_dims=(bd, g_dim))(xs, gs)`` gives, by a loop over the
+    ``n`` examples: ``{local_name: (n, *shape)}``."""
+    per_example = [
+        one_example(tuple(x.select(bd, i) for x in xs), tuple(g.select(g_dim, i) for g in gs))
+        for i in range(n)
+    ]
+    return {k: torch.stack([g[k] for g in per_example]) for k in per_example[0]}
