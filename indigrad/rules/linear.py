@@ -54,6 +54,7 @@ def _outer_products(L: Tensor, R: Tensor) -> Tensor:
             return W  # Triton's kernel (CUDA)
         if device == "cpu":  # a GPU writes W faster as a GEMM (H200: 1.5×)
             return torch.mul(L.transpose(1, 2), R, out=W)  # (n, a, 1) * (n, 1, b)
+        return torch.bmm(L.transpose(1, 2), R, out=W)  # the kernel declined: into W
     return _alloc.bmm(L.transpose(1, 2), R)  # (n, a, T) @ (n, T, b)
 
 
