@@ -421,6 +421,50 @@ def test_classifier(cls):
     indigrad.testing.check(model, losses, tokens, features, y)
 
 
+class Around(nn.Module):
+    """A module without a rule around a recurrent layer, using its own parameter through
+    ``exp`` (the generic rule re-runs it, recurrent layer and all): sequence first, or on a
+    PackedSequence of the lengths given, under which torch.func cannot run the layer."""
+
+    def __init__(self, cls: type[nn.RNNBase], packed: bool) -> None:
+        super().__init__()
+        self.rnn = cls(3, 4, batch_first=packed)
+        self.gain = nn.Parameter(torch.linspace(-0.5, 0.5, 4))
+        self.head = nn.Linear(4, 3)
+        self.packed = packed
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        if self.packed:  # x (n, T, 3)
+            x = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            _, h = self.rnn(x)
+            h = h[0] if isinstance(h, tuple) else h  # (1, n, 4): the last valid step's
+            return self.head(torch.tanh(h[-1] * self.gain.exp()))  # (n, 3)
+        out, _ = self.rnn(x)  # (T, n, 4)
+        return self.head(torch.tanh(out * self.gain.exp())).mean(0, keepdim=True)  # (1, n, 3)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("packed", [False, True], ids=["sequence_first", "packed"])
+def test_generic_rule_reruns_recurrent_layers_one_example_at_a_time(cls, packed):
+    # vmap cannot batch the layers' fused kernels, nor torch.func run them on a
+    # PackedSequence: the generic rule takes the examples one after another, by autograd
+    torch.manual_seed(0)
+    model = Around(cls, packed).double()
+    n, T = 5, 6
+    lengths, y = torch.tensor([6, 3, 5, 1, 4]), torch.randint(0, 3, (n,))
+
+    def losses(x: Tensor, lengths: Tensor, y: Tensor) -> Tensor:
+        logits = model(x, lengths)  # (n, 3), or (1, n, 3) sequence first
+        return F.cross_entropy(logits if packed else logits[0], y.flatten(), reduction="none")
+
+    if packed:
+        x = torch.randn(n, T, 3, dtype=torch.float64)
+        indigrad.testing.check(model, losses, x, lengths, y)
+    else:  # every tensor with its examples along dimension 1
+        x = torch.randn(T, n, 3, dtype=torch.float64)
+        indigrad.testing.check(model, losses, x, lengths[None], y[None], batch_dim=1)
+
+
 def test_frozen_parameters_are_skipped():
     model, batch = _variants(nn.LSTM, "lstm", 1, proj_size=2)[0].build()
     model.rnn.weight_hh_l0.requires_grad_(False)

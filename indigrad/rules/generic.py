@@ -12,7 +12,8 @@ anything else (masks without a batch dimension, numbers, flags) is shared by all
 A call whose output all examples share (a position embedding of ``arange(T)``, called
 without the batch) is run once as it was called, and only ``G_i`` is vmapped. Where
 ``vmap`` has no batching rule for an operator of the forward (the fused kernels of
-``nn.LSTM`` and ``nn.GRU``), the examples are taken one after another instead, with
+``nn.LSTM`` and ``nn.GRU``), or ``torch.func`` cannot run it (an RNN on a
+``PackedSequence``), the examples are taken one after another instead, by autograd, with
 random numbers refused as ``vmap`` refuses them.
 This is correct for any forward that treats examples independently and uses no
 randomness (dropout in training mode is refused: its masks could not be reproduced). It
@@ -62,21 +63,39 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
     params = {k: p.detach() for k, p in call.params.items()}
     fixed = [_upcast(t.detach(), dtype) if isinstance(t, Tensor) else t for t in in_leaves]
 
-    def one_example(xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    def example(xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]) -> tuple[Any, Any, Any]:
+        """One example's arguments, keywords and output gradients, as a batch of one."""
         leaves = list(fixed)
         for i, x in zip(batched, xs, strict=True):
             leaves[i] = x.unsqueeze(bd)  # a batch of one
         args, kwargs = tree_unflatten(leaves, in_spec)
-
-        def f(theta: dict[str, Tensor]) -> tuple[Tensor, ...]:
-            out_leaves = tree_flatten(functional_call(module, theta, args, kwargs))[0]
-            return tuple(out_leaves[j] for j in out_index)
-
-        pullback = vjp(f, params)[1]
         if call.shared is None:
             gs = tuple(c.unsqueeze(bd) for c in gs)
+        return args, kwargs, gs
+
+    def outputs(theta: dict[str, Tensor], args: Any, kwargs: Any) -> tuple[Tensor, ...]:
+        out_leaves = tree_flatten(functional_call(module, theta, args, kwargs))[0]
+        return tuple(out_leaves[j] for j in out_index)
+
+    def one_example(xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        args, kwargs, gs = example(xs, gs)
+        pullback = vjp(lambda theta: outputs(theta, args, kwargs), params)[1]
         (g,) = pullback(gs)
         return g
+
+    def by_autograd(xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        """:func:`one_example` with autograd, not torch.func (which some forwards, such
+        as an RNN's on a PackedSequence, do not run under)."""
+        args, kwargs, gs = example(xs, gs)
+        theta = {k: p.detach().requires_grad_() for k, p in params.items()}
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                outputs(theta, args, kwargs), list(theta.values()), gs, allow_unused=True
+            )
+        return {
+            k: torch.zeros_like(p) if g is None else g
+            for (k, p), g in zip(theta.items(), grads, strict=True)
+        }
 
     xs = tuple(fixed[i] for i in batched)
     try:
@@ -88,11 +107,12 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
         if "randomness" in str(err):
             raise _random(call) from err
         # vmap has no batching rule for some operators (the fused kernels of nn.LSTM and
-        # nn.GRU): one example after another instead, each as a batch of one, as above,
-        # refusing random numbers as vmap would have. An error of the forward itself is
-        # raised again, by the first example.
+        # nn.GRU), and torch.func runs some forwards not at all: one example after
+        # another instead, each as a batch of one, by autograd, refusing random numbers
+        # as vmap would have. An error of the forward itself is raised again, by the
+        # first example.
         with torch.no_grad(), _NoRandomness(call):
-            out = _one_by_one(one_example, xs, bd, cotangents, g_dim, n)
+            out = _one_by_one(by_autograd, xs, bd, cotangents, g_dim, n)
     return out
 
 
@@ -122,17 +142,17 @@ class _NoRandomness(TorchDispatchMode):
 
 
 def _one_by_one(
-    one_example: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], dict[str, Tensor]],
+    fn: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], dict[str, Tensor]],
     xs: tuple[Tensor, ...],
     bd: int,
     gs: tuple[Tensor, ...],
     g_dim: int,
     n: int,
 ) -> dict[str, Tensor]:
-    """What ``vmap(one_example, in_dims=(bd, g_dim))(xs, gs)`` gives, by a loop over the
-    ``n`` examples: ``{local_name: (n, *shape)}``."""
+    """What ``vmap(fn, in_dims=(bd, g_dim))(xs, gs)`` gives, by a loop over the ``n``
+    examples: ``{local_name: (n, *shape)}``."""
     per_example = [
-        one_example(tuple(x.select(bd, i) for x in xs), tuple(g.select(g_dim, i) for g in gs))
+        fn(tuple(x.select(bd, i) for x in xs), tuple(g.select(g_dim, i) for g in gs))
         for i in range(n)
     ]
     return {k: torch.stack([g[k] for g in per_example]) for k in per_example[0]}
