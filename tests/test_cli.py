@@ -157,6 +157,23 @@ def test_bench_zoo_runs_every_method_or_reports_its_failure():
         assert ("seconds" in r) != ("error" in r)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # torch's, on embeddings
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_opacus_gets_its_own_recurrent_layers_with_the_same_weights(kind):
+    # Opacus's hooks need its DPLSTM, DPGRU and DPRNN in place of PyTorch's layers: the
+    # bench gives it them, computing what the problem's model computes
+    pytest.importorskip("opacus")
+    from indigrad import bench
+    from indigrad.bench import methods
+
+    problem = bench.problems.lstm_problem(batch=3, T=4, hidden=5, kind=kind)
+    model, theirs = problem.model(), methods._opacus_model(problem)  # each seeded alike
+    assert not any(type(m) in (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN) for m in theirs.modules())
+    torch.testing.assert_close(theirs(problem.x), model(problem.x))
+    for method in ["opacus", "opacus-ew", "opacus-ghost"]:
+        methods.METHODS[method](problem)()  # runs: a failure would raise here
+
+
 def test_example_dp_finetune_transformer_runs():
     import importlib.util
     from pathlib import Path

@@ -17,6 +17,8 @@ A method is a factory ``make(problem) -> step`` that prepares its own copy of th
     backpack-norms BackPACK BatchL2Grad                          p.batch_l2
 
 Peers are optional: a missing library or a method that raises is reported, not hidden.
+Each peer gets the model as its documentation asks (Opacus: its own recurrent layers and
+attention in place of PyTorch's, with the same weights).
 """
 
 from __future__ import annotations
@@ -127,11 +129,34 @@ def torch_func(p: Problem) -> Step:
     return step
 
 
+def _opacus_model(p: Problem) -> nn.Module:
+    """The problem's model as Opacus asks for it: layers its hooks cannot take
+    (``nn.LSTM``, ``nn.GRU``, ``nn.MultiheadAttention``) replaced by its own versions with
+    the same weights (``ModuleValidator.fix``), and ``nn.RNN``, which that leaves, by its
+    ``DPRNN``. Models it takes as they are stay so (the zoo's use GroupNorm, which it
+    does not replace)."""
+    from opacus.layers import DPRNN
+    from opacus.validators import ModuleValidator
+
+    model = p.model()
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.RNN:
+                dp = DPRNN(
+                    child.input_size, child.hidden_size, child.num_layers, child.bias,
+                    child.batch_first, child.dropout, child.bidirectional,
+                    nonlinearity=child.nonlinearity,
+                )  # fmt: skip
+                dp.load_state_dict(child.state_dict())
+                setattr(parent, name, dp.to(next(child.parameters()).device))
+    return ModuleValidator.fix(model) if ModuleValidator.validate(model) else model
+
+
 def _opacus(mode: str) -> Callable[[Problem], Step]:
     def make(p: Problem) -> Step:
         from opacus.grad_sample.utils import wrap_model
 
-        model = wrap_model(p.model(), mode, batch_first=True, loss_reduction="sum")
+        model = wrap_model(_opacus_model(p), mode, batch_first=True, loss_reduction="sum")
 
         def step() -> None:
             p.loss(model(p.x), p.y).sum().backward()
@@ -151,7 +176,7 @@ def opacus_ghost(p: Problem) -> Step:
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
     model = GradSampleModuleFastGradientClipping(
-        p.model(), max_grad_norm=1.0, use_ghost_clipping=True, loss_reduction="sum"
+        _opacus_model(p), max_grad_norm=1.0, use_ghost_clipping=True, loss_reduction="sum"
     )
     opt = DPOptimizerFastGradientClipping(
         _sgd(model), noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=p.batch,
