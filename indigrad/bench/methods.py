@@ -17,14 +17,15 @@ A method is a factory ``make(problem) -> step`` that prepares its own copy of th
     backpack-norms BackPACK BatchL2Grad                          p.batch_l2
 
 Peers are optional: a missing library or a method that raises is reported, not hidden.
-Each peer gets the model as its documentation asks (Opacus: its own recurrent layers and
-attention in place of PyTorch's, with the same weights).
+Each peer gets the model as it can take it (Opacus: its own recurrent layers in place of
+PyTorch's, with the same weights, as its ``ModuleValidator.fix`` makes them).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -130,26 +131,33 @@ def torch_func(p: Problem) -> Step:
 
 
 def _opacus_model(p: Problem) -> nn.Module:
-    """The problem's model as Opacus asks for it: layers its hooks cannot take
-    (``nn.LSTM``, ``nn.GRU``, ``nn.MultiheadAttention``) replaced by its own versions with
-    the same weights (``ModuleValidator.fix``), and ``nn.RNN``, which that leaves, by its
-    ``DPRNN``. Models it takes as they are stay so (the zoo's use GroupNorm, which it
-    does not replace)."""
-    from opacus.layers import DPRNN
-    from opacus.validators import ModuleValidator
+    """The problem's model as Opacus can take it: ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN``,
+    whose fused kernels neither its hooks nor its functorch fallback run, replaced by its
+    drop-in ``DPLSTM``, ``DPGRU`` and ``DPRNN`` with the same weights (what
+    ``ModuleValidator.fix`` does, for ``nn.RNN`` too). Other layers stay: those its
+    fallback takes (``nn.MultiheadAttention``) are timed as Opacus runs them."""
+    from opacus.layers import DPGRU, DPLSTM, DPRNN
 
+    replacements: dict[type[nn.Module], type[nn.Module]] = {
+        nn.LSTM: DPLSTM, nn.GRU: DPGRU, nn.RNN: DPRNN,
+    }  # fmt: skip
     model = p.model()
     for parent in list(model.modules()):
         for name, child in parent.named_children():
-            if type(child) is nn.RNN:
-                dp = DPRNN(
-                    child.input_size, child.hidden_size, child.num_layers, child.bias,
-                    child.batch_first, child.dropout, child.bidirectional,
-                    nonlinearity=child.nonlinearity,
-                )  # fmt: skip
-                dp.load_state_dict(child.state_dict())
-                setattr(parent, name, dp.to(next(child.parameters()).device))
-    return ModuleValidator.fix(model) if ModuleValidator.validate(model) else model
+            dp_class = replacements.get(type(child))
+            if dp_class is None:
+                continue
+            rnn = cast(nn.RNNBase, child)
+            options: dict[str, Any] = {"proj_size": rnn.proj_size} if rnn.proj_size else {}
+            if isinstance(rnn, nn.RNN):
+                options["nonlinearity"] = rnn.nonlinearity
+            dp = dp_class(
+                rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.bias, rnn.batch_first,
+                rnn.dropout, rnn.bidirectional, **options,
+            )  # fmt: skip
+            dp.load_state_dict(rnn.state_dict())
+            setattr(parent, name, dp.to(next(rnn.parameters()).device))
+    return model
 
 
 def _opacus(mode: str) -> Callable[[Problem], Step]:
