@@ -97,17 +97,14 @@ def main() -> None:
 
     import indigrad
     from indigrad import bench
-    from indigrad.bench.problems import _cross_entropy
 
     if args.act_as:
         act_as_both(args.act_as)
     if args.tiny:
-        from host_time import tiny_resnet18
+        from host_time import tiny_problem
 
         torch.set_num_threads(1)
-        g = torch.Generator().manual_seed(1)
-        x, y = torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g)
-        problem = bench.Problem("tiny ResNet-18", tiny_resnet18, x, y, _cross_entropy)
+        problem = tiny_problem()
     else:
         problem = bench.zoo(args.device)[args.problem]()
     model = problem.model()

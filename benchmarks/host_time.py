@@ -57,6 +57,16 @@ def tiny_resnet18() -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def tiny_problem() -> bench.Problem:
+    """:func:`tiny_resnet18` on two random 8×8 images of 10 classes (also the tiny model
+    of ``against.py --tiny`` and ``overlap_backward.py``)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 8, 8, generator=g)  # (n, 3, 8, 8)
+    y = torch.randint(0, 10, (2,), generator=g)  # (n,)
+    name = "tiny ResNet-18, widths 4-32, 8², n=2"
+    return bench.Problem(name, tiny_resnet18, x, y, _cross_entropy)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["gpt", "resnet18"], default="gpt")
@@ -77,12 +87,7 @@ def main() -> None:
     if args.model == "gpt":
         problem = bench.gpt_problem(batch=2, layers=args.layers, d=8, heads=2, T=4, vocab=16)
     else:
-        g = torch.Generator().manual_seed(1)
-        x = torch.randn(2, 3, 8, 8, generator=g)
-        y = torch.randint(0, 10, (2,), generator=g)
-        problem = bench.Problem(
-            "ResNet-18 at widths 4-32, 8², n=2", tiny_resnet18, x, y, _cross_entropy
-        )
+        problem = tiny_problem()
     methods = list(dict.fromkeys(["plain", *args.methods.split(",")]))  # plain always shown
     results = bench.run(problem, methods, repeats=args.rounds, warmup=10)
     print(bench.table(problem, results) + "\n(one thread)")

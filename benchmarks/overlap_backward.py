@@ -65,21 +65,17 @@ def main() -> None:
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         problem = bench.zoo(args.device)["resnet18"]()
-        model, x, y = problem.model(), problem.x, problem.y
-        name = problem.name
     else:
-        from host_time import tiny_resnet18
+        from host_time import tiny_problem
 
         torch.set_num_threads(1)
-        model = tiny_resnet18()
-        g = torch.Generator().manual_seed(1)
-        x, y = torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g)
-        name = "tiny ResNet-18, 8², n=2"
+        problem = tiny_problem()
+    model, x, y = problem.model(), problem.x, problem.y
     recorded = Recorded(model)
 
     def forward() -> tuple[torch.Tensor, list[GradientEdge]]:
         recorded.calls.clear()
-        losses = nn.functional.cross_entropy(model(x), y, reduction="none")  # (n,)
+        losses = problem.loss(model(x), y)  # (n,)
         return losses, [GradientEdge(node, 0) for *_, node in recorded.calls]
 
     def one_thread() -> list[Any]:
@@ -126,7 +122,8 @@ def main() -> None:
             torch.testing.assert_close(a[k], b[k])
     steps = {"backward, then norms": one_thread, "overlapped": overlapped}
     medians = interleaved(steps, args.rounds, cuda=cuda, alternate=True)
-    print(f"{name}: {len(recorded.calls)} calls, torch {torch.__version__}, {args.rounds} rounds")
+    calls = len(recorded.calls)
+    print(f"{problem.name}: {calls} calls, torch {torch.__version__}, {args.rounds} rounds")
     for label, seconds in medians.items():
         print(f"  {label:<22} {seconds * 1e3:7.2f} ms")
 
