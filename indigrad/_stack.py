@@ -95,8 +95,9 @@ def plan(entries: list[_Entry]) -> Plan:
     for stack, members in groups.values():
         if len(members) < 2:
             continue
-        size = min(len(members), int(limit // max(elements[id(members[0])], 1)))
-        _chunks(stacks.norms, stack, members, [max(size, 1)] * len(members))
+        # the members' own tensors are alike (one stack key): chunks of limit // each
+        sizes = [max(elements[id(e)], 1) for e in members]
+        _chunks(stacks.norms, stack, members, _fitting(sizes, limit))
         _chunks(stacks.sums, stack, members, _fitting([e.held() for e in members], limit))
     return stacks
 
@@ -119,7 +120,8 @@ def _fitting(sizes: list[int], limit: float) -> list[int]:
 def _chunks(
     into: dict[int, _Stacked], stack: Stack, members: list[_Entry], lengths: list[int]
 ) -> None:
-    """Stacks of ``members`` in consecutive chunks of ``lengths``, those of two or more."""
+    """Stacks of ``members`` in consecutive chunks of ``lengths`` (which sum to their
+    number), those of two or more."""
     start = 0
     for length in lengths:
         chunk = members[start : start + length]
@@ -127,5 +129,3 @@ def _chunks(
         if len(chunk) > 1:
             stacked = _Stacked(chunk, stack)
             into.update((id(e), stacked) for e in chunk)
-        if start >= len(members):
-            break
