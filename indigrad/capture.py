@@ -321,6 +321,15 @@ class capture:
                 ]
                 if not edge_index:
                     return None
+                if rule is None and len(edge_index) > 1:
+                    # The generic rule re-runs the call with each output's gradient. Where
+                    # one output is computed from another (LSTMCell's h from its c), or
+                    # is returned twice, the gradient autograd gives at an output also
+                    # holds the paths through the others, which the re-run takes again.
+                    # Each output is handed on as a copy, so that what arrives at it is
+                    # what arrives from outside the call.
+                    leaves = [t.clone() if i in edge_index else t for i, t in enumerate(leaves)]
+                    output = tree_unflatten(leaves, spec)
             if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common case
                 in_leaves, in_spec = [args[0]], None
             elif kwargs or not all(isinstance(a, Tensor) for a in args):
@@ -394,7 +403,7 @@ class capture:
                 )
             )
             self._consumed = False
-            return None
+            return output if rule is None and len(edge_index) > 1 else None
 
         return hook
 

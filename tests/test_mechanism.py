@@ -93,6 +93,35 @@ def test_forward_hooks_of_the_user_that_replace_inputs_and_outputs(when):
             h.remove()
 
 
+class _Gain(nn.Module):
+    """Without a rule: the generic rule re-runs it per example."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.linspace(-0.5, 0.5, d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.g.exp()
+
+
+def test_forward_hooks_of_the_user_on_a_module_the_generic_rule_re_runs():
+    # The re-run is of the module's own forward: its pre-hook already made the recorded
+    # inputs, and its hook's replacement output came after the gradient's edge.
+    model = nn.Sequential(nn.Linear(5, 7), _Gain(7), nn.Linear(7, 3)).double()
+    model[1].register_forward_pre_hook(lambda m, args: (args[0] * 3.0,))
+    model[1].register_forward_hook(lambda m, args, out: out.tanh() * 2.0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+
+    def losses(x, y):
+        return model(x).square().sum(1)
+
+    with indigrad.capture(model) as cap:
+        grads = cap.grads(losses(x, None))
+    ref = indigrad.testing.loop_grads(model, losses, x, None)
+    for k in ref:
+        torch.testing.assert_close(grads[k], ref[k])
+
+
 @pytest.mark.parametrize("T,d_in,d_out", [(3, 16, 16), (40, 3, 4), (1, 5, 6)])
 def test_linear_norm_paths_agree_with_materialised(T, d_in, d_out):
     layer = nn.Linear(d_in, d_out).double()

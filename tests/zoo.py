@@ -116,6 +116,45 @@ class RecurrentInside(nn.Module):
         return self.head(h[:, -1] * torch.sigmoid(self.gain))  # (n, k)
 
 
+class CellLoop(nn.Module):
+    """An ``nn.LSTMCell`` unrolled over the sequence: the generic rule re-runs each call,
+    whose two outputs depend on each other (``h`` is computed from the returned ``c``)."""
+
+    def __init__(self, d: int, h: int, k: int) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(d, h)
+        self.head = nn.Linear(h, k)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, T, d)
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)  # (h, c), each (n, h)
+        return self.head(state[0] + 0.5 * state[1])  # (n, k)
+
+
+class Linked(nn.Module):
+    """A module without a rule returning one output twice and another computed from it."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(-1, 1, d * d).reshape(d, d))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # x (n, d)
+        h = torch.tanh(x @ self.w.exp())  # (n, d)
+        return h, h.square().sum(1, keepdim=True), h  # (n, d), (n, 1), (n, d)
+
+
+class LinkedNet(nn.Module):
+    def __init__(self, d: int, k: int) -> None:
+        super().__init__()
+        self.linked = Linked(d)
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, d)
+        h, s, again = self.linked(x)
+        return self.head(h * s + again.sin())  # (n, k)
+
+
 class Masked(nn.Module):
     """A custom layer called with a keyword and an unbatched argument (generic rule)."""
 
@@ -263,6 +302,8 @@ CASES = [
     Case("raw_params", lambda: RawParams(4, 3), (5, 3, 4), _classes(5, 3), _ce),
     Case("generic_kwargs_mask", lambda: MaskedNet(4, 3), (5, 3, 4), _classes(5, 3), _ce),
     Case("generic_around_rnns", lambda: RecurrentInside(3, 4, 3), (5, 6, 3), _classes(5, 3), _ce),
+    Case("lstm_cell_loop", lambda: CellLoop(3, 4, 3), (5, 4, 3), _classes(5, 3), _ce),
+    Case("generic_linked_outputs", lambda: LinkedNet(4, 3), (5, 4), _classes(5, 3), _ce),
     Case("keyword_call", lambda: KeywordLinear(5, 3), (6, 5), _classes(6, 3), _ce),
     Case("inplace_relu", _inplace_relu, (6, 5), _classes(6, 3), _ce),
     # on tokens a Linear's output is its addmm viewed back, which an in-place op rebuilds

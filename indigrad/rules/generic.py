@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -74,7 +75,11 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
         return args, kwargs, gs
 
     def outputs(theta: dict[str, Tensor], args: Any, kwargs: Any) -> tuple[Tensor, ...]:
-        out_leaves = tree_flatten(functional_call(module, theta, args, kwargs))[0]
+        # the module's own forward, as torch.func.functional_call runs it but without the
+        # module's hooks: the recorded inputs are those a pre-hook gave the forward, and
+        # the output gradients are read at the forward's own output (capture.py)
+        with _reparametrize_module(module, theta):
+            out_leaves = tree_flatten(module.forward(*args, **kwargs))[0]
         return tuple(out_leaves[j] for j in out_index)
 
     def one_example(xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]) -> dict[str, Tensor]:
