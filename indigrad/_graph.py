@@ -299,6 +299,12 @@ def _rebased(call: Any, seen: set[Any], owners: Iterable[Any]) -> None:
             node, nr, shape, stride, offset = base
             if any(node is f.node and nr == f.output_nr for f in call.edges):
                 continue  # the base is an output too: this view is just unused
+            others = [f.node for j, f in enumerate(call.edges) if j != k and f.node in seen]
+            if others and _reaches(others, node):
+                # an unused view of a tensor the call computed another output from
+                # (attention's weights, the softmax its output is computed from): the
+                # gradient reaching the base is that other output's
+                continue
             call.edges[k] = GradientEdge(node, nr)
             call.views = {**call.views, k: View(shape, stride, offset)}
     if not any(e.node in seen for e in call.edges) and any(u in seen for u in owners):
@@ -309,6 +315,20 @@ def _rebased(call: Any, seen: set[Any], owners: Iterable[Any]) -> None:
             "other than through what it returned. Its per-example gradients would be "
             "missed; use an out-of-place op after the layer."
         )
+
+
+def _reaches(starts: list[Any], target: Any) -> bool:
+    """Whether the autograd graph below the nodes ``starts`` holds ``target``."""
+    stack, seen = list(starts), set(starts)
+    while stack:
+        u = stack.pop()
+        if u is target:
+            return True
+        for v, _ in u.next_functions:
+            if v is not None and v not in seen:
+                seen.add(v)
+                stack.append(v)
+    return False
 
 
 def _adopt(

@@ -350,6 +350,29 @@ def test_mha_frozen_parameters(frozen):
     indigrad.testing.check(model, model, *batch)
 
 
+@pytest.mark.parametrize("how", ["add_zero_attn", "add_bias_kv", "frozen_in_proj"])
+def test_unused_per_head_weights_where_the_rule_recomputes(how):
+    # The per-head weights are a view of the softmax that the output is computed from:
+    # returned and unused, they receive no gradient of their own (the softmax's is the
+    # output's, which the rule takes through its own backward).
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(
+        4,
+        2,
+        batch_first=True,
+        add_zero_attn=how == "add_zero_attn",
+        add_bias_kv=how == "add_bias_kv",
+    ).double()
+    if how == "frozen_in_proj":
+        mha.in_proj_weight.requires_grad_(False)
+
+    def losses(x):
+        out, _weights = mha(x, x, x, average_attn_weights=False)
+        return out.sin().sum((1, 2))
+
+    indigrad.testing.check(mha, losses, torch.randn(3, 4, 4, dtype=torch.float64))
+
+
 # -- the recomputed forward is the module's ----------------------------------------------
 
 
