@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _alloc
+from . import _ghost
 from .registry import register_rule
 
 # Up to this many lookups per example, sq_norms uses the masked T×T Gram (one bmm), beyond
@@ -149,7 +150,7 @@ def embedding_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) ->
         if pad is not None:
             same &= (ids != pad)[:, :, None]  # (n, T, T)
         GG = torch.bmm(G, G.transpose(1, 2))  # (n, T, T)
-        sq = (GG * same).sum((1, 2))  # (n,)
+        sq = _ghost.guarded((GG * same).sum((1, 2)), GG, same, G.shape[2], 0)  # (n,)
     else:  # sort the keys (i, id), sum G over runs of equal keys
         sq = _segment_sq_norms(ids, G, V, pad)  # (n,)
     return {"weight": sq}

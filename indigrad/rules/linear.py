@@ -6,7 +6,8 @@ With the extra dims flattened to ``T`` (tokens, positions; ``T = 1`` without any
                  db_i = Σ_t G_it                           einsum("nto->no")
     sq_norms     T = 1:  ‖dW_i‖² = ‖G_i‖² ‖A_i‖²            (Goodfellow)
                  T > 1:  ‖dW_i‖² = ⟨A_i A_iᵀ, G_i G_iᵀ⟩      (ghost, T×T Grams) when
-                         T (d_in + d_out) < d_in d_out, else materialise dW_i
+                         T (d_in + d_out) < d_in d_out, else materialise dW_i;
+                         a ghost value within its rounding is raised (``_ghost``)
     weighted_sum Σ_i c_i dW_i = (c ⊙ G)ᵀ A over all (i, t)  einsum("n,nto,nti->oi")
 
 For a clipped sum with T > 1, ``dW_i`` may instead be materialised once and both the norm
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _alloc, _outer
-from . import _cost
+from . import _cost, _ghost
 from .registry import register_rule
 
 
@@ -93,19 +94,18 @@ def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
     A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
     _n, T, d_in = A.shape
     d_out = G.shape[2]
-    GG = None
     if weight:
         if T == 1:
             out["weight"] = _sq_rows(G[:, 0]) * _sq_rows(A[:, 0])  # (n,)
         elif _cost.ghost_norm(T, d_out, d_in):  # two (n, T, T) Grams
             AA = torch.bmm(A, A.transpose(1, 2))  # (n, T, T)
             GG = torch.bmm(G, G.transpose(1, 2))  # (n, T, T)
-            out["weight"] = (AA * GG).sum((1, 2))  # (n,)
+            out["weight"] = _ghost.guarded((AA * GG).sum((1, 2)), AA, GG, d_in, d_out)  # (n,)
         else:
             W = _outer_products(G, A)  # (n, d_out, d_in)
             out["weight"] = torch.linalg.vector_norm(W, dim=(1, 2)).square()  # (n,)
-    if bias:  # ‖Σ_t G_it‖² = Σ_ts ⟨G_it, G_is⟩: the sum of G's Gram where there is one
-        out["bias"] = _sq_rows(G.sum(1)) if GG is None else GG.sum((1, 2))  # (n,)
+    if bias:  # from Σ_t G_it itself, not from G's Gram, whose sum cancels (rules/_ghost.py)
+        out["bias"] = _sq_rows(G.sum(1))  # (n,)
     return out
 
 
