@@ -84,6 +84,7 @@ def _check_accounted(
         for nr in range(len(t[0]._input_metadata)):
             consumers.setdefault((t[0], nr), [])
     unaccounted: list[tuple[Any, Any]] = []  # edges (node, parameter)
+    batch_norms: list[Any] = []  # batch norms in training mode
     stack = [root]
     seen = {root}
     while stack:
@@ -108,11 +109,15 @@ def _check_accounted(
                         "Face models: gradient_checkpointing_enable(gradient_checkpointing_"
                         'kwargs={"use_reentrant": False})).'
                     )
+                if type(v).__name__ in _BATCH_NORMS and getattr(v, "_saved_training", False):
+                    batch_norms.append(v)
                 seen.add(v)
                 stack.append(v)
 
     for call in calls:
         _rebased(call, seen, owners.get(call, ()))
+    if batch_norms:
+        _refuse_batch_statistics(batch_norms, outputs)
     reached = [call for call in calls if any(e.node in seen for e in call.edges)]
     if not reached:
         raise RuntimeError(
@@ -300,7 +305,7 @@ def _rebased(call: Any, seen: set[Any], owners: Iterable[Any]) -> None:
             if any(node is f.node and nr == f.output_nr for f in call.edges):
                 continue  # the base is an output too: this view is just unused
             others = [f.node for j, f in enumerate(call.edges) if j != k and f.node in seen]
-            if others and _reaches(others, node):
+            if others and _first_reached(others, {node}) is not None:
                 # an unused view of a tensor the call computed another output from
                 # (attention's weights, the softmax its output is computed from): the
                 # gradient reaching the base is that other output's
@@ -317,18 +322,45 @@ def _rebased(call: Any, seen: set[Any], owners: Iterable[Any]) -> None:
         )
 
 
-def _reaches(starts: list[Any], target: Any) -> bool:
-    """Whether the autograd graph below the nodes ``starts`` holds ``target``."""
+# the backward nodes of batch normalisation, whose training mode saves ``training``
+_BATCH_NORMS = {
+    "NativeBatchNormBackward0",
+    "CudnnBatchNormBackward0",
+    "MiopenBatchNormBackward0",
+}
+
+
+def _refuse_batch_statistics(batch_norms: list[Any], outputs: dict[Any, Any]) -> None:
+    """Raise where a batch norm in training mode lies between the losses and a recorded
+    call (the capture refuses those of its own model as they run; this finds the others,
+    a captured submodule's in the rest of the model): its batch statistics mix the
+    examples, so the gradient at the call's output is no example's own. One below every
+    recorded call (a frozen backbone in training mode under a captured head) is fine."""
+    for node in batch_norms:
+        u = _first_reached([node], outputs)
+        if u is not None:
+            raise RuntimeError(
+                f"{outputs[u].label} feeds a batch norm in training mode "
+                f"({type(node).__name__}) on its way to the losses: batch statistics "
+                "mix the examples of a batch, so no per-example gradient exists. Put "
+                "the batch norms in eval mode, or replace them with GroupNorm / "
+                "LayerNorm."
+            )
+
+
+def _first_reached(starts: list[Any], targets: Any) -> Any:
+    """A node of ``targets`` that the autograd graph below the nodes ``starts`` holds
+    (those nodes included), or None."""
     stack, seen = list(starts), set(starts)
     while stack:
         u = stack.pop()
-        if u is target:
-            return True
+        if u in targets:
+            return u
         for v, _ in u.next_functions:
             if v is not None and v not in seen:
                 seen.add(v)
                 stack.append(v)
-    return False
+    return None
 
 
 def _adopt(
