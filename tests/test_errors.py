@@ -52,6 +52,52 @@ def test_batchnorm_in_training_mode(norm):
         model(x)
 
 
+def test_batchnorm_in_training_mode_outside_a_captured_submodule():
+    # above the captured layer, in the rest of the model: the gradient at its output
+    # mixes the examples
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)).double().train()
+    x, y = _xy()
+    with indigrad.capture(model[0]) as cap:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        with pytest.raises(RuntimeError, match=r"feeds a batch norm in training mode"):
+            cap.norms(losses)
+
+
+def test_batchnorm_in_training_mode_below_a_captured_head():
+    # below every captured layer (a backbone in training mode under a captured head):
+    # the head's per-example gradients are those of the batch's own forward
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)).double().train()
+    x, y = _xy()
+    with indigrad.capture(model[2]) as cap:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        ref = [torch.autograd.grad(loss, model[2].weight, retain_graph=True)[0] for loss in losses]
+        grads = cap.grads(losses)
+    torch.testing.assert_close(grads["weight"], torch.stack(ref))
+
+
+class Counting(nn.Module):
+    """Without a rule (its own parameter through exp), counting its calls in a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.zeros(7, dtype=torch.float64))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.g.exp() * self.calls
+
+
+def test_generic_rule_refuses_a_forward_that_updates_its_buffers():
+    model = nn.Sequential(nn.Linear(5, 7), Counting(), nn.Linear(7, 3)).double()
+    x, y = _xy()
+    with indigrad.capture(model) as cap:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        with pytest.raises(RuntimeError, match=r"updates its buffers \['calls'\]"):
+            cap.grads(losses)
+    assert model[1].calls.item() == 1  # the forward's update, and no re-run's
+
+
 def test_frozen_batchnorm_in_training_mode_still_mixes_examples():
     model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7, affine=False), nn.Linear(7, 3))
     x, _ = _xy()

@@ -62,6 +62,10 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
         )  # each (n, *the call's own output shape)
         g_dim = 0
     params = {k: p.detach() for k, p in call.params.items()}
+    # the re-runs read and write copies of the buffers: a forward that updates them (a
+    # running statistic, a counter) leaves the model's as the forward left them, and is
+    # refused below, as its re-run would not read what the forward read
+    state = {k: b.clone() for k, b in module.named_buffers()}
     fixed = [_upcast(t.detach(), dtype) if isinstance(t, Tensor) else t for t in in_leaves]
 
     def example(xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]) -> tuple[Any, Any, Any]:
@@ -78,7 +82,7 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
         # the module's own forward, as torch.func.functional_call runs it but without the
         # module's hooks: the recorded inputs are those a pre-hook gave the forward, and
         # the output gradients are read at the forward's own output (capture.py)
-        with _reparametrize_module(module, theta):
+        with _reparametrize_module(module, {**theta, **state}):
             out_leaves = tree_flatten(module.forward(*args, **kwargs))[0]
         return tuple(out_leaves[j] for j in out_index)
 
@@ -118,6 +122,15 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
         # first example.
         with torch.no_grad(), _NoRandomness(call):
             out = _one_by_one(by_autograd, xs, bd, cotangents, g_dim, n)
+    changed = [k for k, b in state.items() if b._version]
+    if changed:
+        raise RuntimeError(
+            f"{call.label} has no rule of its own, and the generic rule cannot re-run its "
+            f"forward because the forward updates its buffers {changed} in place: a "
+            "re-run would read them as the forward left them, not as it found them. Put "
+            "the module in eval mode if that stops the updates, or register a rule for it "
+            "with indigrad.register_rule."
+        )
     return out
 
 
