@@ -141,6 +141,8 @@ def test_accounting_errors_say_what_to_do():
         compute_epsilon(sample_rate=0.1, noise_multiplier=1, steps=1, delta=0)
     with pytest.raises(ValueError, match="sample_rate"):
         compute_epsilon(sample_rate=1.5, noise_multiplier=1, steps=1, delta=1e-5)
+    with pytest.raises(ValueError, match="noise_multiplier=0"):
+        calibrate_noise_multiplier(target_epsilon=math.inf, delta=1e-5, sample_rate=0.1, steps=10)
 
 
 # -- noise --------------------------------------------------------------------------------
@@ -210,6 +212,20 @@ def test_noise_covers_every_trainable_parameter_only():
     assert model[0].weight.grad is None
     for p in [model[0].bias, model[1].weight, model[1].bias]:
         assert p.grad is not None and p.grad.shape == p.shape and p.grad.abs().sum() > 0
+
+
+def test_noise_once_per_parameter_listed_twice():
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.full((3,), 10.0)
+    GaussianNoise(0.0, 1.0, 10.0).add_([p, p])
+    torch.testing.assert_close(p.grad, torch.ones(3))  # divided by B once
+
+
+def test_noise_refuses_a_sparse_grad():
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse=False"):
+        GaussianNoise(1.0, 1.0, 2.0, seed=0).add_(emb)
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["seeded", "secure"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -90,8 +91,8 @@ def compute_epsilon(
     accountant = _accountant_factory(method, pld_discretization)()
     if steps == 0:
         return 0.0
-    accountant.compose(_event(sample_rate, noise_multiplier, int(steps)))
-    with _quiet_absl():
+    with _quiet_absl():  # RDP's compose logs the orders that fail to converge
+        accountant.compose(_event(sample_rate, noise_multiplier, int(steps)))
         return float(accountant.get_epsilon(delta))
 
 
@@ -134,8 +135,11 @@ def calibrate_noise_multiplier(
         True
     """
     _check_common(sample_rate, steps, delta)
-    if not target_epsilon > 0:
-        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if not 0 < target_epsilon < math.inf:
+        raise ValueError(
+            f"target_epsilon must be a positive finite number, got {target_epsilon} "
+            "(no privacy at all needs no noise: noise_multiplier=0)"
+        )
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     if steps == 0:

@@ -173,11 +173,19 @@ class GaussianNoise:
             params = params.parameters()
         rank, world = _world()
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        done: set[int] = set()  # a parameter listed twice gets its noise once
         for p in params:
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in done:
                 continue
+            done.add(id(p))
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+            elif p.grad.layout != torch.strided:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} has a {p.grad.layout} .grad "
+                    "(an Embedding with sparse=True?): the noise is dense, so the noised "
+                    "gradient could not stay sparse. Use sparse=False."
+                )
             groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
         for grads in groups.values():
             self._add_to(grads, rank, world)
@@ -192,14 +200,9 @@ class GaussianNoise:
         z = self._standard_normal(sum(sizes), like) if rank == 0 else like.new_empty(sum(sizes))
         if world > 1:
             dist.broadcast(z, src=0)
-        dense = all(g.layout == torch.strided for g in grads)
         parts = [t.view(g.shape) for t, g in zip(z.split(sizes), grads, strict=True)]
-        if dense:
-            torch._foreach_mul_(grads, world / self.expected_batch_size)
-            torch._foreach_add_(grads, parts, alpha=self.std)
-            return
-        for g, part in zip(grads, parts, strict=True):  # not strided: one at a time
-            g.mul_(world / self.expected_batch_size).add_(part, alpha=self.std)
+        torch._foreach_mul_(grads, world / self.expected_batch_size)
+        torch._foreach_add_(grads, parts, alpha=self.std)
 
     def _standard_normal(self, n: int, like: Tensor) -> Tensor:
         """``n`` standard Gaussians (n,) of ``like``'s dtype, on its device."""
