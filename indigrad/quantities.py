@@ -453,6 +453,13 @@ class PerExample:
         weighted sum is taken (for :meth:`capture.clip_`, where nothing else follows)."""
         if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm > 0):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
+        for name, p in self._params.items():
+            if p.grad is not None and p.grad.layout != torch.strided:
+                raise ValueError(
+                    f"{name!r} has a {p.grad.layout} .grad (an Embedding with sparse=True?): "
+                    "clip_ adds a dense clipped sum, which cannot go into it. Use "
+                    "sparse=False, or set .grad to None before the step."
+                )
         norms = self._norms(clipping=True, release=release)
         coef = (max_norm / norms).clamp(max=1.0)  # (n,); a zero norm gives inf -> 1
         joint = self._joint

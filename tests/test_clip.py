@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from zoo import BY_NAME
 
 import indigrad
@@ -135,3 +136,13 @@ def test_grads_never_share_storage_even_if_a_rule_returns_one_tensor_twice():
         torch.testing.assert_close(model.b.grad, before)
     finally:
         indigrad.unregister_rule(TwoScales)
+
+
+def test_a_sparse_grad_is_refused_before_any_is_changed():
+    model = nn.Sequential(nn.Embedding(7, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2))
+    ids = torch.tensor([[1, 2], [3, 1]])
+    model(ids).sum().backward()  # a sparse .grad for the table, a dense one for the Linear
+    before = model[2].weight.grad.clone()
+    with indigrad.capture(model) as cap, pytest.raises(ValueError, match="sparse=False"):
+        cap.clip_(model(ids).square().sum(1), 1.0)
+    torch.testing.assert_close(model[2].weight.grad, before)
