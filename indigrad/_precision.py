@@ -11,10 +11,15 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import Tensor
+
+# True while rules run: a forward they cause (activation checkpointing recomputes a
+# region when a rule unpacks a tensor its nodes saved) is not recorded (capture.py)
+RULES_RUNNING: ContextVar[bool] = ContextVar("indigrad_rules_running", default=False)
 
 
 def _exact(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -23,8 +28,12 @@ def _exact(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad(), _no_autocast():
-            return fn(*args, **kwargs)
+        token = RULES_RUNNING.set(True)
+        try:
+            with torch.no_grad(), _no_autocast():
+                return fn(*args, **kwargs)
+        finally:
+            RULES_RUNNING.reset(token)
 
     return wrapper
 

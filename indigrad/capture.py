@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -30,6 +30,7 @@ from . import _reparam, _shared, _split
 from ._batch import has_batch
 from ._graph import View, _boundary, _check_accounted, confirm_batch, consumers_of
 from ._host import gc_paused
+from ._precision import RULES_RUNNING
 from .quantities import PerExample, rule_G, rule_inputs
 from .rules import Prepared, Rule, lookup_rule
 from .rules import direct as _direct
@@ -91,6 +92,18 @@ class _Call:
     def broadcast(self) -> bool:
         """Called without the batch dimension: its outputs shared by all examples."""
         return self.shared is not None
+
+
+def _unrecorded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Record no call while ``fn`` runs: reading a tensor that activation checkpointing
+    did not keep re-runs its region's forward, whose calls are not this step's."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._pause():
+            return fn(self, *args, **kwargs)
+
+    return wrapper
 
 
 class capture:
@@ -307,6 +320,10 @@ class capture:
             planned = plan.get(id(module))  # by identity, whatever __eq__ a class defines
             if planned is None or planned[0] is not module or self._paused:
                 return None  # a module without captured parameters, or another model's
+            if torch._C._current_graph_task_id() != -1 or RULES_RUNNING.get():
+                # a forward re-run inside a backward or while rules read saved tensors
+                # (activation checkpointing's recomputation): not a call of this step's
+                return None
             _, name, own, rule = planned
             raw = rule is not None and rule.raw_layout
             edge_index: Sequence[int]
@@ -410,6 +427,7 @@ class capture:
     # -- the backward -------------------------------------------------------------------
 
     @gc_paused
+    @_unrecorded
     def backward(self, losses: Tensor) -> PerExample:
         """Run the one backward over the recorded forward and return its per-example view.
 

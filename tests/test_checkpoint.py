@@ -73,6 +73,21 @@ def test_checkpointed_dropout_is_the_forward_s_own(no_recompute):
     assert_sums_to_batch_gradient(model, _losses(model), *_batch())
 
 
+def test_recomputed_regions_record_no_calls():
+    """The backward, and the rules reading what the forward saved, re-run the regions'
+    forwards: their calls are not recorded (they held activations until the next
+    backward, and a second quantity asked of a consumed forward got the wrong error)."""
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = _batch()
+    with indigrad.capture(model) as cap:
+        losses = _losses(model)(x, y)
+        cap.grads(losses)
+        assert cap._calls == []
+        with pytest.raises(RuntimeError, match="already consumed"):
+            cap.norms(losses)
+
+
 def test_reentrant_checkpointing_is_refused():
     """The reentrant form runs the region without a graph and hides it behind one node:
     the region's parameters would get no per-example gradient at all."""
