@@ -384,6 +384,26 @@ def test_channels_last_and_token_losses():
     indigrad.testing.check(model, losses, x, y)
 
 
+@pytest.mark.parametrize(
+    "layer, x_shape",
+    [
+        (nn.ConvTranspose1d(2, 3, 1, stride=5, padding=2, output_padding=4), (4, 2, 1)),
+        (nn.ConvTranspose1d(2, 3, 2, stride=4, padding=2, output_padding=3), (4, 2, 2)),
+        (
+            nn.ConvTranspose2d(2, 3, 1, stride=(5, 1), padding=(2, 0), output_padding=(4, 0)),
+            (3, 2, 1, 3),
+        ),
+    ],
+)
+def test_transposed_padding_beyond_the_full_output(layer, x_shape):
+    # padding crops more than the full output in a dimension: the output lies partly or
+    # wholly in output_padding's margin
+    torch.manual_seed(0)
+    layer = layer.double()
+    x = torch.randn(x_shape, dtype=torch.float64)
+    indigrad.testing.check(layer, lambda x: layer(x).sin().flatten(1).sum(1), x, max_norm=0.5)
+
+
 @pytest.mark.parametrize("frozen", ["weight", "bias"])
 def test_frozen_parameter(frozen):
     torch.manual_seed(0)

@@ -235,7 +235,9 @@ def _factors(module: _ConvNd, x: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
     n, g = x.shape[0], module.groups
     if module.transposed:
         pads, _ = _full_pads(module, x, G)
-        G_full = F.pad(G, pads)  # (n, C_out, *full)
+        G_full = F.pad(G, [max(q, 0) for q in pads])  # padded first, then cropped:
+        if min(pads) < 0:  # F.pad crops first, and fails where the crop exceeds G
+            G_full = F.pad(G_full, [min(q, 0) for q in pads])  # (n, C_out, *full)
         R = _im2col(G_full, module, tuple(x.shape[2:]))  # (n·g, C_out/g·k, P)
         L = x.reshape(n, x.shape[1], -1)  # (n, C_in, P)
     else:
