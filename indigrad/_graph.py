@@ -109,7 +109,7 @@ def _check_accounted(
                         "Face models: gradient_checkpointing_enable(gradient_checkpointing_"
                         'kwargs={"use_reentrant": False})).'
                     )
-                if type(v).__name__ in _BATCH_NORMS and getattr(v, "_saved_training", False):
+                if type(v).__name__ in _BATCH_NORMS and _mixes(v):
                     batch_norms.append(v)
                 seen.add(v)
                 stack.append(v)
@@ -328,6 +328,13 @@ _BATCH_NORMS = {
     "CudnnBatchNormBackward0",
     "MiopenBatchNormBackward0",
 }
+
+
+def _mixes(node: Any) -> bool:
+    """Whether a batch norm's node took statistics over several rows of its input's first
+    dimension: training mode, on more than one (``F.instance_norm`` runs it on the batch
+    as one row of ``n·C`` channels, which mixes nothing)."""
+    return bool(getattr(node, "_saved_training", False)) and node._input_metadata[0].shape[0] > 1
 
 
 def _refuse_batch_statistics(batch_norms: list[Any], outputs: dict[Any, Any]) -> None:
