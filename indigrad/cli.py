@@ -116,12 +116,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
 
+    from . import bench as _zoo
+    from .bench.methods import METHODS
+
     bench = sub.add_parser("bench", help="time indigrad against plain training and peers")
     bench.add_argument(
         "--problems",
-        help="comma-separated problems of the zoo (default: all of them), or the extras "
-        "'vit', 'convnext' (torchvision's VisionTransformer and ConvNeXt), 'lstm', 'gru', "
-        "'rnn' (2-layer recurrent classifiers) and 'seq2seq' (nn.Transformer)",
+        help=f"comma-separated problems of the zoo ({', '.join(_zoo.zoo('cpu'))}; default: "
+        "all of them), or the extras 'vit', 'convnext' (torchvision's VisionTransformer and "
+        "ConvNeXt), 'lstm', 'gru', 'rnn' (2-layer recurrent classifiers) and 'seq2seq' "
+        "(nn.Transformer)",
     )
     bench.add_argument("--sizes", help="a custom MLP instead, e.g. 784-512-256-10")
     bench.add_argument("--batch", type=int, help="batch size of the custom MLP (256)")
@@ -131,8 +135,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--methods",
         default="plain,grads,norms,clipped,torch.func,opacus,opacus-ew,opacus-ghost,"
         "backpack,backpack-norms",
-        help="comma-separated; also: loop (one backward per example), dp (the clipped "
-        "step with GaussianNoise added)",
+        help=f"comma-separated, of {', '.join(METHODS)}; loop is one backward per example, "
+        "dp the clipped step with GaussianNoise added, the others after 'clipped' peers "
+        "(one that is not installed, or fails, is reported so in its row)",
     )
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.add_argument("--plot", help="also write a bar chart of the ratios to this PNG file")

@@ -39,7 +39,8 @@ def test_readme_examples_run():
     exec(blocks[1], dp)
     assert 2.9 < dp["eps"] <= 3.0
     try:
-        exec(blocks[2], ns)  # a user rule
+        ns = {}
+        exec(blocks[2], ns)  # a user rule, as written: it imports and builds all it uses
         scale = ns["Scale"]
         assert indigrad.lookup_rule(scale(3)) is not None
         net = torch.nn.Sequential(torch.nn.Linear(4, 3), scale(3)).double()
