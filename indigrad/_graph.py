@@ -197,6 +197,7 @@ def confirm_batch(
     losses: Any,
     n: int,
     bd: int,
+    strict: bool = True,
 ) -> None:
     """Raise unless the batch dimension ``bd`` of ``call``'s output is followed forward,
     through ops that keep or move dimensions (elementwise ops, permutes, transposes,
@@ -207,9 +208,15 @@ def confirm_batch(
     nothing: the path goes on from its outputs, taken to keep the dimension in place.
     For calls on integer tensors that could hold ``n`` entries by chance (ids made inside
     the model: shifted decoder ids, a table of positions with as many rows as the batch
-    has examples, transposed ids)."""
+    has examples, transposed ids).
+
+    Not ``strict`` (calls on floating tensors made inside the model: the model's input
+    rescaled, a frozen backbone's features, or a coordinate table with as many rows as
+    the batch has examples), only a dimension found to end elsewhere is refused: a path
+    through an op that is not followed (pooling, say) proves nothing either way."""
     stack = [((e.node, e.output_nr), bd) for e in call.edges]
     confirmed = False
+    elsewhere = False  # the dimension was found to end elsewhere than the batch's
     for _ in range(_FOLLOW_LIMIT):
         if not stack:
             if confirmed:
@@ -218,12 +225,14 @@ def confirm_batch(
         (v, nr), b = stack.pop()
         if v is losses:
             if b != 0:
-                break  # the dimension taken for the batch ends elsewhere
+                elsewhere = True  # the dimension taken for the batch ends elsewhere
+                break
             confirmed = True
             continue
         here = tuple(v._input_metadata[nr].shape)
         if v in batched:
             if b != bd:
+                elsewhere = True
                 break
             if sum(size == n for size in here) == 1:
                 confirmed = True
@@ -233,15 +242,26 @@ def confirm_batch(
         uses = consumers.get((v, nr), [])
         moves = [_moved(u, b, here) for u, _ in uses]
         if any(m is None or m[1] != n for m in moves):
+            elsewhere = any(m is not None and m[1] != n for m in moves)
             break
         stack.extend(((u, 0), m[0]) for (u, _), m in zip(uses, moves, strict=True) if m)
-    raise RuntimeError(
-        f"{call.label} is called on integer inputs made inside the model whose dimension "
-        f"{bd} has as many entries as the batch ({n}), and indigrad cannot follow that "
-        "dimension to the batch's (a table of positions with as many rows as the batch "
-        "has examples would look the same): use a batch size different from the table's "
-        "size, or hand the layer the model's own input."
-    )
+    if strict:
+        raise RuntimeError(
+            f"{call.label} is called on integer inputs made inside the model whose "
+            f"dimension {bd} has as many entries as the batch ({n}), and indigrad cannot "
+            "follow that dimension to the batch's (a table of positions with as many rows "
+            "as the batch has examples would look the same): use a batch size different "
+            "from the table's size, or hand the layer the model's own input."
+        )
+    if elsewhere:
+        raise RuntimeError(
+            f"{call.label} is called on a floating-point tensor made inside the model whose "
+            f"dimension {bd} has as many entries as the batch ({n}), but that dimension "
+            "does not end in the batch's: a table shared by all examples (coordinates, a "
+            "mask) with as many rows as the batch has examples. Its per-example gradients "
+            "would be wrong: use a batch size different from the table's size, or freeze "
+            "the layer."
+        )
 
 
 def _moved(u: Any, b: int, here: tuple[int, ...]) -> tuple[int, int] | None:

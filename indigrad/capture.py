@@ -59,7 +59,7 @@ class _Call:
     shared: tuple[tuple[Any, ...], dict[str, Any], list[torch.Size]] | None = None
     # on integer inputs made inside the model whose batch dimension could be chance: the
     # backward follows it to the batch's (``_graph.confirm_batch``)
-    questioned: bool = False
+    questioned: str = ""  # "ids", "floats": see capture._questioned
     training: bool = True  # the module's mode at call time
     rule: Rule | None = None  # its rule, looked up once when the capture began; None: generic
     saved: Any = None  # what the rule's ``saved`` took from the graph before the backward
@@ -284,20 +284,22 @@ class capture:
                 self._n = t.shape[self.batch_dim]
                 return
 
-    def _questioned(self, leaves: list[Any], n: int) -> bool:
+    def _questioned(self, leaves: list[Any], n: int) -> str:
         """For a call on tensors none of which requires grad, judged batched because
-        dimension ``batch_dim`` has ``n`` entries: whether an integer tensor among them
-        (ids, positions) could have them by chance, not being the model's own input or a
-        view of it that keeps its batch dimension (shifted decoder ids; a table of relative
-        positions ``(T, T)`` with ``T = n``; transposed ids). The backward then follows
-        that dimension to the batch's (``_graph.confirm_batch``). Floating inputs computed
-        from the model's (images with ``C = n``, say) are not questioned."""
+        dimension ``batch_dim`` has ``n`` entries: whether a tensor among them could have
+        them by chance, not being the model's own input or a view of it that keeps its
+        batch dimension. The backward then follows that dimension to the batch's
+        (``_graph.confirm_batch``). ``"ids"`` for an integer tensor (shifted decoder ids; a
+        table of relative positions ``(T, T)`` with ``T = n``; transposed ids): it must be
+        followed there. ``"floats"`` for a floating one (a coordinate table of ``T = n``
+        rows, or the model's input rescaled inside the forward, or a frozen backbone's
+        features): only a dimension found to end elsewhere is refused, since the ops of a
+        batched input are many and not all are followed. ``""`` for neither."""
         bd = self.batch_dim
         roots = None
+        found = ""
         for t in leaves:
             if not isinstance(t, Tensor) or t.dim() <= bd or t.shape[bd] != n:
-                continue
-            if t.is_floating_point() or t.is_complex():
                 continue
             if roots is None:
                 roots = [r for r in tree_flatten(self._inputs)[0] if isinstance(r, Tensor)]
@@ -308,8 +310,10 @@ class capture:
                 and r.stride(bd) == stride
                 for r in roots
             ):
-                return True
-        return False
+                if not (t.is_floating_point() or t.is_complex()):
+                    return "ids"
+                found = "floats"
+        return found
 
     def _recorder(self, plan: dict[int, _Plan]) -> Any:
         bd = self.batch_dim
@@ -356,7 +360,8 @@ class capture:
             versions = [(t, t._version) for t in in_leaves if isinstance(t, Tensor)]
             boundary = _boundary(in_leaves)
             n = self._n
-            broadcast = questioned = False
+            broadcast = False
+            questioned = ""
             if not raw and n is not None:
                 if spec is _TENSOR_SPEC:  # the common case, without a generator's cost
                     batched = output.dim() > bd and output.shape[bd] == n
@@ -371,12 +376,12 @@ class capture:
                         or all(_one_entry(leaves[i], bd) for i in edge_index)
                     )
                 )
-                questioned = (
+                if (
                     batched
                     and not boundary  # an input that requires grad: the common case
                     and not any(isinstance(t, Tensor) and t.requires_grad for t in in_leaves)
-                    and self._questioned(in_leaves, n)
-                )
+                ):
+                    questioned = self._questioned(in_leaves, n)
             shared = None
             if broadcast:
                 # A call whose output all examples share (a position embedding of
@@ -496,7 +501,9 @@ class capture:
                 for node in call.boundary
             }
             for call in questioned:
-                confirm_batch(call, whole(), batched, losses.grad_fn, n, bd)
+                confirm_batch(
+                    call, whole(), batched, losses.grad_fn, n, bd, strict=call.questioned == "ids"
+                )
         shared = [call for call in calls if call.shared is not None]
         meets = None
         if shared and n > 1:  # before the backward, which frees what a meet saved

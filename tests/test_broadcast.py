@@ -421,6 +421,37 @@ def test_the_models_own_ids_with_as_many_tokens_as_examples():
     indigrad.testing.check(model, model, ids[:, :5])  # a view keeping the batch dimension
 
 
+class Coordinates(nn.Module):
+    """A small MLP on a float table of T coordinates made in the forward, shared by all
+    examples, through an op before it meets the batch."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.coord = nn.Linear(2, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):  # (n, T, d)
+        T = x.shape[1]
+        table = torch.stack([torch.linspace(0, 1, T), torch.linspace(1, 0, T) ** 2], 1)
+        pe = torch.tanh(self.coord(table.to(x.dtype)))  # (T, d)
+        return self.head(torch.tanh(self.inp(x) + pe)).sum((1, 2))  # (n,)
+
+
+@pytest.mark.parametrize("T", [3, 4])
+def test_a_float_table_as_long_as_the_batch(T):
+    """With T = n the table's rows look like examples; its first dimension is followed to
+    where it ends (not the batch's) and refused. With T ≠ n the model is exact."""
+    torch.manual_seed(0)
+    model = Coordinates().double()
+    x = torch.randn(4, T, 4, dtype=torch.float64)
+    if T != 4:
+        indigrad.testing.check(model, model, x)
+        return
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="does not end"):
+        cap.norms(model(x))
+
+
 def test_a_dimension_followed_through_ops():
     from indigrad._graph import _moved
 
