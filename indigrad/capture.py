@@ -57,9 +57,10 @@ class _Call:
     # called without the batch dimension (its output shared by all examples): the call's
     # own arguments and output shapes, before its inputs were expanded for the rules
     shared: tuple[tuple[Any, ...], dict[str, Any], list[torch.Size]] | None = None
-    # on integer inputs made inside the model whose batch dimension could be chance: the
-    # backward follows it to the batch's (``_graph.confirm_batch``)
-    questioned: str = ""  # "ids", "floats": see capture._questioned
+    # on tensors made inside the model whose batch dimension could be chance: the backward
+    # follows it to the batch's (``_graph.confirm_batch``); "ids" or "floats", see
+    # ``capture._questioned``
+    questioned: str = ""
     training: bool = True  # the module's mode at call time
     rule: Rule | None = None  # its rule, looked up once when the capture began; None: generic
     saved: Any = None  # what the rule's ``saved`` took from the graph before the backward
