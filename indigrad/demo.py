@@ -86,11 +86,9 @@ def train(
         sigma = dp.calibrate_noise_multiplier(
             target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=steps
         )
-    # two seeds: one generator for both would draw the noise from the very words that
-    # chose the batch, which the accounting takes to be independent
-    noise_seed, sampler_seed = torch.randint(0, 2**62, (2,)).tolist()
-    noise = dp.GaussianNoise(sigma, max_norm, expected_batch_size=q * n, seed=noise_seed)
-    sampler = iter(dp.PoissonSampler(n, q, steps=steps, seed=sampler_seed))
+    # one seed, two unrelated streams: indigrad.dp mixes it with each stream's name
+    noise = dp.GaussianNoise(sigma, max_norm, expected_batch_size=q * n, seed=seed)
+    sampler = iter(dp.PoissonSampler(n, q, steps=steps, seed=seed))
     history: dict[str, Any] = {"sigma": sigma, "epsilon": [], "test_accuracy": [], "norms": []}
     label = "no noise" if target_epsilon is None else f"DP-SGD to ε = {target_epsilon:g}"
     bar = tqdm(total=steps, desc=f"{label:<20}", disable=not progress)

@@ -214,6 +214,14 @@ def test_noise_covers_every_trainable_parameter_only():
         assert p.grad is not None and p.grad.shape == p.shape and p.grad.abs().sum() > 0
 
 
+def test_one_seed_gives_the_sampler_and_the_noise_unrelated_streams():
+    # one Mersenne Twister stream for both would draw the noise from the batch's words
+    noise = GaussianNoise(1.0, 1.0, 10.0, seed=0).generator("cpu")
+    sampler = PoissonSampler(100, 0.1, seed=0)._generator
+    assert noise.initial_seed() != sampler.initial_seed()
+    assert not torch.equal(torch.rand(64, generator=noise), torch.rand(64, generator=sampler))
+
+
 def test_noise_once_per_parameter_listed_twice():
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.full((3,), 10.0)

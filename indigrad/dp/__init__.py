@@ -19,7 +19,7 @@ Example:
     >>> model = torch.nn.Linear(4, 3)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> loader = poisson_loader(data, sample_rate=0.25, seed=0)   # 4 steps, ~25 examples each
-    >>> noise = GaussianNoise(noise_multiplier=1.0, max_norm=1.0, expected_batch_size=25, seed=1)
+    >>> noise = GaussianNoise(noise_multiplier=1.0, max_norm=1.0, expected_batch_size=25, seed=0)
     >>> for x, y in loader:
     ...     opt.zero_grad()
     ...     with indigrad.capture(model) as cap:

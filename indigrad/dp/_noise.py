@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterable
@@ -14,6 +15,16 @@ _CHUNK = 1 << 20  # secure draws are made this many numbers at a time, to bound 
 
 
 # -- random sources -----------------------------------------------------------------------
+
+
+def _stream_seed(seed: int, stream: str) -> int:
+    """The generator seed of one stream of random numbers (``"noise"``, ``"batches"``)
+    from a user's seed: the same integer given to the sampler and to the noise seeds two
+    unrelated generators, rather than one Mersenne Twister stream twice (the noise would
+    then come from the very words that chose the batch, which the accounting takes to be
+    independent of it)."""
+    digest = hashlib.sha256(f"indigrad.dp.{stream}:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits
 
 
 def _secure_uniform(n: int) -> Tensor:
@@ -72,7 +83,8 @@ class GaussianNoise:
         expected_batch_size: ``B``, the expected number of examples per step, over all
             processes (``sample_rate * len(dataset)``).
         seed: seeds the default source, a ``torch.Generator`` per device (Philox on CUDA,
-            Mersenne Twister on CPU); the same seed on the same device gives the same noise.
+            Mersenne Twister on CPU); the same seed on the same device gives the same noise,
+            and one unrelated to a sampler's given the same seed.
             ``None`` seeds it unpredictably. Not allowed with ``secure=True``.
         secure: draw the noise from the operating system's cryptographically secure
             generator instead: ``os.urandom`` bytes → 53-bit uniforms → Box–Muller in
@@ -256,6 +268,6 @@ class GaussianNoise:
             if self.seed is None:
                 g.seed()
             else:
-                g.manual_seed(self.seed)
+                g.manual_seed(_stream_seed(self.seed, "noise"))
             self._generators[device] = g
         return g

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from ._noise import _secure_uniform
+from ._noise import _secure_uniform, _stream_seed
 
 # -- Poisson sampling ---------------------------------------------------------------------
 
@@ -27,7 +27,8 @@ class PoissonSampler(Sampler[list[int]]):
         sample_rate: ``q`` in (0, 1].
         steps: batches per iteration over the sampler (default ``max(1, round(1/q))``).
         seed: seeds the ``torch.Generator``; the whole sequence of batches, over all
-            epochs, is then reproducible. ``None`` seeds it unpredictably.
+            epochs, is then reproducible, and unrelated to the noise of a
+            :class:`GaussianNoise` given the same seed. ``None`` seeds it unpredictably.
         secure: draw inclusions from ``os.urandom`` (53-bit uniforms compared with ``q``)
             instead; not reproducible, not allowed with ``seed``. The privacy analysis
             assumes the batch composition is secret, so pair it with
@@ -68,7 +69,7 @@ class PoissonSampler(Sampler[list[int]]):
         if seed is None:
             self._generator.seed()
         else:
-            self._generator.manual_seed(seed)
+            self._generator.manual_seed(_stream_seed(seed, "batches"))
 
     @property
     def expected_batch_size(self) -> float:
