@@ -240,7 +240,7 @@ def confirm_batch(
             stack.extend(((e.node, e.output_nr), b) for e in batched[v].edges)
             continue
         uses = consumers.get((v, nr), [])
-        moves = [_moved(u, b, here) for u, _ in uses]
+        moves = [_moved(u, b, here, slot) for u, slot in uses]
         if any(m is None or m[1] != n for m in moves):
             elsewhere = any(m is not None and m[1] != n for m in moves)
             break
@@ -257,21 +257,33 @@ def confirm_batch(
         raise RuntimeError(
             f"{call.label} is called on a floating-point tensor made inside the model whose "
             f"dimension {bd} has as many entries as the batch ({n}), but that dimension "
-            "does not end in the batch's: a table shared by all examples (coordinates, a "
-            "mask) with as many rows as the batch has examples. Its per-example gradients "
-            "would be wrong: use a batch size different from the table's size, or freeze "
-            "the layer."
+            "does not end in the batch's, or is summed or multiplied away on its way: a "
+            "table shared by all examples (coordinates, prototypes, a mask) with as many "
+            "rows as the batch has examples, or examples mixed with each other. Its "
+            "per-example gradients would be wrong: use a batch size different from the "
+            "table's size, or freeze the layer."
         )
 
 
-def _moved(u: Any, b: int, here: tuple[int, ...]) -> tuple[int, int] | None:
-    """Where dimension ``b`` of op ``u``'s input (of shape ``here``) is in its output, and
-    that dimension's size; None where the op's dimensions are not followed."""
+# what _moved gives for an op that mixes the entries along the dimension (a sum or a
+# softmax over it, a product contracting it): no batch dimension can go there
+MIXED = (-1, -1)
+
+
+def _moved(u: Any, b: int, here: tuple[int, ...], slot: int = 0) -> tuple[int, int] | None:
+    """Where dimension ``b`` of op ``u``'s input ``slot`` (of shape ``here``) is in its
+    output, and that dimension's size; :data:`MIXED` where the op mixes the entries along
+    it; None where the op's dimensions are not followed."""
     from .rules.direct import _SAME_PLACE, _dim, _permuted
 
     out = tuple(u._input_metadata[0].shape)
     kind = type(u).__name__.rstrip("0123456789")
-    if kind in _SAME_PLACE:
+    if kind in ("MmBackward", "BmmBackward"):  # (…, a, k) @ (…, k, c) -> (…, a, c)
+        contracted = len(here) - 1 if slot == 0 else len(here) - 2
+        if b == contracted:
+            return MIXED
+        moved = b
+    elif kind in _SAME_PLACE:
         moved = b + len(out) - len(here)  # broadcasting aligns from the right
     elif (perm := _permuted(u, kind, len(out))) is not None:
         moved = perm.index(b)  # the output dimension that is input dimension b
@@ -283,18 +295,18 @@ def _moved(u: Any, b: int, here: tuple[int, ...]) -> tuple[int, int] | None:
         moved = b
     elif kind in ("SumBackward", "MeanBackward", "AmaxBackward", "AminBackward"):
         if not hasattr(u, "_saved_dim"):
-            return None  # all of it
+            return MIXED  # all of it
         dims = {_dim(d, len(here)) for d in u._saved_dim}
         if b in dims:
-            return None
+            return MIXED
         moved = b if u._saved_keepdim else b - sum(d < b for d in dims)
     elif kind in ("SoftmaxBackward", "LogSoftmaxBackward"):
         if _dim(u._saved_dim, len(here)) == b:
-            return None
+            return MIXED
         moved = b
     elif kind in ("NllLossBackward", "NllLoss2DBackward"):  # (n, C, *) -> (n, *) per example
         if u._saved_reduction != 0 or b == 1:
-            return None
+            return MIXED  # reduced over the batch, or the classes
         moved = b - (b > 1)
     elif kind in _LOSSES:
         moved = b  # elementwise without a reduction; a reduced output has no dimension b

@@ -452,8 +452,31 @@ def test_a_float_table_as_long_as_the_batch(T):
         cap.norms(model(x))
 
 
+class Prototypes(nn.Module):
+    """Logits against a table of class prototypes, the table through a layer of its own."""
+
+    def __init__(self, classes, d=5):
+        super().__init__()
+        self.f = nn.Linear(d, d)
+        self.g = nn.Linear(d, d)
+        self.register_buffer("table", torch.randn(classes, d))
+
+    def forward(self, x):  # (n, d)
+        return self.f(x) @ self.g(self.table).T  # (n, classes)
+
+
+def test_prototypes_as_many_as_the_examples():
+    """The table's first dimension is contracted by nothing but becomes the logits'
+    classes, over which the loss takes its softmax: refused, where it had looked batched."""
+    torch.manual_seed(0)
+    model = Prototypes(4).double()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 4, (4,))
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="does not end"):
+        cap.norms(F.cross_entropy(model(x), y, reduction="none"))
+
+
 def test_a_dimension_followed_through_ops():
-    from indigrad._graph import _moved
+    from indigrad._graph import MIXED, _moved
 
     x = torch.randn(3, 4, 5, requires_grad=True)
     here = (3, 4, 5)
@@ -468,21 +491,32 @@ def test_a_dimension_followed_through_ops():
         (x.sum(1), 0, (0, 3)),
         (x.mean((0, 2)), 1, (0, 4)),
         (x.sum(-1, keepdim=True), 1, (1, 4)),
-        (x.sum(0), 0, None),  # the batch summed
+        (x.sum(0), 0, MIXED),  # the batch summed
+        (x.sum(), 1, MIXED),
         (torch.cat([x, x], 2), 1, (1, 4)),
         (x[:, 1:], 0, (0, 3)),
         (x[:, 0], 2, (1, 5)),
         (x[:, :, 0], 0, (0, 3)),
         (x.log_softmax(1), 0, (0, 3)),
-        (x.softmax(0), 0, None),
+        (x.softmax(0), 0, MIXED),
         (F.cross_entropy(x, torch.zeros(3, 5, dtype=torch.long), reduction="none"), 0, (0, 3)),
-        (F.cross_entropy(x, torch.zeros(3, 5, dtype=torch.long)), 0, None),  # reduced
+        (F.cross_entropy(x, torch.zeros(3, 5, dtype=torch.long)), 0, MIXED),  # reduced
         (F.mse_loss(x, torch.zeros(3, 4, 5), reduction="none"), 2, (2, 5)),
         (x.softmax(-1), 0, (0, 3)),
         (x.cumsum(1), 0, None),  # an op not in the table
     ]
     for y, b, expected in cases:
         assert _moved(y.grad_fn, b, here) == expected, y.grad_fn
+    left, right = torch.randn(5, 2), torch.randn(2, 4)
+    for y, slot, b, expected in [  # a product of x[0] (4, 5): which side, and which dim
+        (x[0] @ left, 0, 0, (0, 4)),
+        (x[0] @ left, 0, 1, MIXED),  # contracted
+        (right @ x[0], 1, 1, (1, 5)),
+        (right @ x[0], 1, 0, MIXED),
+        (torch.bmm(x, x.transpose(1, 2)), 0, 0, (0, 3)),  # (3, 4, 5) @ (3, 5, 4)
+        (torch.bmm(x, x.transpose(1, 2)), 0, 2, MIXED),
+    ]:
+        assert _moved(y.grad_fn, b, (4, 5) if y.dim() == 2 else here, slot) == expected, y
 
 
 class NoTensorInput(nn.Module):
