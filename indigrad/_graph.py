@@ -374,17 +374,16 @@ def _refuse_batch_statistics(batch_norms: list[Any], outputs: dict[Any, Any]) ->
     call (the capture refuses those of its own model as they run; this finds the others,
     a captured submodule's in the rest of the model): its batch statistics mix the
     examples, so the gradient at the call's output is no example's own. One below every
-    recorded call (a frozen backbone in training mode under a captured head) is fine."""
-    for node in batch_norms:
-        u = _first_reached([node], outputs)
-        if u is not None:
-            raise RuntimeError(
-                f"{outputs[u].label} feeds a batch norm in training mode "
-                f"({type(node).__name__}) on its way to the losses: batch statistics "
-                "mix the examples of a batch, so no per-example gradient exists. Put "
-                "the batch norms in eval mode, or replace them with GroupNorm / "
-                "LayerNorm."
-            )
+    recorded call (a frozen backbone in training mode under a captured head) is fine.
+    One walk below all of them, not one per batch norm (a backbone has dozens)."""
+    u = _first_reached(batch_norms, outputs)
+    if u is not None:
+        raise RuntimeError(
+            f"{outputs[u].label} feeds a batch norm in training mode on its way to the "
+            "losses: batch statistics mix the examples of a batch, so no per-example "
+            "gradient exists. Put the batch norms in eval mode, or replace them with "
+            "GroupNorm / LayerNorm."
+        )
 
 
 def _first_reached(starts: list[Any], targets: Any) -> Any:

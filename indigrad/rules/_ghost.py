@@ -54,11 +54,15 @@ def scale(dtype: torch.dtype, a: int, b: int, T: int) -> float | None:
     return _KAPPA * u * (math.sqrt(a) + math.sqrt(b) + T)
 
 
+def diagonal_dot(X: Tensor, Y: Tensor) -> Tensor:
+    """``V = Σ_t X_tt Y_tt`` of the Grams ``X`` and ``Y`` ``(m, T, T)``: ``(m,)``."""
+    return (X.diagonal(dim1=1, dim2=2) * Y.diagonal(dim1=1, dim2=2)).sum(1)  # (m,)
+
+
 def guarded(S: Tensor, X: Tensor, Y: Tensor, a: int, b: int) -> Tensor:
     """``max(S, κ Ê)`` for the ghost squared norms ``S = ⟨X, Y⟩`` ``(m,)`` of the Grams
     ``X`` and ``Y`` ``(m, T, T)`` (widths ``a`` and ``b``)."""
     c = scale(S.dtype, a, b, X.shape[-1])
     if c is None:
         return S
-    V = (X.diagonal(dim1=1, dim2=2) * Y.diagonal(dim1=1, dim2=2)).sum(1)  # (m,)
-    return torch.maximum(S, V.mul_(c))  # (m,)
+    return torch.maximum(S, diagonal_dot(X, Y).mul_(c))  # (m,)

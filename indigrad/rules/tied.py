@@ -95,8 +95,13 @@ def sq_norms(uses: list[Factors], size: int) -> Tensor | None:
     positions = sum(f.L.shape[1] for f in uses)
     if any(R is None for R in rights) or positions**2 >= size:
         return None  # (one parameter is a bias in all its uses or in none)
-    total = None
-    root_v = None  # (n,) Σ_u √V_u, the scale of the sum's rounding (_ghost)
+    # the cross terms' Grams err by their uses' norms: Ê ≤ u (√a + √b + T) (Σ_u √V_u)²
+    a = max(0 if f.onehot else f.L.shape[2] for f in uses)
+    R = uses[0].R
+    assert R is not None
+    b = max(f.R.shape[2] for f in uses if f.R is not None)
+    c = _ghost.scale(R.dtype, a, b, positions)  # None: Grams of a dtype left unguarded
+    total = root_v = None  # root_v (n,): Σ_u √V_u, the scale of the sum's rounding
     for j, u in enumerate(uses):
         for k in range(j, len(uses)):
             v = uses[k]
@@ -104,14 +109,12 @@ def sq_norms(uses: list[Factors], size: int) -> Tensor | None:
             RR = torch.bmm(u.R, v.R.transpose(1, 2))  # (n, T_u, T_v)
             LL = _gram_left(u, v, RR.dtype)  # (n, T_u, T_v)
             term = (LL * RR).sum((1, 2))  # (n,) ⟨g^u_i, g^v_i⟩
-            if k == j:  # V_u = Σ_t ‖L^u_t‖² ‖R^u_t‖²
-                V = (LL.diagonal(dim1=1, dim2=2) * RR.diagonal(dim1=1, dim2=2)).sum(1)
-                root_v = V.sqrt() if root_v is None else root_v + V.sqrt()
+            if k == j and c is not None:  # V_u = Σ_t ‖L^u_t‖² ‖R^u_t‖²
+                root = _ghost.diagonal_dot(LL, RR).sqrt()  # (n,)
+                root_v = root if root_v is None else root_v + root
             term = term if k == j else 2 * term  # ⟨g^u, g^v⟩ = ⟨g^v, g^u⟩
             total = term if total is None else total + term
-    assert total is not None and root_v is not None
-    # the cross terms' Grams err by their uses' norms: Ê ≤ u (√a + √b + T) (Σ_u √V_u)²
-    a = max(0 if f.onehot else f.L.shape[2] for f in uses)
-    b = max(f.R.shape[2] for f in uses if f.R is not None)
-    c = _ghost.scale(total.dtype, a, b, positions)
-    return total if c is None else torch.maximum(total, root_v.square_().mul_(c))
+    assert total is not None
+    if c is None or root_v is None:
+        return total
+    return torch.maximum(total, root_v.square_().mul_(c))
