@@ -82,7 +82,11 @@ def _problem(kind: str, delta: float):
     else:
         model = {"linear": Tokens, "conv": Positions, "tied": Twice}[kind]()
         x = _cancelling(delta, D)
-    return model, (lambda m: lambda x: m(x) @ v.to(m(x).dtype)), x
+
+    def losses_of(m: nn.Module):
+        return lambda x: (lambda out: out @ v.to(out))(m(x))  # (n,)
+
+    return model, losses_of, x
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv", "tied", "embedding"])
@@ -113,6 +117,44 @@ def test_nothing_raised_where_nothing_cancels(kind):
     with indigrad.capture(model) as cap:
         norms = cap.norms(losses_of(model)(x))
     torch.testing.assert_close(norms.double(), true, rtol=1e-5, atol=0)
+
+
+@pytest.fixture
+def lowered_float32_products(request, monkeypatch):
+    """Float32 matrix products at reduced precision on the device: TF32 on a CUDA device
+    (set as most programs set it); on the CPU, which cannot lower them here, the setting
+    is what ``_ghost`` reads, with the products left in float32."""
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device")
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        yield "cuda"
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    else:
+        monkeypatch.setattr(_ghost, "_precision", lambda backend: "bf16")
+        yield "cpu"
+
+
+@pytest.mark.parametrize("lowered_float32_products", ["cpu", "cuda"], indirect=True)
+@pytest.mark.parametrize("kind", ["linear", "conv", "tied", "embedding"])
+@pytest.mark.parametrize("delta", [1e-2, 1e-4])
+def test_grams_in_float64_where_float32_products_are_lowered(kind, delta, lowered_float32_products):
+    """With TF32 (u = 2⁻¹¹) the guard's float32 bound would be far too small; with the
+    Grams in float64 the norms are exact, where float32 Grams would have been raised."""
+    device = lowered_float32_products
+    model, losses_of, x = _problem(kind, delta)
+    exact = copy.deepcopy(model).double()
+    true = norms_of(loop_grads(exact, losses_of(exact), x if kind == "embedding" else x.double()))
+    model, x = model.to(device), x.to(device)
+    with indigrad.capture(model) as cap:
+        norms = cap.norms(losses_of(model)(x))
+    assert norms.dtype == torch.float32
+    # the embedding's output gradients, 1e3·v and -(1 - δ)·1e3·v, are rounded in float32
+    # by the backward itself: their sum is known to u/δ (2·10⁻⁴ at δ = 10⁻⁴), as in any
+    # float32 computation of this gradient; the other models' gradients are exact
+    rtol = 1e-3 if kind == "embedding" else 1e-5
+    torch.testing.assert_close(norms.cpu().double(), true, rtol=rtol, atol=0)
 
 
 def test_the_scale_is_that_of_the_grams_dtype():

@@ -24,6 +24,13 @@ less. Values below ``κ Ê`` do not occur otherwise: for positions that do not c
 T = 1024, a = b = 512. Half-precision Grams are left as they are (their rounding is
 that of the dtype, as documented).
 
+The bound takes the Grams' rounding to be their dtype's. Float32 matrix products may run
+at lower precision where the program allows it (``torch.set_float32_matmul_precision
+("high")``, TF32 on a GPU, bf16 on some CPUs: their ``u`` is 2⁻¹¹ or 2⁻⁸, not 2⁻²⁴), and
+then the bound would be thousands of times too small, or, taken with their ``u``, flag
+every example. Where that setting is on for the tensors' device, ``operands`` hands the
+Grams' factors over in float64, and the sites cast their norms back.
+
     >>> import torch
     >>> a = torch.randn(1, 1, 64)
     >>> L = torch.cat([a, -a * (1 - 1e-5)], 1)      # (1, 2, 64): two positions that cancel
@@ -43,6 +50,39 @@ from torch import Tensor
 
 _KAPPA = 1000.0
 _GUARDED = (torch.float32, torch.float64)
+
+
+# the matrix-product backends whose float32 precision a program can lower, by device type
+_BACKENDS = {"cuda": "cuda", "cpu": "mkldnn"}
+_FULL = ("ieee", "none")  # full float32 precision ("none": the default, not lowered)
+
+
+def reduced(t: Tensor) -> bool:
+    """Whether float32 matrix products of ``t``'s device run at reduced precision (TF32,
+    bf16) under the program's settings."""
+    backend = _BACKENDS.get(t.device.type)
+    if t.dtype != torch.float32 or backend is None:
+        return False
+    return _precision(backend) not in _FULL
+
+
+def _precision(backend: str) -> str:
+    """``torch.backends.<backend>.matmul.fp32_precision``, read without its two Python layers
+    (a few µs); older releases, without it, have one setting for all backends."""
+    if _GETTER is None:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return str(_GETTER(backend, "matmul"))
+
+
+_GETTER = getattr(torch._C, "_get_fp32_precision_getter", None)
+
+
+def operands(*ts: Tensor) -> tuple[Tensor, ...]:
+    """The Grams' factors ``ts``, in float64 where float32 products would run at reduced
+    precision (``reduced``), so that the Grams round at least as well as float32."""
+    if not reduced(ts[0]):
+        return ts
+    return tuple(t.double() for t in ts)
 
 
 def scale(dtype: torch.dtype, a: int, b: int, T: int) -> float | None:

@@ -149,8 +149,9 @@ def embedding_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) ->
         same = ids[:, :, None] == ids[:, None, :]  # (n, T, T)
         if pad is not None:
             same &= (ids != pad)[:, :, None]  # (n, T, T)
-        GG = torch.bmm(G, G.transpose(1, 2))  # (n, T, T)
-        sq = _ghost.guarded((GG * same).sum((1, 2)), GG, same, G.shape[2], 0)  # (n,)
+        (G2,) = _ghost.operands(G)  # float64 where float32 products are lowered
+        GG = torch.bmm(G2, G2.transpose(1, 2))  # (n, T, T)
+        sq = _ghost.guarded((GG * same).sum((1, 2)), GG, same, G.shape[2], 0).to(G.dtype)  # (n,)
     else:  # sort the keys (i, id), sum G over runs of equal keys
         sq = _segment_sq_norms(ids, G, V, pad)  # (n,)
     return {"weight": sq}

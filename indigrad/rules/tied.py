@@ -83,6 +83,10 @@ def _gram_left(u: Factors, v: Factors, dtype: torch.dtype) -> Tensor:
     return torch.bmm(u.L, v.L.transpose(1, 2))
 
 
+def _double(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.double()
+
+
 def sq_norms(uses: list[Factors], size: int) -> Tensor | None:
     """``(n,)``: ``‖Σ_u g^u_i‖²`` from each use's factors (``size``: the parameter's
     elements), or None where the Grams would be larger than the gradient."""
@@ -99,6 +103,10 @@ def sq_norms(uses: list[Factors], size: int) -> Tensor | None:
     a = max(0 if f.onehot else f.L.shape[2] for f in uses)
     R = uses[0].R
     assert R is not None
+    dtype = R.dtype
+    if _ghost.reduced(R):  # float32 products lowered: the Grams in float64
+        uses = [f._replace(L=f.L if f.onehot else f.L.double(), R=_double(f.R)) for f in uses]
+        R = R.double()
     b = max(f.R.shape[2] for f in uses if f.R is not None)
     c = _ghost.scale(R.dtype, a, b, positions)  # None: Grams of a dtype left unguarded
     total = root_v = None  # root_v (n,): Σ_u √V_u, the scale of the sum's rounding
@@ -116,5 +124,5 @@ def sq_norms(uses: list[Factors], size: int) -> Tensor | None:
             total = term if total is None else total + term
     assert total is not None
     if c is None or root_v is None:
-        return total
-    return torch.maximum(total, root_v.square_().mul_(c))
+        return total.to(dtype)
+    return torch.maximum(total, root_v.square_().mul_(c)).to(dtype)
