@@ -160,3 +160,19 @@ def test_grams_in_float64_where_float32_products_are_lowered(kind, delta, lowere
 def test_the_scale_is_that_of_the_grams_dtype():
     assert _ghost.scale(torch.float64, 4, 4, 2) < _ghost.scale(torch.float32, 4, 4, 2) < 1e-3
     assert _ghost.scale(torch.bfloat16, 4, 4, 2) is None
+
+
+def test_the_bound_is_the_diagonals_sum_scaled():
+    """``guarded_sum`` keeps ``max(Σ Z, c Σ_t Z_tt)``: with ``c`` near 1 (wide Grams),
+    some rows keep their sum and others the bound."""
+    g = torch.Generator().manual_seed(0)
+    m, T, a, b = 6, 7, 10**8, 10**8
+    Z = torch.randn(m, T, T, generator=g)  # (m, T, T)
+    Z.diagonal(dim1=1, dim2=2).abs_().add_(1)  # V > 0
+    c = _ghost.scale(torch.float32, a, b, T)
+    assert c is not None and 0.5 < c < 2
+    expected = torch.maximum(Z.sum((1, 2)), c * Z.diagonal(dim1=1, dim2=2).sum(1))  # (m,)
+    kept_bound = expected > Z.sum((1, 2))
+    assert kept_bound.any() and not kept_bound.all()
+    torch.testing.assert_close(_ghost.guarded_sum(Z, a, b), expected)
+    assert torch.equal(_ghost.guarded_sum(Z.half(), a, b), Z.half().sum((1, 2)))  # unguarded

@@ -37,12 +37,13 @@ Grams' factors over in float64, and the sites cast their norms back.
     >>> R = torch.ones(1, 2, 8)
     >>> X, Y = L @ L.transpose(1, 2), R @ R.transpose(1, 2)
     >>> exact = (L.double().transpose(1, 2) @ R.double()).square().sum()
-    >>> bool(guarded((X * Y).sum((1, 2)), X, Y, 64, 8) >= exact * (1 - 1e-3))
+    >>> bool(guarded_sum(X * Y, 64, 8) >= exact * (1 - 1e-3))
     True
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -99,10 +100,35 @@ def diagonal_dot(X: Tensor, Y: Tensor) -> Tensor:
     return (X.diagonal(dim1=1, dim2=2) * Y.diagonal(dim1=1, dim2=2)).sum(1)  # (m,)
 
 
-def guarded(S: Tensor, X: Tensor, Y: Tensor, a: int, b: int) -> Tensor:
-    """``max(S, κ Ê)`` for the ghost squared norms ``S = ⟨X, Y⟩`` ``(m,)`` of the Grams
-    ``X`` and ``Y`` ``(m, T, T)`` (widths ``a`` and ``b``)."""
-    c = scale(S.dtype, a, b, X.shape[-1])
+def guarded_sum(Z: Tensor, a: int, b: int) -> Tensor:
+    """``max(S, κ Ê)`` for the ghost squared norms ``S = Σ_ts Z_ts`` ``(m,)`` of the
+    Grams' product ``Z = X ∘ Y`` ``(m, T, T)`` (widths ``a`` and ``b``), whose diagonal
+    sums to ``V``.
+
+    Both sums come from one product with a ``(T², 2)`` matrix of weights, ones and ``κ u
+    (√a + √b + T)`` on the diagonal's places, and the larger is kept: three operators per
+    site, each of which costs a GPU step's host more than its arithmetic."""
+    m, T, _ = Z.shape
+    c = scale(Z.dtype, a, b, T)
     if c is None:
-        return S
-    return torch.maximum(S, diagonal_dot(X, Y).mul_(c))  # (m,)
+        return Z.sum((1, 2))  # (m,)
+    return torch.mm(Z.view(m, T * T), _weights(T, c, Z)).amax(1)  # (m, 2) → (m,)
+
+
+def _weights(T: int, c: float, like: Tensor) -> Tensor:
+    """``(T², 2)``: ones, and ``c`` at the diagonal's places of a flattened ``T × T``,
+    kept per size, dtype and device (made anew inside a CUDA graph's capture, whose
+    operators run only on replay)."""
+    if like.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _make_weights(T, c, like.dtype, like.device)
+    return _cached_weights(T, c, like.dtype, like.device)
+
+
+def _make_weights(T: int, c: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    W = torch.zeros(T * T, 2, dtype=dtype, device=device)  # (T², 2)
+    W[:, 0] = 1
+    W[:: T + 1, 1] = c  # the diagonal of (T, T), flattened
+    return W
+
+
+_cached_weights = functools.lru_cache(maxsize=16)(_make_weights)

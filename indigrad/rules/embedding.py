@@ -151,7 +151,7 @@ def embedding_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) ->
             same &= (ids != pad)[:, :, None]  # (n, T, T)
         (G2,) = _ghost.operands(G)  # float64 where float32 products are lowered
         GG = torch.bmm(G2, G2.transpose(1, 2))  # (n, T, T)
-        sq = _ghost.guarded((GG * same).sum((1, 2)), GG, same, G.shape[2], 0).to(G.dtype)  # (n,)
+        sq = _ghost.guarded_sum(GG.mul_(same), G.shape[2], 0).to(G.dtype)  # (n,)
     else:  # sort the keys (i, id), sum G over runs of equal keys
         sq = _segment_sq_norms(ids, G, V, pad)  # (n,)
     return {"weight": sq}

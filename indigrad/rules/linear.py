@@ -101,8 +101,7 @@ def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
             A2, G2 = _ghost.operands(A, G)  # float64 where float32 products are lowered
             AA = torch.bmm(A2, A2.transpose(1, 2))  # (n, T, T)
             GG = torch.bmm(G2, G2.transpose(1, 2))  # (n, T, T)
-            sq = _ghost.guarded((AA * GG).sum((1, 2)), AA, GG, d_in, d_out)  # (n,)
-            out["weight"] = sq.to(A.dtype)  # (n,)
+            out["weight"] = _ghost.guarded_sum(AA.mul_(GG), d_in, d_out).to(A.dtype)  # (n,)
         else:
             W = _outer_products(G, A)  # (n, d_out, d_in)
             out["weight"] = torch.linalg.vector_norm(W, dim=(1, 2)).square()  # (n,)
