@@ -320,3 +320,10 @@ def test_overlap_backward_times_the_norms_taken_during_the_backward():
     out = _benchmark_script("overlap_backward.py", "--as", "cuda", "--rounds", "1").splitlines()
     assert out[0].startswith("tiny ResNet-18") and "40 calls" in out[0]
     assert [line.split(",")[0].split()[0] for line in out[1:]] == ["backward", "overlapped"]
+
+
+def test_tf32_cost_times_each_step_with_and_without_tf32():
+    out = _benchmark_script("tf32_cost.py", "--device", "cpu", "--problems", "mlp", "--rounds", "1")
+    lines = out.splitlines()
+    assert lines[0].startswith("torch ") and len(lines) == 3
+    assert "TF32 off: plain" in lines[1] and "TF32 on: plain" in lines[2] and "clipped" in lines[2]
