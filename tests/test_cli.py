@@ -327,3 +327,9 @@ def test_tf32_cost_times_each_step_with_and_without_tf32():
     lines = out.splitlines()
     assert lines[0].startswith("torch ") and len(lines) == 3
     assert "TF32 off: plain" in lines[1] and "TF32 on: plain" in lines[2] and "clipped" in lines[2]
+
+
+def test_grads_floor_times_the_library_against_a_minimal_loop():
+    out = _benchmark_script("grads_floor.py", "--device", "cpu", "--rounds", "1").splitlines()
+    assert out[0].startswith("MLP ") and len(out) == 5
+    assert [line.split()[0] for line in out[1:]] == ["plain", "hooks,", "hooks,", "indigrad"]
