@@ -176,3 +176,40 @@ def test_the_bound_is_the_diagonals_sum_scaled():
     assert kept_bound.any() and not kept_bound.all()
     torch.testing.assert_close(_ghost.guarded_sum(Z, a, b), expected)
     assert torch.equal(_ghost.guarded_sum(Z.half(), a, b), Z.half().sum((1, 2)))  # unguarded
+
+
+def test_an_example_whose_grams_overflow_is_dropped_not_nan():
+    """Example 1's inputs overflow its float32 Grams: its norm is infinite and it adds
+    nothing to the clipped sum, which stays finite for the others (a NaN norm would make
+    every ``.grad`` NaN)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64, bias=False)
+    x = torch.randn(3, 4, 64)  # (n, T, d): four tokens, the ghost norm's shapes
+    x[1] = x[1].abs() * 1e18  # example 1: all positive, its Grams overflow to inf
+    with indigrad.capture(lin) as cap:
+        per_example = cap.backward(lin(x).sum((1, 2)))
+        norms = per_example.norms()
+        per_example.clip_(1.0)
+    assert torch.isinf(norms[1]) and torch.isfinite(norms[[0, 2]]).all()
+    exact = copy.deepcopy(lin).double()
+    others = x[[0, 2]].double()  # (2, T, d)
+    g = loop_grads(exact, lambda x: exact(x).sum((1, 2)), others)["weight"]  # (2, 64, 64)
+    coef = (1.0 / norms_of({"weight": g})).clamp(max=1.0)  # (2,)
+    torch.testing.assert_close(lin.weight.grad.double(), torch.einsum("i,ioj->oj", coef, g))
+
+
+@pytest.mark.parametrize("T", [3, 300])  # the cached weights, and the sums beyond them
+def test_guarded_sum_either_side_of_the_cached_sizes(T):
+    g = torch.Generator().manual_seed(1)
+    Z = torch.randn(4, T, T, generator=g)  # (m, T, T)
+    Z.diagonal(dim1=1, dim2=2).abs_().add_(1)
+    a = b = 10**8 if T == 3 else 10**4  # c near 1 either way
+    c = _ghost.scale(torch.float32, a, b, T)
+    expected = torch.maximum(Z.sum((1, 2)), c * Z.diagonal(dim1=1, dim2=2).sum(1))  # (m,)
+    _ghost._cached_weights.cache_clear()
+    torch.testing.assert_close(_ghost.guarded_sum(Z, a, b), expected)
+    assert _ghost._cached_weights.cache_info().currsize == (T <= _ghost._CACHED_T)
+    Z[0, 0, 1] = Z[0, 0, 0] = float("inf")  # overflowed: inf · 0 is NaN in the weights' product
+    Z[1, 0, 0] = float("nan")  # a NaN stays NaN
+    out = _ghost.guarded_sum(Z, a, b)  # (m,)
+    assert torch.isposinf(out[0]) and torch.isnan(out[1]) and torch.isfinite(out[2:]).all()

@@ -6,8 +6,9 @@ Grams ``X = L Lᵀ`` and ``Y = R Rᵀ`` (T × T, their entries dot products of w
 ``‖Σ_t L_t ⊗ R_t‖`` is far below ``Σ_t ‖L_t‖ ‖R_t‖``, the sum is a small difference of
 large terms, and its rounding error can exceed it: the squared norm comes out too small,
 zero or negative, and the example would escape its clipping. (A materialised gradient
-rounds relative to the gradient itself, as the plain backward does, and has no such
-problem.)
+rounds as the plain backward's weight gradient does, off by about ``u Σ_t ‖L_t‖ ‖R_t‖``,
+and its norm with it: an error that does not grow as the square of how far the positions
+cancel.)
 
 Taking rounding errors as independent, the computed sum is off by about
 
@@ -105,20 +106,32 @@ def guarded_sum(Z: Tensor, a: int, b: int) -> Tensor:
     Grams' product ``Z = X ∘ Y`` ``(m, T, T)`` (widths ``a`` and ``b``), whose diagonal
     sums to ``V``.
 
-    Both sums come from one product with a ``(T², 2)`` matrix of weights, ones and ``κ u
-    (√a + √b + T)`` on the diagonal's places, and the larger is kept: three operators per
-    site, each of which costs a GPU step's host more than its arithmetic."""
+    Up to ``_CACHED_T`` positions, both sums come from one product with a ``(T², 2)``
+    matrix of weights, ones and ``κ u (√a + √b + T)`` on the diagonal's places, kept per
+    size (a GPU step's host pays for each operator more than for its arithmetic); beyond,
+    from a sum and the diagonal's sum. ``fmax`` keeps the larger, and a bound where the
+    sum is NaN: an example whose Grams overflow (``inf - inf`` in the sum, ``inf`` on the
+    diagonal) gets an infinite norm, and no clipped contribution, not a NaN norm that
+    would make every example's sum NaN."""
     m, T, _ = Z.shape
     c = scale(Z.dtype, a, b, T)
     if c is None:
         return Z.sum((1, 2))  # (m,)
-    return torch.mm(Z.view(m, T * T), _weights(T, c, Z)).amax(1)  # (m, 2) → (m,)
+    if T > _CACHED_T:
+        V = Z.diagonal(dim1=1, dim2=2).sum(1)  # (m,)
+        return torch.fmax(Z.sum((1, 2)), V.mul_(c))  # (m,)
+    SV = torch.mm(Z.view(m, T * T), _weights(T, c, Z))  # (m, 2): S, c V
+    return torch.fmax(SV[:, 0], SV[:, 1])  # (m,)
+
+
+# up to this many positions a site's weights are kept (T² · 2 elements: 0.5 MiB in float32)
+_CACHED_T = 256
 
 
 def _weights(T: int, c: float, like: Tensor) -> Tensor:
     """``(T², 2)``: ones, and ``c`` at the diagonal's places of a flattened ``T × T``,
-    kept per size, dtype and device (made anew inside a CUDA graph's capture, whose
-    operators run only on replay)."""
+    kept per size, scale, dtype and device, at most 16 (made anew inside a CUDA graph's
+    capture, whose operators run only on replay)."""
     if like.is_cuda and torch.cuda.is_current_stream_capturing():
         return _make_weights(T, c, like.dtype, like.device)
     return _cached_weights(T, c, like.dtype, like.device)
