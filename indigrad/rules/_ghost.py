@@ -109,10 +109,11 @@ def guarded_sum(Z: Tensor, a: int, b: int) -> Tensor:
     Up to ``_CACHED_T`` positions, both sums come from one product with a ``(T², 2)``
     matrix of weights, ones and ``κ u (√a + √b + T)`` on the diagonal's places, kept per
     size (a GPU step's host pays for each operator more than for its arithmetic); beyond,
-    from a sum and the diagonal's sum. ``fmax`` keeps the larger, and a bound where the
-    sum is NaN: an example whose Grams overflow (``inf - inf`` in the sum, ``inf`` on the
-    diagonal) gets an infinite norm, and no clipped contribution, not a NaN norm that
-    would make every example's sum NaN."""
+    from a sum and the diagonal's sum. ``fmax`` keeps the larger, and the other where one
+    is NaN: an example whose Grams overflow to ``+inf`` (``inf · 0`` in the weights'
+    product) gets an infinite norm, and no clipped contribution, not a NaN norm that
+    would make every example's sum NaN. (Where they overflow to both signs, the norm is
+    NaN, as any ghost norm's would be.)"""
     m, T, _ = Z.shape
     c = scale(Z.dtype, a, b, T)
     if c is None:
