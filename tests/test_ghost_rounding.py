@@ -8,6 +8,8 @@ clipping; where nothing cancels, the guard changes nothing.
 """
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -213,3 +215,35 @@ def test_guarded_sum_either_side_of_the_cached_sizes(T):
     Z[1, 0, 0] = float("nan")  # a NaN stays NaN
     out = _ghost.guarded_sum(Z, a, b)  # (m,)
     assert torch.isposinf(out[0]) and torch.isnan(out[1]) and torch.isfinite(out[2:]).all()
+
+
+@pytest.mark.parametrize(
+    "setting, lowered",
+    [
+        ("pass", False),
+        ("torch.set_float32_matmul_precision('high')", True),
+        ("torch.backends.mkldnn.matmul.fp32_precision = 'bf16'", True),
+        ("torch.backends.fp32_precision = 'tf32'", True),
+        ("torch.backends.cuda.matmul.allow_tf32 = True", False),  # the GPU's alone
+    ],
+)
+def test_lowered_products_are_read_from_every_way_of_setting_them(setting, lowered):
+    """Each way a program lowers float32 products, in a fresh process (PyTorch refuses to
+    read some settings once the legacy and the new ways are mixed): ``_ghost`` reads the
+    CPU's setting without raising, and the norms stay exact."""
+    script = f"""
+import torch
+{setting}
+from indigrad.rules import _ghost
+import indigrad
+print(_ghost.reduced(torch.ones(1)))
+lin = torch.nn.Linear(8, 8, bias=False)
+x = torch.randn(4, 3, 8)
+with indigrad.capture(lin) as cap:
+    norms = cap.norms(lin(x).sum((1, 2)))
+print(norms.dtype)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    assert out == [str(lowered), "torch.float32"]
