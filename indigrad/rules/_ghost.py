@@ -70,13 +70,8 @@ def reduced(t: Tensor) -> bool:
 
 def _precision(backend: str) -> str:
     """``torch.backends.<backend>.matmul.fp32_precision``, read without its two Python layers
-    (a few µs); older releases, without it, have one setting for all backends."""
-    if _GETTER is None:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return str(_GETTER(backend, "matmul"))
-
-
-_GETTER = getattr(torch._C, "_get_fp32_precision_getter", None)
+    (a few µs)."""
+    return str(torch._C._get_fp32_precision_getter(backend, "matmul"))
 
 
 def operands(*ts: Tensor) -> tuple[Tensor, ...]:
@@ -85,6 +80,18 @@ def operands(*ts: Tensor) -> tuple[Tensor, ...]:
     if not reduced(ts[0]):
         return ts
     return tuple(t.double() for t in ts)
+
+
+def sq_norms(L: Tensor, R: Tensor) -> Tensor:
+    """``‖Σ_t L_t ⊗ R_t‖²`` for each of the batched factors ``L`` (m, a, T) and ``R``
+    (m, b, T), positions last as a conv's im2col has them, from their T×T Grams, guarded
+    (``guarded_sum``): ``(m,)`` in ``L``'s dtype, the Grams in float64 where float32
+    products are lowered (``operands``)."""
+    dtype = L.dtype
+    L, R = operands(L, R)
+    X = torch.bmm(L.transpose(1, 2), L)  # (m, T, T)
+    Y = torch.bmm(R.transpose(1, 2), R)  # (m, T, T)
+    return guarded_sum(X.mul_(Y), L.shape[1], R.shape[1]).to(dtype)  # (m,)
 
 
 def scale(dtype: torch.dtype, a: int, b: int, T: int) -> float | None:

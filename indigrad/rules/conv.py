@@ -49,7 +49,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .. import _alloc
 from . import _cost
-from ._ghost import guarded_sum, operands
+from ._ghost import sq_norms as ghost_sq_norms
 from .registry import Rule, Stack, register_rule
 
 
@@ -351,12 +351,8 @@ def _product_sq_norms(L: Tensor, R: Tensor) -> Tensor:
     """``‖L_j R_jᵀ‖²`` for each of the batched products ``(m, a, P) × (m, b, P)``: ``(m,)``,
     from the P×P Grams or from the products themselves, whichever costs less."""
     a, P = L.shape[1:]
-    if _ghost(P, a, R.shape[1]):
-        dtype = L.dtype
-        L, R = operands(L, R)  # float64 where float32 products are lowered
-        LL = torch.bmm(L.transpose(1, 2), L)  # (m, P, P)
-        RR = torch.bmm(R.transpose(1, 2), R)  # (m, P, P)
-        return guarded_sum(LL.mul_(RR), a, R.shape[1]).to(dtype)  # (m,) ⟨LᵀL, RᵀR⟩
+    if _ghost(P, a, R.shape[1]):  # the P×P Grams of the positions
+        return ghost_sq_norms(L, R)  # (m,)
     W = _alloc.bmm(L, R.transpose(1, 2))  # (m, a, b)
     return torch.linalg.vector_norm(W, dim=(1, 2)).square()  # (m,)
 

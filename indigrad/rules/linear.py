@@ -98,10 +98,7 @@ def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
         if T == 1:
             out["weight"] = _sq_rows(G[:, 0]) * _sq_rows(A[:, 0])  # (n,)
         elif _cost.ghost_norm(T, d_out, d_in):  # two (n, T, T) Grams
-            A2, G2 = _ghost.operands(A, G)  # float64 where float32 products are lowered
-            AA = torch.bmm(A2, A2.transpose(1, 2))  # (n, T, T)
-            GG = torch.bmm(G2, G2.transpose(1, 2))  # (n, T, T)
-            out["weight"] = _ghost.guarded_sum(AA.mul_(GG), d_in, d_out).to(A.dtype)  # (n,)
+            out["weight"] = _ghost.sq_norms(A.transpose(1, 2), G.transpose(1, 2))  # (n,)
         else:
             W = _outer_products(G, A)  # (n, d_out, d_in)
             out["weight"] = torch.linalg.vector_norm(W, dim=(1, 2)).square()  # (n,)
