@@ -28,11 +28,18 @@ def _exact(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        grad = torch.is_grad_enabled()
+        if RULES_RUNNING.get() and not grad:
+            return fn(*args, **kwargs)  # called by another: its settings hold
         token = RULES_RUNNING.set(True)
+        torch._C._set_grad_enabled(False)  # torch.no_grad(), without its objects' cost
         try:
-            with torch.no_grad(), _no_autocast():
-                return fn(*args, **kwargs)
+            if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+                with _no_autocast():
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
+            torch._C._set_grad_enabled(grad)
             RULES_RUNNING.reset(token)
 
     return wrapper

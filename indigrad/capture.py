@@ -299,8 +299,10 @@ class capture:
         bd = self.batch_dim
         roots = None
         found = ""
+        args = self._inputs[0] if self._inputs is not None else ()
+        first = args[0] if args else None  # the model's input itself: the common case
         for t in leaves:
-            if not isinstance(t, Tensor) or t.dim() <= bd or t.shape[bd] != n:
+            if not isinstance(t, Tensor) or t.dim() <= bd or t.shape[bd] != n or t is first:
                 continue
             if roots is None:
                 roots = [r for r in tree_flatten(self._inputs)[0] if isinstance(r, Tensor)]
@@ -491,8 +493,15 @@ class capture:
                         "(e.g. `x += ...`, `relu_(x)`), so its recorded input is no longer "
                         "the one the layer saw. Use an out-of-place op there."
                     )
-        # the whole graph read forward, for the checks below that need it: built once
-        whole = functools.cache(lambda: consumers_of(losses.grad_fn))
+        graph: list[Any] = []
+
+        def whole() -> Any:
+            """The whole graph read forward, for the checks below that need it: built
+            once, when first asked for (a plain closure: ``functools.cache`` costs more)."""
+            if not graph:
+                graph.append(consumers_of(losses.grad_fn))
+            return graph[0]
+
         questioned = [call for call in calls if call.questioned]
         if questioned:
             batched = {

@@ -89,7 +89,7 @@ class _Entry:
     def _own(self, values: dict[str, Tensor], what: str) -> dict[str, Tensor]:
         """The rule's results for the call's trainable parameters, shape-checked: a rule
         that finds the wrong number of examples must not broadcast silently."""
-        params = self.call.params
+        params, n = self.call.params, self.n
         own = {}
         for k, p in params.items():
             v = values.get(k)
@@ -97,14 +97,18 @@ class _Entry:
                 missing = sorted(set(params) - set(values))
                 label = self.call.label
                 raise RuntimeError(f"the rule for {label} returned no {what} for {missing}")
-            if what == "grads":
-                expected: tuple[int, ...] = (self.n, *p.shape)
-            else:
-                expected = (self.n,) if what == "sq_norms" else tuple(p.shape)
-            if v.shape != expected:
+            shape = v.shape  # compared without building the expected shape: run per call
+            if what == "weighted_sum":
+                right = shape == p.shape
+            elif what == "sq_norms":
+                right = len(shape) == 1 and shape[0] == n
+            else:  # grads
+                right = len(shape) == p.dim() + 1 and shape[0] == n and shape[1:] == p.shape
+            if not right:
+                expected = {"grads": (n, *p.shape), "sq_norms": (n,)}.get(what, tuple(p.shape))
                 raise RuntimeError(
                     f"the rule for {self.call.label} returned {what}[{k!r}] of shape "
-                    f"{tuple(v.shape)}, expected {expected} for {self.n} examples"
+                    f"{tuple(shape)}, expected {expected} for {n} examples"
                 )
             own[k] = v
         return own
@@ -461,7 +465,7 @@ class PerExample:
                     "sparse=False, or set .grad to None before the step."
                 )
         norms = self._norms(clipping=True, release=release)
-        coef = (max_norm / norms).clamp(max=1.0)  # (n,); a zero norm gives inf -> 1
+        coef = norms.reciprocal().mul_(max_norm).clamp_(max=1.0)  # (n,); a zero norm: 1
         joint = self._joint
         sums: dict[str, Tensor] = joint.weighted_sums(coef, last=release) if joint else {}
         in_joint = set(sums)

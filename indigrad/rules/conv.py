@@ -279,6 +279,8 @@ def conv_materialise(module: nn.Module, inputs: tuple[Any, ...], G: Tensor, clip
 # convolution of n·C groups took 16–34 ms against 2.5–4 ms.
 _DEPTHWISE_BY_CONV = {"cpu"}
 _CONV_FORWARD = (F.conv1d, F.conv2d, F.conv3d)
+# a conv's weight gradient, by its overload (calling the op's packet resolves it each time)
+_WEIGHT_GRADIENT = torch.ops.aten.convolution_backward.default
 
 
 def _depthwise(conv: _ConvNd, x: Tensor) -> bool:
@@ -373,7 +375,7 @@ def conv_weighted_sum(
         padding = [0] * d
         x = _pad(conv, x)  # (n, C_in, *padded)
     has_bias = conv.bias is not None and conv.bias.requires_grad
-    _, dW, db = torch.ops.aten.convolution_backward(
+    _, dW, db = _WEIGHT_GRADIENT(
         Gc,
         x,
         conv.weight,
@@ -477,7 +479,7 @@ def stacked_weighted_sums(
     G = torch.cat(Gs, 1)  # (n, k·C_out, *out)
     G.mul_(coef.to(G.dtype).view(-1, *[1] * (G.dim() - 1)))  # c ⊙ G, in the new copy
     has_bias = conv.bias is not None and conv.bias.requires_grad
-    _, dW, db = torch.ops.aten.convolution_backward(
+    _, dW, db = _WEIGHT_GRADIENT(
         G,
         X,
         _stacked_weight(conv.weight, k),

@@ -50,18 +50,33 @@ def _outer_products(L: Tensor, R: Tensor) -> Tensor:
     n, T, a = L.shape
     device = R.device.type
     if T == 1 and (device in _outer.DEVICES or device == "cpu"):
-        W = _alloc.empty((n, a, R.shape[2]), like=R)  # (n, a, b)
-        if device in _outer.DEVICES and _outer.outer(L.reshape(n, a), R.reshape(n, -1), W):
-            return W  # Triton's kernel (CUDA)
-        if device == "cpu":  # a GPU writes W faster as a GEMM (H200: 1.5×)
-            return torch.mul(L.transpose(1, 2), R, out=W)  # (n, a, 1) * (n, 1, b)
-        return torch.bmm(L.transpose(1, 2), R, out=W)  # the kernel declined: into W
+        return _outer_rows(L.reshape(n, a), R.reshape(n, R.shape[2]))
     return _alloc.bmm(L.transpose(1, 2), R)  # (n, a, T) @ (n, T, b)
 
 
+def _outer_rows(L: Tensor, R: Tensor) -> Tensor:
+    """Per example ``L_i ⊗ R_i``: (n, a), (n, b) -> (n, a, b), in a fresh buffer."""
+    n, a = L.shape
+    device = R.device.type
+    W = _alloc.empty((n, a, R.shape[1]), like=R)  # (n, a, b)
+    if device in _outer.DEVICES and _outer.outer(L, R, W):
+        return W  # Triton's kernel (CUDA)
+    if device == "cpu":  # a GPU writes W faster as a GEMM (H200: 1.5×)
+        return torch.mul(L[:, :, None], R[:, None, :], out=W)  # (n, a, 1) * (n, 1, b)
+    return torch.bmm(L[:, :, None], R[:, None, :], out=W)  # the kernel declined: into W
+
+
 def linear_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
+    out = {}
+    if inputs[0].dim() == 2 and inputs[0].device.type in (*_outer.DEVICES, "cpu"):
+        # T = 1, the plain MLP: no views to make, each a call on the host
+        _check(module, inputs[0], G)
+        out["weight"] = _outer_rows(G, inputs[0])  # (n, d_out, d_in)
+        if module.bias is not None:
+            out["bias"] = G.clone(memory_format=torch.contiguous_format)  # (n, d_out)
+        return out
     A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
-    out = {"weight": _outer_products(G, A)}  # (n, d_out, d_in)
+    out["weight"] = _outer_products(G, A)  # (n, d_out, d_in)
     if module.bias is not None:
         out["bias"] = G.sum(1)  # (n, d_out)
     return out
@@ -110,13 +125,27 @@ def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
 def linear_weighted_sum(
     module: nn.Module, inputs: tuple[Any, ...], G: Tensor, coef: Tensor
 ) -> dict[str, Tensor]:
-    A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
-    n, T, d_in = A.shape
-    d_out = G.shape[2]
     c = coef if coef.dtype == G.dtype else coef.to(G.dtype)  # (n,)
     weight = module.weight.requires_grad
     bias = module.bias is not None and module.bias.requires_grad
     out = {}
+    if inputs[0].dim() == 2:  # T = 1, the plain MLP: no views to make
+        A = inputs[0]  # (n, d_in)
+        _check(module, A, G)
+        if weight and G.shape[1] <= A.shape[1]:
+            Gc = G * c[:, None]  # (n, d_out); its column sums are the bias's sum
+            out["weight"] = torch.mm(Gc.t(), A)  # (d_out, d_in)
+            if bias:
+                out["bias"] = Gc.sum(0)  # (d_out,)
+            return out
+        if weight:  # a wide output: scale A, not a copy of G
+            out["weight"] = torch.mm(G.t(), A * c[:, None])  # (d_out, d_in)
+        if bias:
+            out["bias"] = torch.mv(G.t(), c)  # (d_out, n) @ (n,)
+        return out
+    A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
+    n, T, d_in = A.shape
+    d_out = G.shape[2]
     if weight and d_out <= d_in:
         # c_i G_it as an (n·T, d_out) matrix: its column sums are the bias's sum
         Gc = (G * c.view(n, 1, 1)).reshape(n * T, d_out)  # (n·T, d_out)

@@ -256,6 +256,10 @@ _GN_KERNEL_DEVICES = {"cuda"}
 _group_norm_sums = _make_grads(_group_norm, _channels_second, params_last=False)
 
 
+# the kernels by their overload: calling an op's packet resolves the overload every time
+_GN_STATISTICS = torch.ops.aten.native_group_norm.default
+_GN_SUMS = torch.ops.aten.native_group_norm_backward.default
+
 _ONES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
 
@@ -294,11 +298,11 @@ def _group_norm_grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[s
     if _statistics_of(saved, (n, module.num_groups), x) and all(t.is_contiguous() for t in saved):
         mean, rstd = saved  # (n, groups) each: the kernel reads n·groups in order
     else:
-        _, mean, rstd = torch.ops.aten.native_group_norm(
+        _, mean, rstd = _GN_STATISTICS(
             x.view(1, n * C, P), None, None, 1, n * C, P, groups, module.eps
         )  # each example's statistics per group: (1, n·groups) each
     weight, bias = _trainable(module.weight), _trainable(module.bias)
-    _, dw, db = torch.ops.aten.native_group_norm_backward(
+    _, dw, db = _GN_SUMS(
         G,
         x,
         mean,
