@@ -103,6 +103,29 @@ def test_empty_batch(name):
             assert torch.equal(p.grad, torch.zeros_like(p))
 
 
+@pytest.mark.parametrize("tokens", [False, True], ids=["2d", "3d"])
+def test_per_example_grads_are_tensors_of_their_own(tokens):
+    # autograd hands both branches of a sum the same gradient tensor: the biases' per-example
+    # gradients equal it, and each must still be a tensor of its own
+    class Branches(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    model = Branches()
+    x = torch.randn(4, 5, 3) if tokens else torch.randn(4, 3)
+    with indigrad.capture(model) as cap:
+        grads = cap.grads(model(x).flatten(1).sum(1))
+    storages = [g.untyped_storage().data_ptr() for g in grads.values()]
+    assert len(set(storages)) == len(storages)
+    before = grads["b.bias"].clone()
+    grads["a.bias"].add_(1.0)
+    torch.testing.assert_close(grads["b.bias"], before)
+
+
 def test_grads_never_share_storage_even_if_a_rule_returns_one_tensor_twice():
     class TwoScales(torch.nn.Module):  # y = x ⊙ a + x ⊙ b: both gradients are x ⊙ G
         def __init__(self) -> None:
