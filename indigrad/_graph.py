@@ -52,10 +52,11 @@ def _check_accounted(
     regions = {} if regions is None else regions  # the nodes inside each call without a rule
     owners: dict[Any, list[Any]] = {}  # each call's nodes that use its parameters
     for call in calls:
-        owned = {id(p) for p in call.params.values()}
+        owned = [id(p) for p in call.params.values()]  # a few: searched faster than hashed
         found = uses.setdefault(call, []) if call.rule is None else None
         stop = call.boundary  # a few nodes: a list is searched faster than a set is built
-        stack = [e.node for e in call.edges]
+        edges = call.edges
+        stack = [edges[0].node] if len(edges) == 1 else [e.node for e in edges]
         seen: set[Any] = set()
         if found is not None:
             regions[call] = seen
@@ -68,11 +69,12 @@ def _check_accounted(
                 if v is None:
                     continue
                 if type(v) is _ACCUMULATE:
-                    if id(v.variable) in owned:
-                        accounted.add((u, id(v.variable)))
+                    p = v.variable
+                    if id(p) in owned:
+                        accounted.add((u, id(p)))
                         owners.setdefault(call, []).append(u)
                         if found is not None:
-                            found.append((u, v.variable))
+                            found.append((u, p))
                 else:
                     stack.append(v)
 
@@ -92,15 +94,18 @@ def _check_accounted(
         for i, (v, slot) in enumerate(u.next_functions):
             if v is None:
                 continue
-            if v in watch:
+            if watch and v in watch:
                 consumers[(v, slot)].append((u, i))
-            if v in outputs:
-                _check_consumer(u, v, slot, outputs[v])
-            if type(v) is _ACCUMULATE:
-                if id(v.variable) in trainable and (u, id(v.variable)) not in accounted:
-                    unaccounted.append((u, v.variable))
+            call = outputs.get(v)
+            if call is not None:
+                _check_consumer(u, v, slot, call)
+            kind = type(v)
+            if kind is _ACCUMULATE:
+                p = v.variable
+                if id(p) in trainable and (u, id(p)) not in accounted:
+                    unaccounted.append((u, p))
             elif v not in seen:
-                if type(v) is _REENTRANT:
+                if kind is _REENTRANT:
                     raise RuntimeError(
                         "the forward runs a region under reentrant activation checkpointing "
                         "(torch.utils.checkpoint with use_reentrant=True), which hides the "
@@ -109,7 +114,7 @@ def _check_accounted(
                         "Face models: gradient_checkpointing_enable(gradient_checkpointing_"
                         'kwargs={"use_reentrant": False})).'
                     )
-                if type(v).__name__ in _BATCH_NORMS and _mixes(v):
+                if kind.__name__ in _BATCH_NORMS and _mixes(v):
                     batch_norms.append(v)
                 seen.add(v)
                 stack.append(v)
@@ -118,7 +123,7 @@ def _check_accounted(
         _rebased(call, seen, owners.get(call, ()))
     if batch_norms:
         _refuse_batch_statistics(batch_norms, outputs)
-    reached = [call for call in calls if any(e.node in seen for e in call.edges)]
+    reached = [call for call in calls if _reaches(call.edges, seen)]
     if not reached:
         raise RuntimeError(
             "the losses do not depend on any layer recorded in this capture: was the "
@@ -135,6 +140,13 @@ def _check_accounted(
             "modules and share the parameter: head.weight = embedding.weight."
         )
     return reached, uses
+
+
+def _reaches(edges: list[GradientEdge], seen: set[Any]) -> bool:
+    """Whether the walk from the losses met one of these edges' nodes."""
+    if len(edges) == 1:  # the common case, without a generator
+        return edges[0].node in seen
+    return any(e.node in seen for e in edges)
 
 
 class View(NamedTuple):
@@ -344,7 +356,7 @@ def _rebased(call: Any, seen: set[Any], owners: Iterable[Any]) -> None:
                 continue
             call.edges[k] = GradientEdge(node, nr)
             call.views = {**call.views, k: View(shape, stride, offset)}
-    if not any(e.node in seen for e in call.edges) and any(u in seen for u in owners):
+    if not _reaches(call.edges, seen) and any(u in seen for u in owners):
         raise RuntimeError(
             f"the losses reach the parameters of {call.label}, but not through the outputs "
             "recorded for its call: an output was changed in place after the call in a way "
