@@ -573,7 +573,7 @@ class capture:
             split_at = functools.partial(self._split_at, n=n)
             outs = tuple(_split.backward(losses, edges, cuts, split_at))
         else:
-            outs = torch.autograd.grad(losses.sum(), edges, allow_unused=True)
+            outs = _output_grads(losses, edges)
         pos = 0
         for call in own:
             end = pos + len(call.edges)
@@ -665,6 +665,19 @@ class _GlobalHook:
         self._handle.remove()
         with_kwargs = getattr(torch.nn.modules.module, "_global_forward_hooks_with_kwargs", {})
         with_kwargs.pop(self._handle.id, None)
+
+
+def _output_grads(losses: Tensor, edges: list[GradientEdge]) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(losses.sum(), edges, allow_unused=True)``, handed to autograd's
+    engine the way that function hands it (``_engine_run_backward``), without its Python
+    checks of arguments that are right by construction here: about 50 µs a step on a CPU,
+    a share of a small model's step (falls back to it where torch lacks that function, or
+    for tensor subclasses that override it)."""
+    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if run is None or type(losses) is not Tensor:
+        return torch.autograd.grad(losses.sum(), edges, allow_unused=True)
+    ones = torch.ones_like(losses, memory_format=torch.contiguous_format)  # d Σ losses
+    return run((losses,), (ones,), False, False, tuple(edges), True, False)
 
 
 def _detach(t: Any) -> Any:
