@@ -355,13 +355,18 @@ class capture:
                     leaves = [t.clone() if i in edge_index else t for i, t in enumerate(leaves)]
                     output = tree_unflatten(leaves, spec)
             if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # the common case
-                in_leaves, in_spec = [args[0]], None
-            elif kwargs or not all(isinstance(a, Tensor) for a in args):
-                in_leaves, in_spec = tree_flatten((args, kwargs))
+                x = args[0]
+                in_leaves, in_spec = [x], None
+                versions = [(x, x._version)]
+                fn = x.grad_fn  # a layer's input made by the layer before: its node
+                boundary = [fn] if fn is not None else _boundary(in_leaves)
             else:
-                in_leaves, in_spec = list(args), None
-            versions = [(t, t._version) for t in in_leaves if isinstance(t, Tensor)]
-            boundary = _boundary(in_leaves)
+                if kwargs or not all(isinstance(a, Tensor) for a in args):
+                    in_leaves, in_spec = tree_flatten((args, kwargs))
+                else:
+                    in_leaves, in_spec = list(args), None
+                versions = [(t, t._version) for t in in_leaves if isinstance(t, Tensor)]
+                boundary = _boundary(in_leaves)
             n = self._n
             broadcast = False
             questioned = ""
