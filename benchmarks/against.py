@@ -1,14 +1,17 @@
-"""Another revision's clipped step against this tree's, interleaved in one process.
+"""Another revision's clipped step (or ``grads``, ``norms``) against this tree's,
+interleaved in one process.
 
 Timings of separate processes, on a shared machine or a GPU machine's host, differ by
 10–30 % from one process to the next: more than most changes to a step. So this loads the
 other revision's ``indigrad`` beside this one (as the package ``indigrad_base``; the
-package imports itself relatively) and times plain, the other's clipped step and this
-tree's in turn, round after round, on one model.
+package imports itself relatively) and times plain, the other's step and this tree's in
+turn, round after round, on one model. ``--tiny-mlp`` times what a step costs besides its
+layers' work: an MLP so small that its operators cost next to nothing.
 
     python benchmarks/against.py 0ad6047                          # the zoo's ResNet-18
     python benchmarks/against.py 0ad6047 --problem gpt --rounds 20
     python benchmarks/against.py 0ad6047 --tiny --as cuda         # host_time.py's model
+    python benchmarks/against.py 0ad6047 --tiny-mlp --methods grads,clipped --rounds 3000
     python benchmarks/against.py --base DIR --device cuda   # DIR/indigrad_base, made
                                                             # here (a device has no git)
 
@@ -19,6 +22,7 @@ machine without the repository's history.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import subprocess
 import sys
@@ -80,6 +84,10 @@ def main() -> None:
     parser.add_argument("--export", type=Path, help="only write REV's package into this folder")
     parser.add_argument("--problem", default="resnet18", help="a problem of the zoo")
     parser.add_argument("--tiny", action="store_true", help="host_time.py's tiny ResNet-18")
+    parser.add_argument(
+        "--tiny-mlp", action="store_true", help="an MLP 8-16-16-4 on 4 examples: the fixed costs"
+    )
+    parser.add_argument("--methods", default="clipped", help="of clipped, grads, norms")
     parser.add_argument("--as", dest="act_as", help="take this device's cost settings")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=40)
@@ -105,6 +113,9 @@ def main() -> None:
 
         torch.set_num_threads(1)
         problem = tiny_problem()
+    elif args.tiny_mlp:
+        torch.set_num_threads(1)
+        problem = bench.mlp_problem(8, [16, 16], 4, batch=4)
     else:
         problem = bench.zoo(args.device)[args.problem]()
     model = problem.model()
@@ -112,10 +123,13 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=args.device != "cpu")
     cuda = torch.device(args.device).type == "cuda"
 
-    def clipped(lib: Any) -> None:
+    def indigrad_step(lib: Any, method: str) -> None:
         with lib.capture(model) as cap:
-            cap.clip_(loss(model(x), y), max_norm=1.0)
-        opt.step()
+            if method == "clipped":
+                cap.clip_(loss(model(x), y), max_norm=1.0)
+            else:
+                getattr(cap, method)(loss(model(x), y))
+        opt.step()  # after grads and norms too, as in indigrad bench: a step's cost
         opt.zero_grad(set_to_none=True)
 
     def plain() -> None:
@@ -123,18 +137,17 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    steps = {
-        "plain": plain,
-        "other": lambda: clipped(indigrad_base),
-        "this tree": lambda: clipped(indigrad),
-    }
-    median = {k: s * 1e3 for k, s in interleaved(steps, args.rounds, cuda=cuda).items()}
     label = args.rev or str(args.base)
+    steps: dict[str, Any] = {"plain": plain}
+    for method in args.methods.split(","):
+        if method not in ("clipped", "grads", "norms"):
+            parser.error(f"unknown method {method!r}")
+        steps[f"{method} ({label})"] = functools.partial(indigrad_step, indigrad_base, method)
+        steps[f"{method} (this tree)"] = functools.partial(indigrad_step, indigrad, method)
+    median = {k: s * 1e3 for k, s in interleaved(steps, args.rounds, cuda=cuda).items()}
     print(f"{problem.name}, torch {torch.__version__}, {args.rounds} interleaved rounds")
     for name, ms in median.items():
-        what = f"clipped ({label})" if name == "other" else name
-        what = "clipped (this tree)" if name == "this tree" else what
-        print(f"  {what:<28} {ms:8.2f} ms  {ms / median['plain']:.3f}× plain")
+        print(f"  {name:<28} {ms:8.3f} ms  {ms / median['plain']:.3f}× plain")
 
 
 if __name__ == "__main__":

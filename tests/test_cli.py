@@ -289,6 +289,14 @@ def test_against_times_another_revision_beside_this_tree(tmp_path):
         "against.py", "--base", str(tmp_path), "--problem", "mlp", "--rounds", "1"
     )
     assert "clipped (this tree)" in out
+    out = _benchmark_script(
+        "against.py", "--base", str(tmp_path), "--tiny-mlp", "--methods", "grads,norms",
+        "--rounds", "1",
+    )  # fmt: skip
+    labels = [line.split("  ")[1].strip() for line in out.splitlines()[1:]]
+    base = f"({tmp_path})"
+    expected = ["plain", f"grads {base}", "grads (this tree)", f"norms {base}", "norms (this tree)"]
+    assert labels == expected
 
 
 def test_step_phases_times_each_phase_and_counts_its_operators():
