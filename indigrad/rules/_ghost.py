@@ -129,7 +129,7 @@ def guarded_sum(Z: Tensor, a: int, b: int) -> Tensor:
         V = Z.diagonal(dim1=1, dim2=2).sum(1)  # (m,)
         return torch.fmax(Z.sum((1, 2)), V.mul_(c))  # (m,)
     SV = torch.mm(Z.view(m, T * T), _weights(T, c, Z))  # (m, 2): S, c V
-    return torch.fmax(SV[:, 0], SV[:, 1])  # (m,)
+    return torch.fmax(*SV.unbind(1))  # (m,): S against c V (one call for both columns)
 
 
 # up to this many positions a site's weights are kept (T² · 2 elements: 0.5 MiB in float32)
