@@ -674,15 +674,19 @@ class _GlobalHook:
 
 def _output_grads(losses: Tensor, edges: list[GradientEdge]) -> tuple[Tensor | None, ...]:
     """``torch.autograd.grad(losses.sum(), edges, allow_unused=True)``, handed to autograd's
-    engine the way that function hands it (``_engine_run_backward``), without its Python
-    checks of arguments that are right by construction here: about 50 µs a step on a CPU,
-    a share of a small model's step (falls back to it where torch lacks that function, or
-    for tensor subclasses that override it)."""
+    engine the way that function hands it (``_engine_run_backward``, the sum's seed a one
+    as it makes it), without its Python checks of arguments that are right by construction
+    here: about 50 µs a step on a CPU, a share of a small model's step. The sum stays the
+    backward's root, so hooks on the losses (``register_multi_grad_hook``, PyTorch's module
+    trackers) see what they see in ``.backward()``. Falls back to that function where torch
+    lacks the engine's, for tensor subclasses (which it hands to their
+    ``__torch_function__``) and where it would raise (losses without gradient, complex)."""
     run = getattr(torch.autograd.graph, "_engine_run_backward", None)
-    if run is None or type(losses) is not Tensor:
-        return torch.autograd.grad(losses.sum(), edges, allow_unused=True)
-    ones = torch.ones_like(losses, memory_format=torch.contiguous_format)  # d Σ losses
-    return run((losses,), (ones,), False, False, tuple(edges), True, False)
+    total = losses.sum()  # ()
+    if run is None or type(total) is not Tensor or not total.requires_grad or total.is_complex():
+        return torch.autograd.grad(total, edges, allow_unused=True)
+    seed = torch.ones_like(total, memory_format=torch.preserve_format)  # () as autograd's
+    return run((total,), (seed,), False, False, tuple(edges), True, False)
 
 
 def _detach(t: Any) -> Any:

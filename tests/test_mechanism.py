@@ -50,6 +50,29 @@ def test_losses_of_a_tensor_subclass():
         torch.testing.assert_close(cap.norms(losses), expected)
 
 
+def test_hooks_on_the_losses_see_the_backward_as_plain_training_does():
+    # the losses' sum is the backward's root, as in losses.sum().backward(): a hook on the
+    # losses (PyTorch's module trackers use these) fires once, with every gradient
+    model = _model()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    seen = []
+    with indigrad.capture(model) as cap:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        torch.autograd.graph.register_multi_grad_hook((losses,), seen.append)
+        cap.norms(losses)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0][0], torch.ones(6, dtype=torch.float64))
+
+
+def test_complex_losses_are_refused():
+    model = _model()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with indigrad.capture(model) as cap:
+        losses = model(x).square().sum(1) * 1j
+        with pytest.raises(RuntimeError, match="real scalar outputs"):
+            cap.norms(losses)
+
+
 def test_weight_gradients_are_never_computed():
     model = _model()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
