@@ -50,7 +50,7 @@ SETTINGS = {
         "_DEPTHWISE_BY_CONV",
         "_STACKED",
     ],
-    "rules.normalization": ["_GN_KERNEL_DEVICES", "_LN_SAVED_DEVICES"],
+    "rules.normalization": ["_GN_KERNEL_DEVICES", "_LN_SAVED_DEVICES", "_GN_STACKED"],
 }
 
 

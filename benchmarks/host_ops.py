@@ -38,16 +38,18 @@ TABLES = [
 def act_as(device: str, set_attr: Callable[[Any, str, Any], None] = setattr) -> None:
     """Give the CPU ``device``'s settings (a device without its own entry: the default),
     and on behalf of a GPU no buffer pool (it changes how convs unfold), ``F.unfold`` of
-    the batch as one image (CUDA's launches a kernel per image), GroupNorm's dγ and
-    dβ from its backward kernel, LayerNorm's x̂ from ``layer_norm``, depthwise convs
-    and im2col as on a GPU (by im2col and a batched product; copied in the strided
-    window's order), and same-shaped convs stacked (``indigrad/_stack.py``). Each setting is
-    replaced through ``set_attr`` (a test's ``monkeypatch.setattr`` undoes them)."""
+    the batch as one image (CUDA's launches a kernel per image), GroupNorm's dγ and dβ
+    from its backward kernel (same-shaped GroupNorms' from one call), LayerNorm's x̂ from
+    ``layer_norm``, depthwise convs and im2col as on a GPU (by im2col and a batched
+    product; copied in the strided window's order), and same-shaped convs stacked
+    (``indigrad/_stack.py``). Each setting is replaced through ``set_attr`` (a test's
+    ``monkeypatch.setattr`` undoes them)."""
     if device != "cpu":
         set_attr(_alloc, "_MIN_BYTES", sys.maxsize)
         set_attr(conv, "_BATCHED_UNFOLD", conv._BATCHED_UNFOLD - {"cpu"})
         set_attr(conv, "_ONE_IMAGE_UNFOLD", conv._ONE_IMAGE_UNFOLD | {"cpu"})
         set_attr(normalization, "_GN_KERNEL_DEVICES", normalization._GN_KERNEL_DEVICES | {"cpu"})
+        set_attr(normalization, "_GN_STACKED", normalization._GN_STACKED | {"cpu"})
         set_attr(normalization, "_LN_SAVED_DEVICES", normalization._LN_SAVED_DEVICES - {"cpu"})
         set_attr(conv, "_BY_POSITION", conv._BY_POSITION - {"cpu"})
         set_attr(conv, "_DEPTHWISE_BY_CONV", conv._DEPTHWISE_BY_CONV - {"cpu"})

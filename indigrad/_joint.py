@@ -57,21 +57,36 @@ class Joint:
     def take(self, name: str, g: Tensor) -> bool:
         """Add ``g`` (n, *shape) under ``name`` if it is small and matches the others in
         dtype and device; returns whether it was taken."""
+        if not self.accepts(g):
+            return False
+        self._like = (g.dtype, g.device, len(g))
+        self.names.append(name)
+        self._parts.append(g if g.dim() == 2 else g.reshape(len(g), math.prod(g.shape[1:])))
+        self._shapes.append(g.shape[1:])
+        return True
+
+    def accepts(self, g: Tensor) -> bool:
+        """Whether :meth:`take` would take ``g``: small, and like the others in dtype,
+        device and examples."""
         if g.layout != torch.strided or not g.is_floating_point() or g.dim() == 0:
             return False
         if self._flat is not None:  # the norms were taken: nothing more joins
             return False
-        limit = _MAX_ELEMENTS.get(g.device.type, _MAX_ELEMENTS_DEFAULT)
-        if g.numel() > limit:
+        if g.numel() > _MAX_ELEMENTS.get(g.device.type, _MAX_ELEMENTS_DEFAULT):
             return False
-        like = (g.dtype, g.device, len(g))
-        if self._like is None:
-            self._like = like
-        elif like != self._like:
+        return self._like is None or (g.dtype, g.device, len(g)) == self._like
+
+    def take_block(self, names: list[str], shapes: list[torch.Size], block: Tensor) -> bool:
+        """Add ``block`` (n, ΣP): the gradients ``(n, *shape)`` of ``names`` side by side,
+        flattened, as :meth:`take` would add them one by one (a stack of calls'); returns
+        whether it was taken."""
+        assert block.dim() == 2 and block.shape[1] == sum(math.prod(s) for s in shapes)
+        if not self.accepts(block):
             return False
-        self.names.append(name)
-        self._parts.append(g if g.dim() == 2 else g.reshape(len(g), math.prod(g.shape[1:])))
-        self._shapes.append(g.shape[1:])
+        self._like = (block.dtype, block.device, len(block))
+        self.names.extend(names)
+        self._parts.append(block)
+        self._shapes.extend(shapes)
         return True
 
     def __bool__(self) -> bool:

@@ -13,10 +13,11 @@ of floating-point sums.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from .quantities import _Entry
@@ -129,3 +130,27 @@ def _chunks(
         if len(chunk) > 1:
             stacked = _Stacked(chunk, stack)
             into.update((id(e), stacked) for e in chunk)
+
+
+# -- stacks of small gradients, for the joint ------------------------------------------
+
+
+@dataclass(frozen=True)
+class JointStack:
+    """How a rule whose per-example gradients are small and always materialised (they go
+    into the :class:`~indigrad._joint.Joint`) gives those of several calls of one shape
+    at once (same-shaped GroupNorms on a GPU: one kernel call for a stage's four or five).
+
+    Attributes:
+        key: ``(module, inputs, G) -> Hashable | None``, equal for calls that can be taken
+            together; None for a call that takes its own.
+        grads: ``(modules, inputs, Gs) -> {local name: (n, k·P)}``, the ``k`` calls'
+            per-example gradients of each parameter side by side, call after call.
+    """
+
+    key: Callable[[nn.Module, tuple[Any, ...], Any], Any]
+    grads: Callable[[list[nn.Module], list[tuple[Any, ...]], list[Any]], dict[str, Tensor]]
+
+
+# by id of the rule: the rules whose calls may be taken together into the joint (internal)
+JOINT: dict[int, JointStack] = {}

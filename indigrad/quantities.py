@@ -182,6 +182,8 @@ class _Entry:
     def weighted_sum(self, coef: Tensor, skip: Container[str] = ()) -> dict[str, Tensor]:
         """``Σ_i coef_i g_i`` of the call's parameters, but for materialised ones in
         ``skip`` (their sums come from a :class:`Joint`)."""
+        if skip and all(k in skip for k in self.call.params):
+            return {}  # all from the joint (the call may have let go of its tensors)
         fast = self.rule is not None and self.rule.weighted_sum is not None and not self.reparam
         if self._grads is None and fast and self.n > 0:
             assert self.rule is not None and self.rule.weighted_sum is not None
@@ -337,6 +339,8 @@ class PerExample:
         fast = self._choose(clipping)
         stacks = _stack.plan([e for e in self._entries if self._stackable(e, fast)])
         self._stacks, self._sum_stacks = stacks.norms, stacks.sums
+        if joint is not None and self._grads is None and _stack.JOINT:
+            self._join_stacked(joint, per_call, fast, release)
         for name, p in self._params.items():
             uses = self._uses.get(name, [])
             if len(uses) > 1 and self._grads is None:
@@ -366,6 +370,65 @@ class PerExample:
             else:
                 out[name] = p.new_zeros(self.n)
 
+    def _join_stacked(
+        self,
+        joint: Joint,
+        per_call: dict[int, dict[str, Tensor]],
+        fast: dict[int, bool],
+        release: bool,
+    ) -> None:
+        """The small gradients of calls taken together (:class:`._stack.JointStack`: a
+        stage's same-shaped GroupNorms on a GPU) into ``joint``, a block per parameter
+        name, each call then with nothing left to take (``per_call``). All of a stack's
+        blocks go in, or none (then its calls take their own, one by one)."""
+        groups: dict[Any, list[_Entry]] = {}
+        for entry in self._entries:
+            js = _stack.JOINT.get(id(entry.rule))
+            if js is None or entry._grads is not None or entry.reparam or entry.n == 0:
+                continue
+            if fast.get(id(entry), False) or not self._alone(entry):
+                continue
+            key = js.key(entry.call.module, entry.inputs, entry.G)
+            if key is not None:
+                groups.setdefault((id(entry.rule), tuple(entry.call.params), key), []).append(entry)
+        # a stack copies its calls' inputs and output gradients side by side: at most
+        # _stack._GROWTH times those of the largest call (what a conv's stack may make)
+        held = {id(e): e.held() for members in groups.values() for e in members}
+        limit = _stack._GROWTH * max(held.values(), default=0)
+        for (rule, locals_, _), members in groups.items():
+            start = 0
+            for length in _stack._fitting([held[id(e)] for e in members], limit):
+                chunk, start = members[start : start + length], start + length
+                if length > 1:
+                    self._join(_stack.JOINT[rule], chunk, set(locals_), joint, per_call, release)
+
+    def _join(
+        self,
+        js: _stack.JointStack,
+        members: list[_Entry],
+        locals_: set[str],
+        joint: Joint,
+        per_call: dict[int, dict[str, Tensor]],
+        release: bool,
+    ) -> None:
+        """One stack of :meth:`_join_stacked`: its blocks into ``joint``, or nothing."""
+        modules, inputs = [e.call.module for e in members], [e.inputs for e in members]
+        blocks = js.grads(modules, inputs, [e.G for e in members])
+        if set(blocks) != locals_ or not all(joint.accepts(b) for b in blocks.values()):
+            return  # the calls take their own
+        for local, block in blocks.items():
+            params = [e.call.params[local] for e in members]
+            names = [self._names[id(p)] for p in params]
+            joint.take_block(names, [p.shape for p in params], block)  # (n, k·P)
+        for entry in members:
+            per_call[id(entry)] = {}  # all in the joint
+            if release:
+                entry.release()
+
+    def _alone(self, entry: _Entry) -> bool:
+        """Every parameter of the call is used by that call alone."""
+        return all(len(self._uses[self._names[id(p)]]) == 1 for p in entry.call.params.values())
+
     def _choose(self, clipping: bool) -> dict[int, bool]:
         """The cost choice (:meth:`_Entry._fast`) of each call whose norms
         :meth:`_sq_each` takes from its rule, made once and in the order it takes them
@@ -383,9 +446,7 @@ class PerExample:
     def _stackable(self, entry: _Entry, fast: dict[int, bool]) -> bool:
         """Whether a call may be taken together with others (:mod:`._stack`): it takes its
         rule's fast paths, and every one of its parameters is its own alone."""
-        return fast.get(id(entry), False) and all(
-            len(self._uses[self._names[id(p)]]) == 1 for p in entry.call.params.values()
-        )
+        return fast.get(id(entry), False) and self._alone(entry)
 
     def _tied_sq(self, name: str, uses: list[tuple[_Entry, str]]) -> Tensor | None:
         """The squared norms of a parameter used by several calls, from the Grams of its

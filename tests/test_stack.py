@@ -254,3 +254,120 @@ def test_resnet18_under_a_gpus_settings(stacked, monkeypatch):
     assert _plans(stacked) == later  # not layer1's: its four convs' im2col are the largest
     layer1 = "layer1.0.conv1,layer1.0.conv2,layer1.1.conv1,layer1.1.conv2"
     assert _plans(stacked.sums) == [layer1, *later]  # their sums copy only x and G
+
+
+# -- GroupNorms of one shape: dγ and dβ from one kernel call, into the joint -------------
+
+
+class Norms(nn.Module):
+    """A stage of same-shaped GroupNorms (with one frozen γ among them, and one without
+    affine parameters), each after a conv that keeps the activations apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(6))
+        self.same = nn.ModuleList(nn.GroupNorm(2, 4) for _ in range(3))
+        self.frozen = nn.ModuleList(nn.GroupNorm(2, 4) for _ in range(2))
+        self.groups = nn.GroupNorm(4, 4)  # another grouping: a stack of one, its own
+        for norm in self.frozen:
+            norm.weight.requires_grad_(False)
+        self.head = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norms = [*self.same, *self.frozen, self.groups]
+        for c, norm, scale in zip(self.convs, norms, [1.0, 2.0, -1.0, 0.5, 3.0, 1.5], strict=True):
+            x = torch.tanh(norm(c(x)) * scale)
+        return self.head(x.flatten(1))
+
+
+@pytest.fixture
+def gn_stacked(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """GroupNorm's kernel and its stacks on for the CPU; the number of calls each kernel
+    call took, in order."""
+    from indigrad.rules import normalization
+
+    monkeypatch.setattr(normalization, "_GN_KERNEL_DEVICES", {"cpu"})
+    monkeypatch.setattr(normalization, "_GN_STACKED", {"cpu"})
+    monkeypatch.setattr(_stack, "_GROWTH", 1e9)
+    taken: list[int] = []
+    real = normalization._GN_SUMS
+
+    def sums(G: torch.Tensor, *rest: Any) -> Any:
+        taken.append(G.shape[1] // 4)  # (n, k·C, *): k calls of C = 4 channels
+        return real(G, *rest)
+
+    monkeypatch.setattr(normalization, "_GN_SUMS", sums)
+    return taken
+
+
+def _norms_problem() -> tuple[nn.Module, Any, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Norms().double()
+    x = torch.randn(5, 4, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    return model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y
+
+
+def test_same_shaped_group_norms_take_their_sums_together(gn_stacked: list[int]) -> None:
+    model, loss_fn, x, y = _norms_problem()
+    testing.check(model, loss_fn, x, y)
+    with indigrad.capture(model) as cap:
+        gn_stacked.clear()
+        cap.clip_(loss_fn(x, y), 1.0)
+    # one kernel call for the three alike, one for the two frozen, one for the other grouping
+    assert sorted(gn_stacked) == [1, 2, 3]
+
+
+def test_stacked_group_norms_agree_with_one_by_one(
+    gn_stacked: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from indigrad.rules import normalization
+
+    model, loss_fn, x, y = _norms_problem()
+    got = {}
+    for stacked in (True, False):
+        if not stacked:
+            monkeypatch.setattr(normalization, "_GN_STACKED", set())
+        with indigrad.capture(model) as cap:
+            per_example = cap.backward(loss_fn(x, y))
+            norms = per_example.norms()
+            per_example.clip_(1.0)
+        sums = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        got[stacked] = norms, sums
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(got[True][0], got[False][0], rtol=1e-12, atol=0)
+    for k in got[False][1]:
+        torch.testing.assert_close(got[True][1][k], got[False][1][k], rtol=1e-12, atol=1e-15)
+
+
+def test_a_stack_the_joint_refuses_takes_its_calls_one_by_one(
+    gn_stacked: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from indigrad import _joint
+
+    monkeypatch.setattr(_joint, "_MAX_ELEMENTS", {"cpu": 5 * 4})  # one call's, not two
+    model, loss_fn, x, y = _norms_problem()
+    testing.check(model, loss_fn, x, y)
+    with indigrad.capture(model) as cap:
+        gn_stacked.clear()
+        cap.clip_(loss_fn(x, y), 1.0)
+    # each stack computed, refused by the joint, and its calls taken one by one
+    assert sorted(gn_stacked) == [1, 1, 1, 1, 1, 1, 2, 3]
+
+
+def test_group_norm_stacks_copy_at_most_what_the_growth_allows(
+    gn_stacked: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a stack copies its calls' inputs and output gradients: two calls of one size are
+    # twice the largest call's, more than _GROWTH = 1.5 allows
+    monkeypatch.setattr(_stack, "_GROWTH", GROWTH)
+    model, loss_fn, x, y = _norms_problem()
+    with indigrad.capture(model) as cap:
+        gn_stacked.clear()
+        cap.clip_(loss_fn(x, y), 1.0)
+    assert sorted(gn_stacked) == [1, 1, 1, 1, 1, 1]
+    monkeypatch.setattr(_stack, "_GROWTH", 2.0)
+    with indigrad.capture(model) as cap:
+        gn_stacked.clear()
+        cap.clip_(loss_fn(x, y), 1.0)
+    assert sorted(gn_stacked) == [1, 1, 2, 2]  # the three alike in a pair and one alone
