@@ -8,7 +8,8 @@ same few operations over stacked tensors (:class:`~indigrad.rules.registry.Stack
 
 Only calls that take their rule's fast paths are stacked, with each parameter used by
 that call alone; the results are those of the calls taken one by one, up to the order
-of floating-point sums.
+of floating-point sums. Rules whose small gradients are always materialised into the
+joint (GroupNorm) may instead give a stack's gradients as blocks (:class:`JointStack`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ are the ``(n, C)`` per-example ones, in one operation instead of four. Its stati
 (each example's mean and 1/std per group) are those the forward saved for the backward,
 taken from the autograd graph before the backward frees them; without them (a rule
 called directly) one more operation recomputes them. Inputs that are not contiguous take
-the sums.
+the sums. Same-shaped GroupNorms (a ResNet stage's) take theirs from one kernel call, as
+one example of ``n·k·C`` channels per batch, for the norms and the clipped sum
+(:func:`group_norm_stacked_grads`, into the joint of ``indigrad/_joint.py``).
 
 The per-example gradients ``(n, P)`` are never bigger than ``x``, so the rules have no
 fast paths: indigrad materialises them once and takes both the norms and the weighted sum
