@@ -70,11 +70,16 @@ class Joint:
         device and examples."""
         if g.layout != torch.strided or not g.is_floating_point() or g.dim() == 0:
             return False
+        return g.numel() <= self.room(g.dtype, g.device, len(g))
+
+    def room(self, dtype: torch.dtype, device: torch.device, n: int) -> int:
+        """The most elements (all examples') a gradient of ``dtype``, on ``device``, of
+        ``n`` examples may have to be taken; 0 for one that would not be at all."""
         if self._flat is not None:  # the norms were taken: nothing more joins
-            return False
-        if g.numel() > _MAX_ELEMENTS.get(g.device.type, _MAX_ELEMENTS_DEFAULT):
-            return False
-        return self._like is None or (g.dtype, g.device, len(g)) == self._like
+            return 0
+        if self._like is not None and (dtype, device, n) != self._like:
+            return 0
+        return _MAX_ELEMENTS.get(device.type, _MAX_ELEMENTS_DEFAULT)
 
     def take_block(self, names: list[str], shapes: list[torch.Size], block: Tensor) -> bool:
         """Add ``block`` (n, ΣP): the gradients ``(n, *shape)`` of ``names`` side by side,

@@ -145,12 +145,15 @@ class JointStack:
     Attributes:
         key: ``(module, inputs, G) -> Hashable | None``, equal for calls that can be taken
             together; None for a call that takes its own.
-        grads: ``(modules, inputs, Gs) -> {local name: (n, k·P)}``, the ``k`` calls'
-            per-example gradients of each parameter side by side, call after call.
+        grads: ``(modules, inputs, Gs, names) -> {local name: (n, k·P)}``, the ``k``
+            calls' per-example gradients of each parameter in ``names`` (those captured)
+            side by side, call after call, in the output gradients' dtype and device.
     """
 
     key: Callable[[nn.Module, tuple[Any, ...], Any], Any]
-    grads: Callable[[list[nn.Module], list[tuple[Any, ...]], list[Any]], dict[str, Tensor]]
+    grads: Callable[
+        [list[nn.Module], list[tuple[Any, ...]], list[Any], set[str]], dict[str, Tensor]
+    ]
 
 
 # by id of the rule: the rules whose calls may be taken together into the joint (internal)

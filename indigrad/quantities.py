@@ -392,15 +392,22 @@ class PerExample:
             if key is not None:
                 groups.setdefault((id(entry.rule), tuple(entry.call.params), key), []).append(entry)
         # a stack copies its calls' inputs and output gradients side by side: at most
-        # _stack._GROWTH times those of the largest call (what a conv's stack may make)
+        # _stack._GROWTH times those of the largest call (what a conv's stack may make),
+        # and its blocks are as large as the joint takes
         held = {id(e): e.held() for members in groups.values() for e in members}
         limit = _stack._GROWTH * max(held.values(), default=0)
         for (rule, locals_, _), members in groups.items():
+            G = members[0].G
+            widest = max(p.numel() for p in members[0].call.params.values())
+            most = joint.room(G.dtype, G.device, len(G)) // max(len(G) * widest, 1)
             start = 0
             for length in _stack._fitting([held[id(e)] for e in members], limit):
                 chunk, start = members[start : start + length], start + length
-                if length > 1:
-                    self._join(_stack.JOINT[rule], chunk, set(locals_), joint, per_call, release)
+                for i in range(0, length, max(most, 1)):
+                    part = chunk[i : i + most]
+                    if len(part) > 1:
+                        js = _stack.JOINT[rule]
+                        self._join(js, part, set(locals_), joint, per_call, release)
 
     def _join(
         self,
@@ -413,9 +420,9 @@ class PerExample:
     ) -> None:
         """One stack of :meth:`_join_stacked`: its blocks into ``joint``, or nothing."""
         modules, inputs = [e.call.module for e in members], [e.inputs for e in members]
-        blocks = js.grads(modules, inputs, [e.G for e in members])
+        blocks = js.grads(modules, inputs, [e.G for e in members], locals_)
         if set(blocks) != locals_ or not all(joint.accepts(b) for b in blocks.values()):
-            return  # the calls take their own
+            return  # the calls take their own (sized to fit, so only if a rule errs)
         for local, block in blocks.items():
             params = [e.call.params[local] for e in members]
             names = [self._names[id(p)] for p in params]

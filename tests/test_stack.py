@@ -340,19 +340,39 @@ def test_stacked_group_norms_agree_with_one_by_one(
         torch.testing.assert_close(got[True][1][k], got[False][1][k], rtol=1e-12, atol=1e-15)
 
 
-def test_a_stack_the_joint_refuses_takes_its_calls_one_by_one(
-    gn_stacked: list[int], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("most, kernels", [(1, [1] * 6), (2, [1, 1, 2, 2])])
+def test_group_norm_stacks_are_as_large_as_the_joint_takes(
+    gn_stacked: list[int], monkeypatch: pytest.MonkeyPatch, most: int, kernels: list[int]
 ) -> None:
     from indigrad import _joint
 
-    monkeypatch.setattr(_joint, "_MAX_ELEMENTS", {"cpu": 5 * 4})  # one call's, not two
+    monkeypatch.setattr(_joint, "_MAX_ELEMENTS", {"cpu": 5 * 4 * most})  # most calls' (n, C)
     model, loss_fn, x, y = _norms_problem()
     testing.check(model, loss_fn, x, y)
     with indigrad.capture(model) as cap:
         gn_stacked.clear()
         cap.clip_(loss_fn(x, y), 1.0)
-    # each stack computed, refused by the joint, and its calls taken one by one
-    assert sorted(gn_stacked) == [1, 1, 1, 1, 1, 1, 2, 3]
+    assert sorted(gn_stacked) == kernels  # no stack made that the joint would refuse
+
+
+def test_group_norm_stacks_of_the_captured_parameters(
+    gn_stacked: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from indigrad.rules import normalization
+
+    model, loss_fn, x, y = _norms_problem()
+    params = [p for k, p in model.named_parameters() if p.requires_grad and k != "same.0.weight"]
+    got = []
+    for stacked in (True, False):
+        if not stacked:
+            monkeypatch.setattr(normalization, "_GN_STACKED", set())
+        with indigrad.capture(model, params=params) as cap:
+            gn_stacked.clear()
+            got.append(cap.norms(loss_fn(x, y)))
+        if stacked:
+            # same.0, its bias alone captured, with the frozen pair; same.1 and same.2; the other
+            assert sorted(gn_stacked) == [1, 2, 3]
+    torch.testing.assert_close(got[0], got[1], rtol=1e-12, atol=0)
 
 
 def test_group_norm_stacks_copy_at_most_what_the_growth_allows(

@@ -336,8 +336,8 @@ _GN_STACKED = {"cuda"}
 def group_norm_stack_key(module: Any, inputs: tuple[Any, ...], G: Any) -> tuple[Any, ...] | None:
     """What GroupNorm calls must share to take dγ and dβ from one kernel call
     (:func:`group_norm_stacked_grads`): the kernel's path with the forward's statistics,
-    and the same shapes, dtype, device, groups and trainable parameters. None for a call
-    that takes its own (:func:`_group_norm_grads`, which also raises for a wrong input)."""
+    and the same shapes, dtype, device and groups. None for a call that takes its own
+    (:func:`_group_norm_grads`, which also raises for a wrong input)."""
     x = inputs[0]
     if not (isinstance(x, Tensor) and isinstance(G, Tensor)) or len(inputs) < 2:
         return None
@@ -353,15 +353,14 @@ def group_norm_stack_key(module: Any, inputs: tuple[Any, ...], G: Any) -> tuple[
         return None
     if not all(t.is_contiguous() for t in saved):
         return None
-    weight, bias = _trainable(module.weight), _trainable(module.bias)
-    return x.shape, x.dtype, x.device, module.num_groups, weight, bias
+    return x.shape, x.dtype, x.device, module.num_groups
 
 
 def group_norm_stacked_grads(
-    modules: list[Any], inputs: list[tuple[Any, ...]], Gs: list[Tensor]
+    modules: list[Any], inputs: list[tuple[Any, ...]], Gs: list[Tensor], names: set[str]
 ) -> dict[str, Tensor]:
     """dγ and dβ of ``k`` GroupNorm calls with one :func:`group_norm_stack_key`, from one
-    kernel call: ``{"weight": (n, k·C), "bias": (n, k·C)}`` (the trainable ones), call
+    kernel call: ``{"weight": (n, k·C), "bias": (n, k·C)}`` (those in ``names``), call
     after call in each row.
 
     Example:
@@ -370,7 +369,8 @@ def group_norm_stacked_grads(
         >>> a, b = nn.GroupNorm(2, 4).double(), nn.GroupNorm(2, 4).double()
         >>> x, G = torch.randn(2, 3, 4, 5, dtype=torch.float64)
         >>> stats = lambda m: torch.ops.aten.native_group_norm(x, None, None, 3, 4, 5, 2, m.eps)[1:]
-        >>> grads = group_norm_stacked_grads([a, b], [(x, stats(a)), (x, stats(b))], [G, G])
+        >>> inputs = [(x, stats(a)), (x, stats(b))]
+        >>> grads = group_norm_stacked_grads([a, b], inputs, [G, G], {"weight", "bias"})
         >>> one = _group_norm_sums(a, (x,), G)["weight"]   # (3, 4)
         >>> torch.allclose(grads["weight"], torch.cat([one, one], 1))
         True
@@ -382,7 +382,7 @@ def group_norm_stacked_grads(
     G = torch.cat(Gs, 1)  # (n, k·C, *)
     mean = torch.cat([i[-1][0] for i in inputs], 1)  # (n, k·g): call after call per example
     rstd = torch.cat([i[-1][1] for i in inputs], 1)  # (n, k·g)
-    weight, bias = _trainable(module.weight), _trainable(module.bias)
+    weight, bias = "weight" in names, "bias" in names
     ones = _ones(n, k * C, X.dtype, X.device)  # (n, k·C)
     _, dw, db = _GN_SUMS(
         G, X, mean, rstd, ones, 1, n * k * C, P, n * k * g, [False, weight, bias]
