@@ -48,8 +48,7 @@ def _flat(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> tuple[Tensor
 def _outer_products(L: Tensor, R: Tensor) -> Tensor:
     """Per example ``Σ_t L_t ⊗ R_t``: (n, T, a), (n, T, b) -> (n, a, b), in a fresh buffer."""
     n, T, a = L.shape
-    device = R.device.type
-    if T == 1 and (device in _outer.DEVICES or device == "cpu"):
+    if T == 1:
         return _outer_rows(L.reshape(n, a), R.reshape(n, R.shape[2]))
     return _alloc.bmm(L.transpose(1, 2), R)  # (n, a, T) @ (n, T, b)
 
@@ -68,8 +67,7 @@ def _outer_rows(L: Tensor, R: Tensor) -> Tensor:
 
 def linear_grads(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> dict[str, Tensor]:
     out = {}
-    if inputs[0].dim() == 2 and inputs[0].device.type in (*_outer.DEVICES, "cpu"):
-        # T = 1, the plain MLP: no views to make, each a call on the host
+    if inputs[0].dim() == 2:  # T = 1, the plain MLP: no views to make, each a host call
         _check(module, inputs[0], G)
         out["weight"] = _outer_rows(G, inputs[0])  # (n, d_out, d_in)
         if module.bias is not None:
@@ -125,40 +123,40 @@ def linear_sq_norms(module: nn.Module, inputs: tuple[Any, ...], G: Tensor) -> di
 def linear_weighted_sum(
     module: nn.Module, inputs: tuple[Any, ...], G: Tensor, coef: Tensor
 ) -> dict[str, Tensor]:
+    A = inputs[0]  # (n, *, d_in)
+    _check(module, A, G)
     c = coef if coef.dtype == G.dtype else coef.to(G.dtype)  # (n,)
+    scale = c.view(-1, *[1] * (A.dim() - 1))  # (n, 1, …): c_i for each of example i's rows
     weight = module.weight.requires_grad
     bias = module.bias is not None and module.bias.requires_grad
     out = {}
-    if inputs[0].dim() == 2:  # T = 1, the plain MLP: no views to make
-        A = inputs[0]  # (n, d_in)
-        _check(module, A, G)
-        if weight and G.shape[1] <= A.shape[1]:
-            Gc = G * c[:, None]  # (n, d_out); its column sums are the bias's sum
-            out["weight"] = torch.mm(Gc.t(), A)  # (d_out, d_in)
-            if bias:
-                out["bias"] = Gc.sum(0)  # (d_out,)
-            return out
-        if weight:  # a wide output: scale A, not a copy of G
-            out["weight"] = torch.mm(G.t(), A * c[:, None])  # (d_out, d_in)
-        if bias:
-            out["bias"] = torch.mv(G.t(), c)  # (d_out, n) @ (n,)
-        return out
-    A, G = _flat(module, inputs, G)  # (n, T, d_in), (n, T, d_out)
-    n, T, d_in = A.shape
-    d_out = G.shape[2]
-    if weight and d_out <= d_in:
+    if weight and G.shape[-1] <= A.shape[-1]:
         # c_i G_it as an (n·T, d_out) matrix: its column sums are the bias's sum
-        Gc = (G * c.view(n, 1, 1)).reshape(n * T, d_out)  # (n·T, d_out)
-        out["weight"] = torch.mm(Gc.t(), A.reshape(n * T, d_in))  # (d_out, d_in)
+        Gc = _rows(G * scale)  # (n·T, d_out)
+        out["weight"] = torch.mm(Gc.t(), _rows(A))  # (d_out, d_in)
         if bias:
             out["bias"] = Gc.sum(0)  # (d_out,)
         return out
     if weight:  # a wide output (a language model's head): scale A, not a copy of G
-        Ac = (A * c.view(n, 1, 1)).reshape(n * T, d_in)  # (n·T, d_in)
-        out["weight"] = torch.mm(G.reshape(n * T, d_out).t(), Ac)  # (d_out, d_in)
+        out["weight"] = torch.mm(_rows(G).t(), _rows(A * scale))  # (d_out, d_in)
     if bias:  # no copy of G for the bias alone either
-        out["bias"] = torch.mv(G.sum(1).t(), c)  # (d_out, n) @ (n,)
+        out["bias"] = torch.mv(_summed_positions(G).t(), c)  # (d_out, n) @ (n,)
     return out
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``(n, *, d)`` as an ``(n·T, d)`` matrix: itself where it has no extra dims (no view
+    to make, each a call on the host)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _summed_positions(G: Tensor) -> Tensor:
+    """``Σ_t G_it``: ``(n, d)``, ``G`` itself where it has no extra dims."""
+    if G.dim() == 2:
+        return G
+    if G.dim() > 3:
+        G = G.flatten(1, -2)  # (n, T, d)
+    return G.sum(1)
 
 
 LINEAR = register_rule(

@@ -292,36 +292,54 @@ def _group_norm_grads(module: Any, inputs: tuple[Any, ...], G: Tensor) -> dict[s
     if x.numel() == 0 or not (x.is_contiguous() and G.is_contiguous()):
         return _group_norm_sums(module, (x,), G)
     n, C = x.shape[:2]
-    P, groups = x.numel() // (n * C), module.num_groups * n  # positions; groups of all
-    # The kernel reads its tensors by their element counts alone (one example of n·C
-    # channels, P positions each, in n·groups groups), so x and G go in as they are, and
-    # dγ and dβ come out shaped like the γ it is given, (n, C), in some torch releases
-    # (others make them (n·C,)): views only where needed, each a dispatch on the host.
     saved = inputs[-1] if len(inputs) > 1 else None  # the forward's statistics, if recorded
-    if _statistics_of(saved, (n, module.num_groups), x) and all(t.is_contiguous() for t in saved):
+    if _kernel_statistics(saved, module, x):
         mean, rstd = saved  # (n, groups) each: the kernel reads n·groups in order
     else:
+        P, groups = x.numel() // (n * C), module.num_groups * n  # positions; groups of all
         _, mean, rstd = _GN_STATISTICS(
             x.view(1, n * C, P), None, None, 1, n * C, P, groups, module.eps
         )  # each example's statistics per group: (1, n·groups) each
     weight, bias = _trainable(module.weight), _trainable(module.bias)
+    return _kernel_grads(G, x, mean, rstd, module.num_groups, weight, bias)
+
+
+def _kernel_statistics(saved: Any, module: Any, x: Tensor) -> TypeGuard[tuple[Tensor, Tensor]]:
+    """``saved`` holds the forward's statistics of ``x``, ``(n, groups)`` each, laid out as
+    the kernel reads them."""
+    shape = (x.shape[0], module.num_groups)
+    return _statistics_of(saved, shape, x) and all(t.is_contiguous() for t in saved)
+
+
+def _kernel_grads(
+    G: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, groups: int, weight: bool, bias: bool
+) -> dict[str, Tensor]:
+    """Each example's dγ and dβ ``(n, W)`` from GroupNorm's backward kernel, run on ``x``
+    and ``G`` ``(n, W, *)``, contiguous, as one example of ``n·W`` channels in
+    ``n·groups`` groups (``mean`` and ``rstd``: ``n·groups`` each, example by example)."""
+    n, W = x.shape[:2]
+    P = x.numel() // (n * W)  # positions
+    # The kernel reads its tensors by their element counts alone, so x and G go in as they
+    # are, and dγ and dβ come out shaped like the γ it is given, (n, W), in some torch
+    # releases (others make them (n·W,)): views only where needed, each a dispatch on the
+    # host.
     _, dw, db = _GN_SUMS(
         G,
         x,
         mean,
         rstd,
-        _ones(n, C, x.dtype, x.device),
+        _ones(n, W, x.dtype, x.device),
         1,
-        n * C,
+        n * W,
         P,
-        groups,
+        n * groups,
         [False, weight, bias],
-    )  # (n, C) each: dγ = Σ_p x̂ G, dβ = Σ_p G per channel of each example
+    )  # (n, W) each: dγ = Σ_p x̂ G, dβ = Σ_p G per channel of each example
     out = {}
     if weight:
-        out["weight"] = dw if dw.dim() == 2 else dw.view(n, C)
+        out["weight"] = dw if dw.dim() == 2 else dw.view(n, W)
     if bias:
-        out["bias"] = db if db.dim() == 2 else db.view(n, C)
+        out["bias"] = db if db.dim() == 2 else db.view(n, W)
     return out
 
 
@@ -348,10 +366,7 @@ def group_norm_stack_key(module: Any, inputs: tuple[Any, ...], G: Any) -> tuple[
         return None
     if x.dtype != G.dtype or x.numel() == 0 or not (x.is_contiguous() and G.is_contiguous()):
         return None
-    saved = inputs[-1]  # the forward's statistics, (n, groups) each
-    if not _statistics_of(saved, (x.shape[0], module.num_groups), x):
-        return None
-    if not all(t.is_contiguous() for t in saved):
+    if not _kernel_statistics(inputs[-1], module, x):  # the forward's, (n, groups) each
         return None
     return x.shape, x.dtype, x.device, module.num_groups
 
@@ -375,24 +390,12 @@ def group_norm_stacked_grads(
         >>> torch.allclose(grads["weight"], torch.cat([one, one], 1))
         True
     """
-    module, x = modules[0], inputs[0][0]
-    k, n, C = len(modules), x.shape[0], x.shape[1]
-    P, g = x.numel() // (n * C), module.num_groups
     X = torch.cat([i[0] for i in inputs], 1)  # (n, k·C, *)
     G = torch.cat(Gs, 1)  # (n, k·C, *)
     mean = torch.cat([i[-1][0] for i in inputs], 1)  # (n, k·g): call after call per example
     rstd = torch.cat([i[-1][1] for i in inputs], 1)  # (n, k·g)
-    weight, bias = "weight" in names, "bias" in names
-    ones = _ones(n, k * C, X.dtype, X.device)  # (n, k·C)
-    _, dw, db = _GN_SUMS(
-        G, X, mean, rstd, ones, 1, n * k * C, P, n * k * g, [False, weight, bias]
-    )  # one example of n·k·C channels in n·k·g groups: per example, call after call
-    out = {}
-    if weight:
-        out["weight"] = dw if dw.dim() == 2 else dw.view(n, k * C)
-    if bias:
-        out["bias"] = db if db.dim() == 2 else db.view(n, k * C)
-    return out
+    groups = len(modules) * modules[0].num_groups  # k·g in each example's n·k·C channels
+    return _kernel_grads(G, X, mean, rstd, groups, "weight" in names, "bias" in names)
 
 
 LAYER_NORM = register_rule(
