@@ -400,10 +400,12 @@ class PerExample:
             G = members[0].G
             widest = max(p.numel() for p in members[0].call.params.values())
             most = joint.room(G.dtype, G.device, len(G)) // max(len(G) * widest, 1)
+            if most < 2:
+                continue  # the joint takes no block of two: each call takes its own
             start = 0
             for length in _stack._fitting([held[id(e)] for e in members], limit):
                 chunk, start = members[start : start + length], start + length
-                for i in range(0, length, max(most, 1)):
+                for i in range(0, length, most):
                     part = chunk[i : i + most]
                     if len(part) > 1:
                         js = _stack.JOINT[rule]
