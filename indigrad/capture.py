@@ -656,7 +656,13 @@ class capture:
 
 
 class _GlobalHook:
-    """A global forward hook with keyword arguments, removed without a trace.
+    """A global forward hook with keyword arguments that runs before every other forward
+    hook, removed without a trace.
+
+    Global hooks run in the order of their table, before each module's own. A program's
+    global hook registered before this one and returning an output in a module's place
+    would otherwise run first, and the gradient would be read at its output, not at the
+    module's. So this one goes to the table's front.
 
     The handle ``register_module_forward_hook`` returns leaves the hook's entry in
     ``torch.nn.modules.module._global_forward_hooks_with_kwargs`` when removed (torch
@@ -665,6 +671,13 @@ class _GlobalHook:
 
     def __init__(self, hook: Any) -> None:
         self._handle = register_module_forward_hook(hook, with_kwargs=True)
+        hooks = torch.nn.modules.module._global_forward_hooks
+        if len(hooks) > 1:  # reordered in place (torch's own code reads this table)
+            mine = hooks.pop(self._handle.id)
+            others = dict(hooks)
+            hooks.clear()
+            hooks[self._handle.id] = mine
+            hooks.update(others)
 
     def remove(self) -> None:
         self._handle.remove()

@@ -129,6 +129,41 @@ def test_forward_hooks_of_the_user_that_replace_inputs_and_outputs(when):
             h.remove()
 
 
+@pytest.mark.parametrize("kwargs", [False, True])
+def test_global_forward_hooks_of_the_user_that_replace_outputs(kwargs):
+    # A global forward hook registered before the block runs before the module's own,
+    # and before indigrad's unless indigrad's goes first: the output it returns in the
+    # module's place must not be mistaken for the one the module computed.
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = _model()
+    x = torch.randn(6, 5, dtype=torch.float64)
+
+    def scale(m, *rest):
+        return rest[-1] * 3.0 if isinstance(m, nn.Linear) else None
+
+    def losses(x, y):
+        return model(x).square().sum(1)
+
+    from torch.nn.modules.module import _global_forward_hooks as table
+
+    handles = [
+        register_module_forward_hook(lambda *a: None),
+        register_module_forward_hook(scale, with_kwargs=kwargs),
+    ]
+    order = list(table)
+    try:
+        with indigrad.capture(model) as cap:
+            grads = cap.grads(losses(x, None))
+        assert list(table) == order  # the program's hooks in their order, as they were
+        ref = indigrad.testing.loop_grads(model, losses, x, None)
+    finally:
+        for h in handles:
+            h.remove()
+    for k in ref:
+        torch.testing.assert_close(grads[k], ref[k])
+
+
 class _Gain(nn.Module):
     """Without a rule: the generic rule re-runs it per example."""
 
