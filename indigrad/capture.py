@@ -35,8 +35,11 @@ from .quantities import PerExample, rule_G, rule_inputs
 from .rules import Prepared, Rule, lookup_rule
 from .rules import direct as _direct
 
-# a module owning captured parameters: the module, its name, those parameters, its rule
-_Plan = tuple[nn.Module, str, dict[str, nn.Parameter], "Rule | None"]
+# where a captured parameter sits: the _parameters dict of the module holding it, its key
+_Slot = tuple[dict[str, Any], str, nn.Parameter]
+# a module owning captured parameters: the module, its name, those parameters, its rule,
+# and their slots
+_Plan = tuple[nn.Module, str, dict[str, nn.Parameter], "Rule | None", tuple[_Slot, ...]]
 
 
 @dataclass(eq=False, slots=True)
@@ -195,7 +198,7 @@ class capture:
                     skip = f"{name}." if name else ""
                 own = _own_params(module, whole, self._names)
                 if own:
-                    plan[id(module)] = (module, name, own, rule)
+                    plan[id(module)] = (module, name, own, rule, _slots(module, own))
             if plan:
                 # One hook for all modules rather than one per module: registering and
                 # removing dozens of hooks is host time on every step. Global hooks run
@@ -331,7 +334,7 @@ class capture:
                 # a forward re-run inside a backward or while rules read saved tensors
                 # (activation checkpointing's recomputation): not a call of this step's
                 return None
-            _, name, own, rule = planned
+            _, name, own, rule, slots = planned
             raw = rule is not None and rule.raw_layout
             edge_index: Sequence[int]
             if isinstance(output, Tensor):  # the common case, without pytree's cost
@@ -407,6 +410,9 @@ class capture:
                     args = tuple(in_leaves)
                 else:
                     args, kwargs = tree_unflatten(in_leaves, in_spec)
+            for held, key, p in slots:  # each as it was on entering the block
+                if held.get(key) is not p:
+                    _refuse_replaced(module, name, key)
             self._calls.append(
                 _Call(
                     module=module,
@@ -810,6 +816,29 @@ _TENSOR_SPEC = tree_flatten(torch.empty(0))[1]
 # the garbage collector to count, and it runs when they add up
 _FIRST, _NO_LEAF = (0,), (None,)
 _SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _slots(module: nn.Module, own: dict[str, Any]) -> tuple[_Slot, ...]:
+    """Where each of a module's captured parameters sits: ``(the _parameters dict of the
+    module holding it, its key there, the parameter)``, to see it replaced at a call."""
+    slots = []
+    for local, p in own.items():
+        prefix, _, key = local.rpartition(".")
+        holder = module.get_submodule(prefix) if prefix else module
+        slots.append((holder._parameters, key, p))
+    return tuple(slots)
+
+
+def _refuse_replaced(module: nn.Module, name: str, key: str) -> None:
+    raise RuntimeError(
+        f"{type(module).__name__} {name or '<model>'!r} is called with a parameter "
+        f"{key!r} other than the one it had when the capture was entered: replaced for "
+        "the call (torch.func.functional_call, torch.nn.utils.stateless) or reassigned "
+        "inside the block. Its rule would take the gradient of the tensor it was called "
+        "with and report it as the module's own parameter's. Replace parameters before "
+        "entering the capture; for gradients of tensors passed to functional_call, use "
+        "torch.func."
+    )
 
 
 def _signature(cls: type) -> inspect.Signature:

@@ -164,6 +164,32 @@ def test_global_forward_hooks_of_the_user_that_replace_outputs(kwargs):
         torch.testing.assert_close(grads[k], ref[k])
 
 
+def test_parameters_replaced_for_a_call_are_refused():
+    # functional_call puts other tensors in the module's parameter slots for the call: a
+    # rule would take the gradient of those and report it as the module's parameters'
+    # (here wrong by the factor 2 of the tensors it was handed).
+    from torch.func import functional_call
+
+    model = _model()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    doubled = {k: 2 * p for k, p in model.named_parameters()}
+    with indigrad.capture(model), pytest.raises(RuntimeError, match="functional_call"):
+        functional_call(model, doubled, (x,))
+    with indigrad.capture(model) as cap:  # its own parameters handed back: fine
+        out = functional_call(model, dict(model.named_parameters()), (x,))
+        assert cap.norms(out.square().sum(1)).shape == (6,)
+    with indigrad.capture(model), torch.no_grad():  # nothing recorded: fine
+        functional_call(model, doubled, (x,))
+
+
+def test_a_parameter_reassigned_inside_the_block_is_refused():
+    model = _model()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with indigrad.capture(model), pytest.raises(RuntimeError, match="reassigned"):
+        model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+        model(x)
+
+
 class _Gain(nn.Module):
     """Without a rule: the generic rule re-runs it per example."""
 
