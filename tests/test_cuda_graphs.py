@@ -120,6 +120,35 @@ def test_replayed_per_example_gradients_match_eager_ones():
             torch.testing.assert_close(captured[k], g, msg=f"batch {i}: {k}")
 
 
+def test_a_capture_reads_no_tensor_kept_for_eager_steps():
+    # GroupNorm's γ of ones and the ghost guard's weights are kept from step to step. A
+    # kept one can be freed later (a larger batch replaces the γ; the weights' cache
+    # evicts), so a graph that read it would read freed memory at every replay; and one
+    # made inside a capture is filled only on replay, so eager steps must not keep it.
+    from indigrad.rules import _ghost, normalization
+
+    cuda = torch.device("cuda")
+    eager_ones = normalization._ones(4, 5, torch.float32, cuda)
+    Z = torch.rand(3, 6, 6, device=cuda)
+    eager_w = _ghost._weights(6, 0.5, Z)
+    kept_ones, kept_w = dict(normalization._ONES), _ghost._cached_weights.cache_info().currsize
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        ones = normalization._ones(2, 5, torch.float32, cuda)
+        w = _ghost._weights(6, 0.5, Z)
+        fresh = normalization._ones(2, 7, torch.float32, cuda)  # a key not kept before
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()
+    torch.cuda.synchronize()
+    for inside, eager in ((ones, eager_ones), (w, eager_w)):
+        assert inside.untyped_storage().data_ptr() != eager.untyped_storage().data_ptr()
+    assert normalization._ONES.keys() == kept_ones.keys()
+    assert _ghost._cached_weights.cache_info().currsize == kept_w
+    assert (ones == 1).all() and (fresh == 1).all() and torch.equal(w, eager_w)
+
+
 def _noise_step(noise: GaussianNoise, param: nn.Parameter) -> Callable[[], None]:
     def step() -> None:
         assert param.grad is not None

@@ -269,7 +269,13 @@ _ONES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 def _ones(n: int, C: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A γ of ones ``(n, C)`` for the kernel, read only: the first ``n`` rows of one kept
     per channel count, dtype and device, so that batches of varying size (Poisson
-    sampling) take a view of it rather than a new one each step."""
+    sampling) take a view of it rather than a new one each step.
+
+    Made anew inside a CUDA graph's capture, as the graph's own: a kept one is replaced
+    when a larger batch comes, and freed, while a graph that read it would read its memory
+    at every replay; and one made inside the capture is filled only when the graph runs."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.ones((n, C), dtype=dtype, device=device)
     key = (C, dtype, device)
     ones = _ONES.get(key)
     if ones is None or ones.shape[0] < n:
