@@ -104,11 +104,14 @@ def plan(
     calls: list[_Call],
     n: int,
     bd: int,
+    root: Any,
 ) -> Plan:
     """The meets of the shared calls' outputs (before the backward, which frees what a
     ``mul`` saved), from ``consumers``, those of the outputs, or where the region goes
     further, of the whole graph (``whole()``, built once by the caller). Raises where a
-    path from an output cannot be followed."""
+    path from an output cannot be followed, or reaches the losses (``root``, their node)
+    without a meet: an output every example shares cannot make one example's loss alone,
+    so its batch lies in another dimension than ``bd``."""
     starts = {(e.node, e.output_nr): call for call in shared for e in call.edges}
 
     def meets_at_once(use: tuple[Any, int]) -> bool:  # an op whose output has the batch
@@ -146,6 +149,17 @@ def plan(
             ins = {tuple(v._input_metadata[nr].shape) for v, nr in inputs if (v, nr) in region}
             if any(tuple(m.shape) not in ins for m in u._input_metadata):
                 raise Unfollowed(call, u, "is combined with a tensor that adds dimensions")
+    for call in (ops.get(root), *(c for t, c in starts.items() if t[0] is root)):
+        if call is not None:
+            raise Unfollowed(
+                call,
+                root,
+                f"reaches the losses without meeting the batch in dimension {bd} (the "
+                "capture's batch_dim), so its batch lies in another dimension: a layer of a "
+                "model captured with batch_dim=1 called on a batch-first tensor (a pooled "
+                "head's (n, d)) must have the batch in dimension 1 too (pool with "
+                "keepdim=True, e.g. h.mean(0, keepdim=True))",
+            )
     # the tensors whose batch is known: built once, where a batch must be traced
     batched = functools.cache(lambda: _direct._batched(shared[0], calls, n, bd))
     found = [_meet(u, region, call, n, bd, batched) for u, call in meets.items()]
@@ -161,6 +175,7 @@ def plan_or_absorb(
     regions: dict[Any, set[Any]],
     n: int,
     bd: int,
+    root: Any,
 ) -> Plan | None:
     """:func:`plan`, but where a path cannot be followed inside the call of a module
     without a rule around the shared calls (Swin V2's attention around its position-bias
@@ -169,7 +184,7 @@ def plan_or_absorb(
     shared call is left."""
     while shared:
         try:
-            return plan(shared, consumers, whole, calls, n, bd)
+            return plan(shared, consumers, whole, calls, n, bd, root)
         except Unfollowed as err:
             around = [c for c, nodes in regions.items() if err.node in nodes and c in calls]
             host = max(around, key=lambda c: c.name.count(".") + bool(c.name), default=None)

@@ -393,6 +393,13 @@ class capture:
                     and not any(isinstance(t, Tensor) and t.requires_grad for t in in_leaves)
                 ):
                     questioned = self._questioned(in_leaves, n)
+                if (
+                    batched
+                    and not (in_spec is None and has_batch(in_leaves[0], n, bd))  # common
+                    and any(isinstance(t, Tensor) for t in in_leaves)
+                    and not any(has_batch(t, n, bd) for t in in_leaves)
+                ):
+                    _refuse_batch_made(module, name, output if spec is _TENSOR_SPEC else None)
             shared = None
             if broadcast:
                 # A call whose output all examples share (a position embedding of
@@ -528,7 +535,9 @@ class capture:
         shared = [call for call in calls if call.shared is not None]
         meets = None
         if shared and n > 1:  # before the backward, which frees what a meet saved
-            meets = _shared.plan_or_absorb(shared, consumers, whole, calls, regions, n, bd)
+            meets = _shared.plan_or_absorb(
+                shared, consumers, whole, calls, regions, n, bd, losses.grad_fn
+            )
         for call in calls:  # before the backward, which frees what the nodes saved
             rule = call.rule
             if call.shared is not None:
@@ -827,6 +836,20 @@ def _slots(module: nn.Module, own: dict[str, Any]) -> tuple[_Slot, ...]:
         holder = module.get_submodule(prefix) if prefix else module
         slots.append((holder._parameters, key, p))
     return tuple(slots)
+
+
+def _refuse_batch_made(module: nn.Module, name: str, output: Tensor | None) -> None:
+    shape = f" {tuple(output.shape)}" if output is not None else ""
+    raise RuntimeError(
+        f"{type(module).__name__} {name or '<model>'!r} made an output{shape} whose "
+        "batch dimension has the batch's number of entries although none of its tensor "
+        "inputs has them there: a dimension of another kind that has as many entries by "
+        "chance (the classes of a pooled head (n, C) in a model captured with "
+        "batch_dim=1), or a layer that makes the batch itself, whose rows are no "
+        "example's own input. Call the layer on inputs with the batch in the batch "
+        "dimension (for a pooled head of a sequence-first model, pool with keepdim=True, "
+        "e.g. h.mean(0, keepdim=True))."
+    )
 
 
 def _refuse_replaced(module: nn.Module, name: str, key: str) -> None:

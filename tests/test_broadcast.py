@@ -536,3 +536,42 @@ def test_a_layer_called_without_a_tensor():
     model = nn.ModuleDict({"fc": nn.Linear(4, 4), "bias": NoTensorInput()}).double()
     model.forward = lambda x: (model.fc(x) + model.bias(3)).tanh().sum(1)
     indigrad.testing.check(model, model, torch.randn(3, 4, dtype=torch.float64))
+
+
+class _PooledHead(nn.Module):
+    """A sequence-first encoder (batch in dimension 1) pooled over time into a head."""
+
+    def __init__(self, classes: int, keepdim: bool) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 6)
+        self.head = nn.Linear(6, classes)
+        self.keepdim = keepdim
+
+    def forward(self, x):  # (T, n, 5)
+        h = torch.tanh(self.embed(x)).mean(0, keepdim=self.keepdim)  # (n, 6) or (1, n, 6)
+        return self.head(h) if not self.keepdim else self.head(h)[0]  # (n, classes)
+
+
+@pytest.mark.parametrize(
+    "classes, says",
+    [(3, "reaches the losses without meeting the batch"), (4, "by chance")],
+)
+def test_a_batch_first_head_under_batch_dim_1_is_refused(classes, says):
+    # batch_dim=1, the head called on (n, 6): its output has no batch in dimension 1 (3
+    # classes), and would be taken as shared, its gradient never read; or it has 4 = n
+    # entries there by chance, and its rows would be taken for examples.
+    model = _PooledHead(classes, keepdim=False).double()
+    x, y = torch.randn(7, 4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(RuntimeError, match=says), indigrad.capture(model, batch_dim=1) as cap:
+        cap.grads(F.cross_entropy(model(x), y, reduction="none"))
+
+
+@pytest.mark.parametrize("classes", [3, 4])
+def test_a_pooled_head_that_keeps_the_batch_dimension(classes):
+    model = _PooledHead(classes, keepdim=True).double()
+    x, y = torch.randn(7, 4, 5, dtype=torch.float64), torch.tensor([[0, 1, 2, 0]])
+
+    def losses(x, y):
+        return F.cross_entropy(model(x), y[0], reduction="none")
+
+    indigrad.testing.check(model, losses, x, y, batch_dim=1)

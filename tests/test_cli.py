@@ -234,7 +234,7 @@ def test_gpu_check_runs_its_parts_on_cpu(tmp_path):
         assert report["check"]["vit/auto"] == "ok (attention recomputed 0 times)"
     assert report["check"]["seq2seq/auto"] == "ok (attention recomputed 0 times)"
     graphs = report["graphs"]["check"]
-    assert len(graphs) == 7 and set(graphs.values()) == {"skipped"}  # CUDA only
+    assert len(graphs) == 8 and set(graphs.values()) == {"skipped"}  # CUDA only
     assert "zoo" not in report and "variants" not in report
 
 
