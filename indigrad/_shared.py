@@ -149,17 +149,19 @@ def plan(
             ins = {tuple(v._input_metadata[nr].shape) for v, nr in inputs if (v, nr) in region}
             if any(tuple(m.shape) not in ins for m in u._input_metadata):
                 raise Unfollowed(call, u, "is combined with a tensor that adds dimensions")
-    for call in (ops.get(root), *(c for t, c in starts.items() if t[0] is root)):
-        if call is not None:
-            raise Unfollowed(
-                call,
-                root,
-                f"reaches the losses without meeting the batch in dimension {bd} (the "
-                "capture's batch_dim), so its batch lies in another dimension: a layer of a "
-                "model captured with batch_dim=1 called on a batch-first tensor (a pooled "
-                "head's (n, d)) must have the batch in dimension 1 too (pool with "
-                "keepdim=True, e.g. h.mean(0, keepdim=True))",
-            )
+    reaching = [c for t, c in starts.items() if t[0] is root]
+    if root in ops:
+        reaching.append(ops[root])
+    if reaching:
+        raise Unfollowed(
+            reaching[0],
+            root,
+            f"reaches the losses without meeting the batch in dimension {bd} (the "
+            "capture's batch_dim), so its batch lies in another dimension: a layer of a "
+            "model captured with batch_dim=1 called on a batch-first tensor (a pooled "
+            "head's (n, d)) must have the batch in dimension 1 too (pool with "
+            "keepdim=True, e.g. h.mean(0, keepdim=True))",
+        )
     # the tensors whose batch is known: built once, where a batch must be traced
     batched = functools.cache(lambda: _direct._batched(shared[0], calls, n, bd))
     found = [_meet(u, region, call, n, bd, batched) for u, call in meets.items()]
