@@ -39,6 +39,7 @@ def _check_accounted(
     trainable: dict[int, str],
     consumers: dict[tuple[Any, int], list[tuple[Any, int]]] | None = None,
     regions: dict[Any, set[Any]] | None = None,
+    batch: tuple[int, int] | None = None,
 ) -> tuple[list[Any], dict[Any, list[tuple[Any, Any]]]]:
     """Raise if the losses reach no recorded call, or reach a trainable parameter outside
     the calls of its module. Returns the calls whose outputs the losses depend on, and
@@ -46,7 +47,8 @@ def _check_accounted(
     from inside the call into its parameters' accumulators: the parameters' uses. With
     ``consumers``, whose keys are tensors ``(node, output_nr)``, fills in their consumers
     ``(node, input slot)`` in the graph. With ``regions``, fills it with the nodes inside
-    each call without a rule."""
+    each call without a rule. With ``batch``, ``(n, batch_dim)``, raises where the
+    forward reorders the batch (:func:`_reorders`)."""
     accounted: set[tuple[Any, int]] = set()
     uses: dict[Any, list[tuple[Any, Any]]] = {}
     regions = {} if regions is None else regions  # the nodes inside each call without a rule
@@ -114,8 +116,18 @@ def _check_accounted(
                         "Face models: gradient_checkpointing_enable(gradient_checkpointing_"
                         'kwargs={"use_reentrant": False})).'
                     )
-                if kind.__name__ in _BATCH_NORMS and _mixes(v):
+                name = kind.__name__
+                if name in _BATCH_NORMS and _mixes(v):
                     batch_norms.append(v)
+                elif name == "IndexBackward0" and batch is not None and _reorders(v, *batch):
+                    raise RuntimeError(
+                        "the forward indexes the batch dimension with a tensor of as many "
+                        "entries as examples (`x[order]`, to sort a batch by length and back): "
+                        "the rows of what it makes are not the examples in their order, so "
+                        "indigrad would read one example's gradient as another's. Keep the "
+                        "batch in its order (pack_padded_sequence(..., enforce_sorted=False) "
+                        "sorts inside and is supported)."
+                    )
                 seen.add(v)
                 stack.append(v)
 
@@ -372,6 +384,28 @@ _BATCH_NORMS = {
     "CudnnBatchNormBackward0",
     "MiopenBatchNormBackward0",
 }
+
+
+def _reorders(node: Any, n: int, bd: int) -> bool:
+    """Whether an indexing node took the rows of a batch, ``n`` entries in dimension
+    ``bd``, by one integer index of ``n`` entries along that dimension alone (``x[order]``,
+    ``x[:, order]``) other than ``arange(n)``: a permutation, or rows repeated and others
+    dropped. (An index along the batch with another one, ``logits[arange(n), last]``, reads
+    one entry per example and passes; a boolean mask keeps the rows' order.) Only such an
+    index is compared with ``arange(n)``, which on a GPU waits for the device."""
+    indices = node._saved_indices
+    if len(indices) <= bd or node._saved_self_sym_sizes[bd] != n:
+        return False
+    index = indices[bd]
+    if not (
+        index is not None
+        and index.dim() == 1
+        and index.shape[0] == n
+        and index.dtype != torch.bool
+        and all(i is None for k, i in enumerate(indices) if k != bd)
+    ):
+        return False
+    return not torch.equal(index, torch.arange(n, dtype=index.dtype, device=index.device))
 
 
 def _mixes(node: Any) -> bool:

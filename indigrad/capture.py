@@ -496,7 +496,9 @@ class capture:
             (e.node, e.output_nr): [] for c in calls if c.shared is not None for e in c.edges
         }
         regions: dict[Any, set[Any]] = {}
-        calls, uses = _check_accounted(losses.grad_fn, calls, self._names, consumers, regions)
+        calls, uses = _check_accounted(
+            losses.grad_fn, calls, self._names, consumers, regions, (n, bd)
+        )
         for call in calls:
             if call.module.training != call.training:
                 raise RuntimeError(

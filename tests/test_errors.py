@@ -310,3 +310,39 @@ def test_a_rule_returning_the_wrong_number_of_examples(what):
                 getattr(cap, what)(losses)
     finally:
         indigrad.unregister_rule(Scale)
+
+
+class _Sorted(nn.Module):
+    """Sorts the batch (by its first feature, as by length before packing) and back."""
+
+    def __init__(self, bd: int, how: str) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(5, 7), nn.Linear(7, 3)
+        self.bd, self.how = bd, how
+
+    def forward(self, x):  # (n, 5), or (2, n, 5) with bd = 1
+        order = (x[0, :, 0] if self.bd else x[:, 0]).argsort()
+        if self.how == "identity":
+            order = order.sort().values  # arange(n): the batch in its order
+        take = (lambda t, i: t[:, i]) if self.bd else (lambda t, i: t[i])
+        h = take(torch.tanh(self.fc(x)), order)
+        return take(self.head(h), order.argsort())
+
+
+@pytest.mark.parametrize("bd", [0, 1])
+@pytest.mark.parametrize("how", ["sorted", "identity"])
+def test_a_batch_reordered_inside_the_forward(bd, how):
+    # The head sees the examples in another order than the rows of the losses: its rows
+    # are not the examples', and each per-example gradient would mix two examples'.
+    model = _Sorted(bd, how).double()
+    x = torch.randn(6, 5, dtype=torch.float64) if bd == 0 else torch.randn(2, 6, 5).double()
+
+    def losses(x, y):
+        out = model(x)
+        return out.square().sum(-1) if bd == 0 else out.square().sum((0, 2))
+
+    if how == "identity":
+        indigrad.testing.check(model, losses, x, None, batch_dim=bd)
+        return
+    with indigrad.capture(model, batch_dim=bd) as cap, pytest.raises(RuntimeError, match="order"):
+        cap.grads(losses(x, None))
