@@ -87,6 +87,9 @@ class _Call:
     prepared: Prepared | None = None  # the rule's ``prepare`` result, where the backward split
     # the call's output, detached, and its tensors' versions, for a rule that asks for it
     output: tuple[Any, list[tuple[Tensor, int]]] | None = None
+    # no rule: the module's own attributes as the call began, which the generic rule's
+    # re-runs read (a parent may set them before each call: a shared block's dilation)
+    attrs: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -169,6 +172,8 @@ class capture:
         self._ddp_sync: bool | None = None  # DDP's own gradient sync flag, while we hold it
         self._names: dict[int, str] = {}  # id(param) -> name, trainable only
         self._params: dict[str, nn.Parameter] = {}
+        # id(module) -> a module without a rule's own attributes as its call began
+        self._attrs: dict[int, dict[str, Any]] = {}
 
     # -- the context --------------------------------------------------------------------
 
@@ -199,6 +204,8 @@ class capture:
                 own = _own_params(module, whole, self._names)
                 if own:
                     plan[id(module)] = (module, name, own, rule, _slots(module, own))
+                    if rule is None:  # the generic rule re-runs it with these attributes
+                        self._handles.append(module.register_forward_pre_hook(self._begun))
             if plan:
                 # One hook for all modules rather than one per module: registering and
                 # removing dozens of hooks is host time on every step. Global hooks run
@@ -240,6 +247,7 @@ class capture:
             handle.remove()
         self._handles.clear()
         self._calls.clear()
+        self._attrs.clear()
         self._active = False
 
     @contextmanager
@@ -252,6 +260,11 @@ class capture:
             self._paused = paused
 
     # -- recording ----------------------------------------------------------------------
+
+    def _begun(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Keep a module's own attributes as its call begins (a forward may change them: a
+        count of calls), for the generic rule's re-runs."""
+        self._attrs[id(module)] = _attributes(module)
 
     def _bn_check(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -443,6 +456,7 @@ class capture:
                     training=module.training,
                     rule=rule,
                     output=_kept(output) if rule is not None and rule.output else None,
+                    attrs=None if rule is not None else self._attrs.pop(id(module), None),
                 )
             )
             self._consumed = False
@@ -838,6 +852,15 @@ def _slots(module: nn.Module, own: dict[str, Any]) -> tuple[_Slot, ...]:
         holder = module.get_submodule(prefix) if prefix else module
         slots.append((holder._parameters, key, p))
     return tuple(slots)
+
+
+# what every module keeps in its __dict__: its state, not attributes of its own
+_MODULE_STATE = frozenset(vars(nn.Module()))
+
+
+def _attributes(module: nn.Module) -> dict[str, Any]:
+    """The module's own attributes (not its parameters, buffers, children or hooks)."""
+    return {k: v for k, v in vars(module).items() if k not in _MODULE_STATE}
 
 
 def _refuse_batch_made(module: nn.Module, name: str, output: Tensor | None) -> None:

@@ -15,6 +15,9 @@ without the batch) is run once as it was called, and only ``G_i`` is vmapped. Wh
 ``nn.LSTM`` and ``nn.GRU``), or ``torch.func`` cannot run it (an RNN on a
 ``PackedSequence``), the examples are taken one after another instead, by autograd, with
 random numbers refused as ``vmap`` refuses them.
+The re-runs see the module's own attributes as they were when the call began (a parent
+that sets a shared block's dilation before each call, a forward that counts its calls),
+and copies of its buffers, and leave the module as they found it.
 This is correct for any forward that treats examples independently and uses no
 randomness (dropout in training mode is refused: its masks could not be reproduced). It
 re-runs the module's forward, so it is the fallback, not the fast path.
@@ -22,7 +25,8 @@ re-runs the module's forward, so it is the fallback, not the fast path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -107,21 +111,22 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
         }
 
     xs = tuple(fixed[i] for i in batched)
-    try:
-        with torch.no_grad():
-            out: dict[str, Tensor] = vmap(one_example, in_dims=(bd, g_dim), randomness="error")(
-                xs, cotangents
-            )
-    except RuntimeError as err:
-        if "randomness" in str(err):
-            raise _random(call) from err
-        # vmap has no batching rule for some operators (the fused kernels of nn.LSTM and
-        # nn.GRU), and torch.func runs some forwards not at all: one example after
-        # another instead, each as a batch of one, by autograd, refusing random numbers
-        # as vmap would have. An error of the forward itself is raised again, by the
-        # first example.
-        with torch.no_grad(), _NoRandomness(call):
-            out = _one_by_one(by_autograd, xs, bd, cotangents, g_dim, n)
+    with _as_called(module, call.attrs or {}):
+        try:
+            with torch.no_grad():
+                out: dict[str, Tensor] = vmap(one_example, in_dims=(bd, g_dim), randomness="error")(
+                    xs, cotangents
+                )
+        except RuntimeError as err:
+            if "randomness" in str(err):
+                raise _random(call) from err
+            # vmap has no batching rule for some operators (the fused kernels of nn.LSTM
+            # and nn.GRU), and torch.func runs some forwards not at all: one example after
+            # another instead, each as a batch of one, by autograd, refusing random numbers
+            # as vmap would have. An error of the forward itself is raised again, by the
+            # first example.
+            with torch.no_grad(), _NoRandomness(call):
+                out = _one_by_one(by_autograd, xs, bd, cotangents, g_dim, n)
     changed = [k for k, b in state.items() if b._version]
     if changed:
         raise RuntimeError(
@@ -132,6 +137,25 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
             "with indigrad.register_rule."
         )
     return out
+
+
+@contextmanager
+def _as_called(module: Any, attrs: dict[str, Any]) -> Iterator[None]:
+    """The module's own attributes set back to ``attrs`` (as its call began) for the block,
+    and to what they are now after it, whatever the block (the re-runs) set."""
+    now = vars(module)
+    before = {k: v for k, v in now.items() if k not in _MODULE_STATE}
+    now.update(attrs)
+    try:
+        yield
+    finally:
+        for k in [k for k in now if k not in _MODULE_STATE and k not in before]:
+            del now[k]
+        now.update(before)
+
+
+# what every module keeps in its __dict__: its state, not attributes of its own
+_MODULE_STATE = frozenset(vars(torch.nn.Module()))
 
 
 def _random(call: _Call) -> RuntimeError:
