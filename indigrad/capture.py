@@ -34,6 +34,7 @@ from ._precision import RULES_RUNNING
 from .quantities import PerExample, rule_G, rule_inputs
 from .rules import Prepared, Rule, lookup_rule
 from .rules import direct as _direct
+from .rules.generic import own_attributes
 
 # where a captured parameter sits: the _parameters dict of the module holding it, its key
 _Slot = tuple[dict[str, Any], str, nn.Parameter]
@@ -264,7 +265,7 @@ class capture:
     def _begun(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Keep a module's own attributes as its call begins (a forward may change them: a
         count of calls), for the generic rule's re-runs."""
-        self._attrs[id(module)] = _attributes(module)
+        self._attrs[id(module)] = own_attributes(module)
 
     def _bn_check(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -408,9 +409,8 @@ class capture:
                     questioned = self._questioned(in_leaves, n)
                 if (
                     batched
-                    and not (in_spec is None and has_batch(in_leaves[0], n, bd))  # common
+                    and not any(has_batch(t, n, bd) for t in in_leaves)  # (first: common)
                     and any(isinstance(t, Tensor) for t in in_leaves)
-                    and not any(has_batch(t, n, bd) for t in in_leaves)
                 ):
                     _refuse_batch_made(module, name, output if spec is _TENSOR_SPEC else None)
             shared = None
@@ -852,15 +852,6 @@ def _slots(module: nn.Module, own: dict[str, Any]) -> tuple[_Slot, ...]:
         holder = module.get_submodule(prefix) if prefix else module
         slots.append((holder._parameters, key, p))
     return tuple(slots)
-
-
-# what every module keeps in its __dict__: its state, not attributes of its own
-_MODULE_STATE = frozenset(vars(nn.Module()))
-
-
-def _attributes(module: nn.Module) -> dict[str, Any]:
-    """The module's own attributes (not its parameters, buffers, children or hooks)."""
-    return {k: v for k, v in vars(module).items() if k not in _MODULE_STATE}
 
 
 def _refuse_batch_made(module: nn.Module, name: str, output: Tensor | None) -> None:

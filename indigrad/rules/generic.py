@@ -139,12 +139,21 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
     return out
 
 
+# what every module keeps in its __dict__: its state, not attributes of its own
+_MODULE_STATE = frozenset(vars(torch.nn.Module()))
+
+
+def own_attributes(module: Any) -> dict[str, Any]:
+    """The module's own attributes (not its parameters, buffers, children or hooks)."""
+    return {k: v for k, v in vars(module).items() if k not in _MODULE_STATE}
+
+
 @contextmanager
 def _as_called(module: Any, attrs: dict[str, Any]) -> Iterator[None]:
     """The module's own attributes set back to ``attrs`` (as its call began) for the block,
     and to what they are now after it, whatever the block (the re-runs) set."""
     now = vars(module)
-    before = {k: v for k, v in now.items() if k not in _MODULE_STATE}
+    before = own_attributes(module)
     now.update(attrs)
     try:
         yield
@@ -152,10 +161,6 @@ def _as_called(module: Any, attrs: dict[str, Any]) -> Iterator[None]:
         for k in [k for k in now if k not in _MODULE_STATE and k not in before]:
             del now[k]
         now.update(before)
-
-
-# what every module keeps in its __dict__: its state, not attributes of its own
-_MODULE_STATE = frozenset(vars(torch.nn.Module()))
 
 
 def _random(call: _Call) -> RuntimeError:
