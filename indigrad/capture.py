@@ -401,11 +401,9 @@ class capture:
                         or all(_one_entry(leaves[i], bd) for i in edge_index)
                     )
                 )
-                if (
-                    batched
-                    and not boundary  # an input that requires grad: the common case
-                    and not any(isinstance(t, Tensor) and t.requires_grad for t in in_leaves)
-                ):
+                if batched and not boundary:  # boundary: an input from the graph, common
+                    # inputs that do not require grad, or parameters (a trainable table of
+                    # class prototypes with as many rows as examples)
                     questioned = self._questioned(in_leaves, n)
                 if (
                     batched

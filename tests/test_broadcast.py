@@ -455,21 +455,26 @@ def test_a_float_table_as_long_as_the_batch(T):
 class Prototypes(nn.Module):
     """Logits against a table of class prototypes, the table through a layer of its own."""
 
-    def __init__(self, classes, d=5):
+    def __init__(self, classes, d=5, trainable=False):
         super().__init__()
         self.f = nn.Linear(d, d)
         self.g = nn.Linear(d, d)
-        self.register_buffer("table", torch.randn(classes, d))
+        if trainable:
+            self.table = nn.Parameter(torch.randn(classes, d))
+        else:
+            self.register_buffer("table", torch.randn(classes, d))
 
     def forward(self, x):  # (n, d)
         return self.f(x) @ self.g(self.table).T  # (n, classes)
 
 
-def test_prototypes_as_many_as_the_examples():
+@pytest.mark.parametrize("trainable", [False, True])
+def test_prototypes_as_many_as_the_examples(trainable):
     """The table's first dimension is contracted by nothing but becomes the logits'
-    classes, over which the loss takes its softmax: refused, where it had looked batched."""
+    classes, over which the loss takes its softmax: refused, where it had looked batched
+    (a trainable table too: a parameter is no example's)."""
     torch.manual_seed(0)
-    model = Prototypes(4).double()
+    model = Prototypes(4, trainable=trainable).double()
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 4, (4,))
     with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="does not end"):
         cap.norms(F.cross_entropy(model(x), y, reduction="none"))
