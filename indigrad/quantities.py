@@ -44,7 +44,10 @@ def rule_inputs(cap: capture, call: _Call, n: int) -> tuple[Any, ...]:
     dtype = _param_dtype(call)
     inputs = tuple(_upcast(_batch_first(t, n, bd), dtype) for t in cap._positional(call))
     if rule.saved is not None:
-        inputs += (call.saved,)
+        saved = call.saved  # in the forward's layout, like the arguments
+        if bd and isinstance(saved, tuple):
+            saved = tuple(_batch_first(t, n, bd) for t in saved)
+        inputs += (saved,)
     if rule.inner is not None and call.inner_value is not None:
         inputs += (Taken(call.inner_value, call.inner_grads),)
     if rule.output and call.output is not None:

@@ -157,11 +157,14 @@ def test_float32_matches_loop(case):
     indigrad.testing.check(model, loss_fn, x, y)
 
 
+@pytest.mark.parametrize("T", [5, 3], ids=["T5", "T=n"])
 @pytest.mark.parametrize("norm", [nn.LayerNorm(6), nn.RMSNorm(6)], ids=["ln", "rms"])
-def test_sequence_first(norm):
+def test_sequence_first(norm, T):
+    # The forward's statistics are (T, n, 1): with T = n they looked like the batch-first
+    # (n, T, 1) and were read transposed (ln.weight off by 158 %)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), norm, nn.Tanh(), nn.Linear(6, 3)).double()
-    x = torch.randn(5, 3, 4, dtype=torch.float64)  # (T, n, d)
+    x = torch.randn(T, 3, 4, dtype=torch.float64)  # (T, n, d)
 
     def losses(x: Tensor) -> Tensor:
         return model(x).sin().sum((0, 2))  # (n,)
