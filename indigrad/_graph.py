@@ -391,11 +391,14 @@ def _reorders(node: Any, n: int, bd: int) -> bool:
     ``bd``, by one integer index of ``n`` entries along that dimension alone (``x[order]``,
     ``x[:, order]``) other than ``arange(n)``: a permutation, or rows repeated and others
     dropped. (An index along the batch with another one, ``logits[arange(n), last]``, reads
-    one entry per example and passes; a boolean mask keeps the rows' order.) Only such an
-    index is compared with ``arange(n)``, which on a GPU waits for the device."""
+    one entry per example and passes; a boolean mask keeps the rows' order; a parameter's
+    rows are a table's.) Only such an index is compared with ``arange(n)``, which on a GPU
+    waits for the device."""
     indices = node._saved_indices
     if len(indices) <= bd or node._saved_self_sym_sizes[bd] != n:
         return False
+    if type(node.next_functions[0][0]) is _ACCUMULATE:
+        return False  # a parameter's rows, looked up (a table of classes by the labels)
     index = indices[bd]
     if not (
         index is not None

@@ -401,12 +401,21 @@ class capture:
                         or all(_one_entry(leaves[i], bd) for i in edge_index)
                     )
                 )
-                if batched and not boundary:  # boundary: an input from the graph, common
+                if (  # boundary: an input from the graph, the common case
+                    batched
+                    and not boundary
                     # inputs that do not require grad, or parameters (a trainable table of
-                    # class prototypes with as many rows as examples)
+                    # class prototypes with as many rows as examples) but for one example,
+                    # where a dimension of one entry may be taken for the batch
+                    and (
+                        n > 1
+                        or not any(isinstance(t, Tensor) and t.requires_grad for t in in_leaves)
+                    )
+                ):
                     questioned = self._questioned(in_leaves, n)
                 if (
                     batched
+                    and n > 1  # one example: every gradient is its own
                     and not any(has_batch(t, n, bd) for t in in_leaves)  # (first: common)
                     and any(isinstance(t, Tensor) for t in in_leaves)
                 ):

@@ -1,6 +1,7 @@
 """Layers called on tensors without the batch dimension (position embeddings of arange(T))."""
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -580,3 +581,38 @@ def test_a_pooled_head_that_keeps_the_batch_dimension(classes):
         return F.cross_entropy(model(x), y[0], reduction="none")
 
     indigrad.testing.check(model, losses, x, y, batch_dim=1)
+
+
+class _Positions(nn.Module):
+    """A shared table of positions from arange(T), returned with a leading 1: (1, T, d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.scale = nn.Linear(1, 3), nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, t):  # (T,)
+        return (self.lin(t[:, None]) * self.scale).unsqueeze(0)  # (1, T, 3)
+
+
+class _WithPositions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos, self.head = _Positions(), nn.Linear(3, 2)
+        self.classes = nn.Parameter(torch.randn(1, 2))
+        self.proj = nn.Linear(2, 2)
+
+    def forward(self, x):  # (n, T, 3)
+        h = self.head(x + self.pos(torch.arange(x.shape[1], dtype=x.dtype)))  # (n, T, 2)
+        return h.mean(1) @ self.proj(self.classes).T  # (n, 1): a table of one class
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_one_example_takes_any_dimension_of_one_entry_for_its_batch(n):
+    # With one example, a table of one row (a parameter) and an output (1, T, d) made from
+    # arange(T) are the example's own: not refused as a batch made by a layer, or followed.
+    torch.manual_seed(0)
+    model = _WithPositions().double()
+    x = torch.randn(n, 4, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # n = 2: the model is re-run for its classes' layer
+        indigrad.testing.check(model, lambda x: model(x).square().sum(1), x)

@@ -346,3 +346,22 @@ def test_a_batch_reordered_inside_the_forward(bd, how):
         return
     with indigrad.capture(model, batch_dim=bd) as cap, pytest.raises(RuntimeError, match="order"):
         cap.grads(losses(x, None))
+
+
+class _Centers(nn.Module):
+    """A table of class centres looked up by the labels (center loss), as many as examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(5, 3)
+        self.centers = nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x, y):
+        return (self.f(x) - self.centers[y]).square().sum(1)  # (n,)
+
+
+def test_a_table_looked_up_by_the_labels_is_no_reordered_batch():
+    torch.manual_seed(0)
+    model = _Centers().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([2, 0, 3, 1, 5, 4])
+    indigrad.testing.check(model, model, x, y)
