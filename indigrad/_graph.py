@@ -183,6 +183,34 @@ class View(NamedTuple):
         return g.as_strided((n, *self.shape), (step, *self.stride), offset)
 
 
+def check_exits(
+    call: Any, region: set[Any], graph: dict[tuple[Any, int], list[tuple[Any, int]]]
+) -> None:
+    """Raise where a tensor made inside a call without a rule (its ``region``: the nodes
+    from its outputs back to its inputs) is read outside the call other than as one of its
+    outputs (an attribute its forward set, read by the parent): the generic rule re-runs
+    the call with its outputs' gradients alone, and would lose the gradient through it.
+    ``graph``: the whole graph read forward (:func:`consumers_of`)."""
+    outputs = {e.node for e in call.edges}
+    outputs.update(b[0] for b in call.bases or () if b is not None)  # views' whole tensors
+    for node in region:
+        if node in outputs:
+            continue
+        for nr in range(len(node._input_metadata)):
+            for reader, _ in graph.get((node, nr), ()):
+                if reader not in region:
+                    raise RuntimeError(
+                        f"{call.label} has no rule of its own, and a tensor its forward "
+                        f"makes ({type(node).__name__}) is read outside the call other than "
+                        f"as one of its outputs ({type(reader).__name__}): a tensor kept in "
+                        "an attribute in its forward and read by another module? The "
+                        "generic rule re-runs the call with its outputs' gradients alone "
+                        "and would lose the gradient through it. Return that tensor from "
+                        "the forward, or register a rule for the module with "
+                        "indigrad.register_rule."
+                    )
+
+
 def consumers_of(root: Any) -> dict[tuple[Any, int], list[tuple[Any, int]]]:
     """Every tensor's ``(node, output_nr)`` consumers ``(node, input slot)`` in the graph
     from ``root``: the graph read forward."""

@@ -28,7 +28,14 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 from . import _reparam, _shared, _split
 from ._batch import has_batch
-from ._graph import View, _boundary, _check_accounted, confirm_batch, consumers_of
+from ._graph import (
+    View,
+    _boundary,
+    _check_accounted,
+    check_exits,
+    confirm_batch,
+    consumers_of,
+)
 from ._host import gc_paused
 from ._precision import RULES_RUNNING
 from .quantities import PerExample, rule_G, rule_inputs
@@ -573,10 +580,13 @@ class capture:
                     "with the batch dimension, or freezing it, avoids the re-run.",
                     stacklevel=1,
                 )
+                check_exits(call, regions[call], whole())
                 continue
             if rule is None:
                 call.direct = _direct.plan(call, uses[call], n, bd, calls)
                 call.inner = [use.edge for use in call.direct or ()]
+                if call.direct is None:  # re-run with its outputs' gradients alone
+                    check_exits(call, regions[call], whole())
                 if call.direct is None and call.rerun_param in call.adopted:
                     warnings.warn(  # one place: each message shown once a process
                         f"{call.label} uses {list(call.adopted)} of modules inside it "
