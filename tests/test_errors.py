@@ -63,6 +63,15 @@ def test_batchnorm_in_training_mode_outside_a_captured_submodule():
             cap.norms(losses)
 
 
+@pytest.mark.parametrize(
+    "node", ["NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"]
+)
+def test_every_batch_norm_node_says_whether_it_trained(node):
+    # The graph's check (_graph._mixes) reads it to refuse a batch norm in training mode
+    # outside the captured model; cuDNN's and MIOpen's nodes are those a GPU makes.
+    assert "_saved_training" in dir(getattr(torch._C._functions, node))
+
+
 def test_batchnorm_in_training_mode_below_a_captured_head():
     # below every captured layer (a backbone in training mode under a captured head):
     # the head's per-example gradients are those of the batch's own forward
