@@ -876,10 +876,11 @@ def _refuse_batch_made(module: nn.Module, name: str, output: Tensor | None) -> N
     raise RuntimeError(
         f"{type(module).__name__} {name or '<model>'!r} made an output{shape} whose "
         "batch dimension has the batch's number of entries although none of its tensor "
-        "inputs has them there: a dimension of another kind that has as many entries by "
-        "chance (the classes of a pooled head (n, C) in a model captured with "
-        "batch_dim=1), or a layer that makes the batch itself, whose rows are no "
-        "example's own input. Call the layer on inputs with the batch in the batch "
+        "inputs has them there: a layer that moves the batch from another dimension (a "
+        "transpose of a sequence-first input inside it), a dimension of another kind that "
+        "has as many entries by chance (the classes of a pooled head (n, C) in a model "
+        "captured with batch_dim=1), or a layer that makes the batch itself, whose rows "
+        "are no example's own input. Call the layer on inputs with the batch in the batch "
         "dimension (for a pooled head of a sequence-first model, pool with keepdim=True, "
         "e.g. h.mean(0, keepdim=True))."
     )
