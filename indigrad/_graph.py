@@ -250,6 +250,7 @@ def confirm_batch(
     n: int,
     bd: int,
     strict: bool = True,
+    trusted: set[Any] | frozenset[Any] = frozenset(),
 ) -> None:
     """Raise unless the batch dimension ``bd`` of ``call``'s output is followed forward,
     through ops that keep or move dimensions (elementwise ops, permutes, transposes,
@@ -261,6 +262,11 @@ def confirm_batch(
     For calls on integer tensors that could hold ``n`` entries by chance (ids made inside
     the model: shifted decoder ids, a table of positions with as many rows as the batch
     has examples, transposed ids).
+
+    A path also ends confirmed where the dimension, in place ``bd``, meets in an
+    elementwise op an operand of the same shape that is the output of a batched call whose
+    batch is not in question (``trusted``: their output nodes): BERT's default token type
+    ids, a buffer expanded to the batch, added to the word embeddings of the model's ids.
 
     Not ``strict`` (calls on floating tensors made inside the model: the model's input
     rescaled, a frozen backbone's features, or a coordinate table with as many rows as
@@ -296,7 +302,11 @@ def confirm_batch(
         if any(m is None or m[1] != n for m in moves):
             elsewhere = any(m is not None and m[1] != n for m in moves)
             break
-        stack.extend(((u, 0), m[0]) for (u, _), m in zip(uses, moves, strict=True) if m)
+        for (u, slot), m in zip(uses, moves, strict=True):
+            if m is not None and m[0] == bd and _meets_trusted(u, slot, trusted):
+                confirmed = True
+            elif m is not None:
+                stack.append(((u, 0), m[0]))
     if strict:
         raise RuntimeError(
             f"{call.label} is called on integer inputs made inside the model whose "
@@ -315,6 +325,21 @@ def confirm_batch(
             "per-example gradients would be wrong: use a batch size different from the "
             "table's size, or freeze the layer."
         )
+
+
+def _meets_trusted(u: Any, slot: int, trusted: set[Any] | frozenset[Any]) -> bool:
+    """Whether elementwise op ``u`` takes, besides its input ``slot``, an operand of its
+    output's shape that is the output of a call in ``trusted``."""
+    from .rules.direct import _SAME_PLACE
+
+    if not trusted or type(u).__name__.rstrip("0123456789") not in _SAME_PLACE:
+        return False
+    out = u._input_metadata[0].shape
+    return any(
+        i != slot and w in trusted and w._input_metadata[nr].shape == out
+        for i, (w, nr) in enumerate(u.next_functions)
+        if w is not None
+    )
 
 
 # what _moved gives for an op that mixes the entries along the dimension (a sum or a

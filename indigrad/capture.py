@@ -558,9 +558,24 @@ class capture:
                 if not call.questioned and call.shared is None
                 for node in call.boundary
             }
+            trusted = {  # outputs of calls batched beyond question, batch in place bd
+                e.node
+                for call in calls
+                if not call.questioned
+                and call.shared is None
+                and not (call.rule is not None and call.rule.raw_layout)
+                for e in call.edges
+            }
             for call in questioned:
                 confirm_batch(
-                    call, whole(), batched, losses.grad_fn, n, bd, strict=call.questioned == "ids"
+                    call,
+                    whole(),
+                    batched,
+                    losses.grad_fn,
+                    n,
+                    bd,
+                    strict=call.questioned == "ids",
+                    trusted=trusted,
                 )
         shared = [call for call in calls if call.shared is not None]
         meets = None
