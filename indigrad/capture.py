@@ -96,8 +96,9 @@ class _Call:
     # the call's output, detached, and its tensors' versions, for a rule that asks for it
     output: tuple[Any, list[tuple[Tensor, int]]] | None = None
     # no rule: the module's own attributes as the call began, which the generic rule's
-    # re-runs read (a parent may set them before each call: a shared block's dilation)
-    attrs: dict[str, Any] | None = None
+    # re-runs read (a parent may set them before each call: a shared block's dilation),
+    # and the version counters of those that are tensors
+    attrs: tuple[dict[str, Any], dict[str, int]] | None = None
 
     @property
     def label(self) -> str:
@@ -181,7 +182,7 @@ class capture:
         self._names: dict[int, str] = {}  # id(param) -> name, trainable only
         self._params: dict[str, nn.Parameter] = {}
         # id(module) -> a module without a rule's own attributes as its call began
-        self._attrs: dict[int, dict[str, Any]] = {}
+        self._attrs: dict[int, tuple[dict[str, Any], dict[str, int]]] = {}
 
     # -- the context --------------------------------------------------------------------
 
@@ -271,8 +272,10 @@ class capture:
 
     def _begun(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Keep a module's own attributes as its call begins (a forward may change them: a
-        count of calls), for the generic rule's re-runs."""
-        self._attrs[id(module)] = own_attributes(module)
+        count of calls), and its tensors' versions, for the generic rule's re-runs."""
+        attrs = own_attributes(module)
+        versions = {k: v._version for k, v in attrs.items() if isinstance(v, Tensor)}
+        self._attrs[id(module)] = attrs, versions
 
     def _bn_check(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:

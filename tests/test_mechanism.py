@@ -481,3 +481,35 @@ def test_the_generic_rule_reruns_a_call_with_the_attributes_it_began_with():
         model.block.dilation, model.block.calls = 7, 100
         cap.grads(out)
         assert (model.block.dilation, model.block.calls) == (7, 100)  # left as it was
+
+
+class _Context(nn.Module):
+    """Without a rule: reads a tensor its parent keeps in an attribute of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 5, dtype=torch.float64) / 2)
+        self.ctx = torch.ones(5, dtype=torch.float64)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w) * self.ctx
+
+
+@pytest.mark.parametrize("how", ["in place", "assigned"])
+def test_a_tensor_attribute_changed_before_the_rerun(how):
+    # Changed in place, the re-run would read the new values (grads off by 100 %): refused.
+    # A new tensor assigned is set back for the re-run, as the call began: exact.
+    torch.manual_seed(0)
+    model = _Context()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    ref = indigrad.testing.loop_grads(model, lambda x: model(x).square().sum(1), x)
+    with indigrad.capture(model) as cap:
+        out = model(x).square().sum(1)
+        if how == "in place":
+            model.ctx.mul_(3.0)
+            with pytest.raises(RuntimeError, match="modified in place"):
+                cap.grads(out)
+            return
+        model.ctx = torch.full((5,), 3.0, dtype=torch.float64)
+        grads = cap.grads(out)
+    torch.testing.assert_close(grads["w"], ref["w"])

@@ -111,7 +111,18 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
         }
 
     xs = tuple(fixed[i] for i in batched)
-    with _as_called(module, call.attrs or {}):
+    attrs, versions = call.attrs or ({}, {})
+    modified = [k for k, version in versions.items() if attrs[k]._version != version]
+    if modified:
+        raise RuntimeError(
+            f"{call.label} has no rule of its own, and the generic rule cannot re-run its "
+            f"forward because its tensor attributes {modified} were modified in place after "
+            "the call began (by its forward, or before the backward): a re-run would not "
+            "read what the call read. Assign a new tensor instead (the re-runs see the "
+            "attributes as the call began), or register a rule for the module with "
+            "indigrad.register_rule."
+        )
+    with _as_called(module, attrs):
         try:
             with torch.no_grad():
                 out: dict[str, Tensor] = vmap(one_example, in_dims=(bd, g_dim), randomness="error")(
