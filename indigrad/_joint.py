@@ -59,10 +59,8 @@ class Joint:
         dtype and device; returns whether it was taken."""
         if not self.accepts(g):
             return False
-        self._like = (g.dtype, g.device, len(g))
-        self.names.append(name)
-        self._parts.append(g if g.dim() == 2 else g.reshape(len(g), math.prod(g.shape[1:])))
-        self._shapes.append(g.shape[1:])
+        block = g if g.dim() == 2 else g.reshape(len(g), math.prod(g.shape[1:]))  # (n, P)
+        self._add([name], [g.shape[1:]], block)
         return True
 
     def accepts(self, g: Tensor) -> bool:
@@ -88,11 +86,14 @@ class Joint:
         assert block.dim() == 2 and block.shape[1] == sum(math.prod(s) for s in shapes)
         if not self.accepts(block):
             return False
+        self._add(names, shapes, block)
+        return True
+
+    def _add(self, names: list[str], shapes: list[torch.Size], block: Tensor) -> None:
         self._like = (block.dtype, block.device, len(block))
         self.names.extend(names)
-        self._parts.append(block)
+        self._parts.append(block)  # (n, ΣP)
         self._shapes.extend(shapes)
-        return True
 
     def __bool__(self) -> bool:
         return bool(self.names)

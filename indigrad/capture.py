@@ -102,7 +102,7 @@ class _Call:
 
     @property
     def label(self) -> str:
-        return f"{type(self.module).__name__} {self.name or '<model>'!r}"
+        return _label(self.module, self.name)
 
     @property
     def broadcast(self) -> bool:
@@ -889,10 +889,15 @@ def _slots(module: nn.Module, own: dict[str, Any]) -> tuple[_Slot, ...]:
     return tuple(slots)
 
 
+def _label(module: nn.Module, name: str) -> str:
+    """A module as messages name it: its class and its name in the model."""
+    return f"{type(module).__name__} {name or '<model>'!r}"
+
+
 def _refuse_batch_made(module: nn.Module, name: str, output: Tensor | None) -> None:
     shape = f" {tuple(output.shape)}" if output is not None else ""
     raise RuntimeError(
-        f"{type(module).__name__} {name or '<model>'!r} made an output{shape} whose "
+        f"{_label(module, name)} made an output{shape} whose "
         "batch dimension has the batch's number of entries although none of its tensor "
         "inputs has them there: a layer that moves the batch from another dimension (a "
         "transpose of a sequence-first input inside it), a dimension of another kind that "
@@ -906,7 +911,7 @@ def _refuse_batch_made(module: nn.Module, name: str, output: Tensor | None) -> N
 
 def _refuse_replaced(module: nn.Module, name: str, key: str) -> None:
     raise RuntimeError(
-        f"{type(module).__name__} {name or '<model>'!r} is called with a parameter "
+        f"{_label(module, name)} is called with a parameter "
         f"{key!r} other than the one it had when the capture was entered: replaced for "
         "the call (torch.func.functional_call, torch.nn.utils.stateless) or reassigned "
         "inside the block. Its rule would take the gradient of the tensor it was called "
