@@ -19,6 +19,7 @@ part, silently. The check walks the autograd graph in two passes:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -229,6 +230,7 @@ def consumers_of(root: Any) -> dict[tuple[Any, int], list[tuple[Any, int]]]:
 
 
 _FOLLOW_LIMIT = 64  # ops followed from a questioned output
+_SIDE_LIMIT = 16  # nodes of a parameter-only operand (a transposed weight) followed
 # losses elementwise with reduction="none"
 _LOSSES = frozenset(
     {
@@ -263,6 +265,12 @@ def confirm_batch(
     the model: shifted decoder ids, a table of positions with as many rows as the batch
     has examples, transposed ids).
 
+    A batched call fed by nothing but the path (and parameters) is judged batched by the
+    same size alone: the path ends confirmed there, as before, but is followed on from its
+    outputs, and refused where the dimension is then found to end elsewhere (a trainable
+    table of latents with as many rows as the batch has examples, normalised, projected,
+    and averaged away after attending over each example's tokens).
+
     A path also ends confirmed where the dimension, in place ``bd``, meets in an
     elementwise op an operand of the same shape that is the output of a batched call whose
     batch is not in question (``trusted``: their output nodes): BERT's default token type
@@ -272,15 +280,24 @@ def confirm_batch(
     rescaled, a frozen backbone's features, or a coordinate table with as many rows as
     the batch has examples), only a dimension found to end elsewhere is refused: a path
     through an op that is not followed (pooling, say) proves nothing either way."""
-    stack = [((e.node, e.output_nr), bd) for e in call.edges]
+    # the paths to follow: a tensor, where the dimension is in it, and whether it is made
+    # from the call's output alone (by ops whose other operands are parameters or
+    # constants); ``after``: paths on from a batched call fed by the call's output alone,
+    # which already ended confirmed there, followed with a budget of their own
+    stack = [((e.node, e.output_nr), bd, True) for e in call.edges]
+    after: list[tuple[tuple[Any, int], int, bool]] = []
+    budget = {False: _FOLLOW_LIMIT, True: _FOLLOW_LIMIT}
     confirmed = False
     elsewhere = False  # the dimension was found to end elsewhere than the batch's
-    for _ in range(_FOLLOW_LIMIT):
-        if not stack:
-            if confirmed:
-                return
+    stuck = False  # a path before any confirmation could not be followed
+    while stack or after:
+        settled = not stack
+        budget[settled] -= 1
+        if budget[settled] < 0:
+            stuck = not settled  # a confirmed path stays so
             break
-        (v, nr), b = stack.pop()
+        (v, nr), b, alone = (after if settled else stack).pop()
+        on = after if settled else stack
         if v is losses:
             if b != 0:
                 elsewhere = True  # the dimension taken for the batch ends elsewhere
@@ -292,21 +309,35 @@ def confirm_batch(
             if b != bd:
                 elsewhere = True
                 break
-            if sum(size == n for size in here) == 1:
-                confirmed = True
+            made = batched[v]
+            if sum(size == n for size in here) > 1:  # the call proves nothing: go on
+                on.extend(((e.node, e.output_nr), b, alone) for e in made.edges)
                 continue
-            stack.extend(((e.node, e.output_nr), b) for e in batched[v].edges)
+            confirmed = True
+            if alone and all(w is v or parameters_only(w) for w in made.boundary):
+                after.extend(((e.node, e.output_nr), b, True) for e in made.edges)
             continue
         uses = consumers.get((v, nr), [])
         moves = [_moved(u, b, here, slot) for u, slot in uses]
-        if any(m is None or m[1] != n for m in moves):
-            elsewhere = any(m is not None and m[1] != n for m in moves)
+        if any(m is not None and m[1] != n for m in moves):
+            elsewhere = True
+            break
+        if any(m is None for m in moves) and not settled:
+            stuck = True  # not followed: nothing proved
             break
         for (u, slot), m in zip(uses, moves, strict=True):
-            if m is not None and m[0] == bd and _meets_trusted(u, slot, trusted):
+            if m is None:
+                continue  # not followed, on a path already confirmed
+            if m[0] == bd and _meets_trusted(u, slot, trusted):
                 confirmed = True
-            elif m is not None:
-                stack.append(((u, 0), m[0]))
+                continue
+            keeps = alone and all(
+                i == slot or w is None or parameters_only(w)
+                for i, (w, _) in enumerate(u.next_functions)
+            )
+            on.append(((u, 0), m[0], keeps))
+    if confirmed and not stuck and not elsewhere:
+        return
     if strict:
         raise RuntimeError(
             f"{call.label} is called on integer inputs made inside the model whose "
@@ -364,12 +395,11 @@ def _moved(u: Any, b: int, here: tuple[int, ...], slot: int = 0) -> tuple[int, i
         moved = b + len(out) - len(here)  # broadcasting aligns from the right
     elif (perm := _permuted(u, kind, len(out))) is not None:
         moved = perm.index(b)  # the output dimension that is input dimension b
-    elif kind == "UnsqueezeBackward":
-        moved = b + (_dim(u._saved_dim, len(out)) <= b)
-    elif kind in ("ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward"):
-        if out[: b + 1] != here[: b + 1]:
+    elif kind in _RESHAPES:
+        found = _reshaped(here, out, b)
+        if found is None:
             return None
-        moved = b
+        moved = found
     elif kind in ("SumBackward", "MeanBackward", "AmaxBackward", "AminBackward"):
         if not hasattr(u, "_saved_dim"):
             return MIXED  # all of it
@@ -395,6 +425,55 @@ def _moved(u: Any, b: int, here: tuple[int, ...], slot: int = 0) -> tuple[int, i
     else:
         return None
     return (moved, out[moved]) if 0 <= moved < len(out) else None
+
+
+# ops that only reshape: a dimension kept whole is followed by the sizes around it
+_RESHAPES = frozenset(
+    {
+        "ViewBackward",
+        "UnsafeViewBackward",
+        "ReshapeAliasBackward",
+        "UnsqueezeBackward",
+        "SqueezeBackward",
+        "FlattenBackward",
+        "UnflattenBackward",
+    }
+)
+
+
+def parameters_only(v: Any) -> bool:
+    """Whether the operand made by node ``v`` depends on parameters only (a weight, a
+    transposed weight): batch-free, whatever its shape."""
+    stack, seen = [v], 0
+    while stack:
+        u = stack.pop()
+        seen += 1
+        if seen > _SIDE_LIMIT:
+            return False
+        if type(u) is _ACCUMULATE:
+            if not isinstance(u.variable, nn.Parameter):
+                return False
+            continue
+        for w, _ in u.next_functions:
+            if w is None:
+                return False  # a constant operand: it could carry the batch
+            stack.append(w)
+    return True
+
+
+def _reshaped(here: tuple[int, ...], out: tuple[int, ...], b: int) -> int | None:
+    """The dimension of ``out`` that dimension ``b`` of ``here`` is after a reshape, where
+    it is kept whole (the entries before it, and its own, are as many as in ``out``'s);
+    None where it is merged with others or split."""
+    before = math.prod(here[:b])
+    count = 1
+    for j, size in enumerate(out):
+        if count == before and size == here[b]:
+            return j
+        if count > before:
+            return None
+        count *= size
+    return None
 
 
 def _rebased(call: Any, seen: set[Any], owners: Iterable[Any]) -> None:

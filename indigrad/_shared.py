@@ -52,10 +52,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from ._graph import _ACCUMULATE, View, _local_name
+from ._graph import View, _local_name, parameters_only
 from .rules import direct as _direct
 
 if TYPE_CHECKING:
@@ -65,7 +65,6 @@ if TYPE_CHECKING:
 _Tensor = tuple[Any, int]
 
 _LIMIT = 10_000  # region nodes followed before giving up
-_SIDE_LIMIT = 16  # nodes of a parameter-only operand (a transposed weight) followed
 
 
 class Unfollowed(RuntimeError):
@@ -143,7 +142,7 @@ def plan(
                 stack.append((u, k))
     for u, call in ops.items():  # each input of a region op: the region's, parameters, or constant
         inputs = [(v, nr) for v, nr in u.next_functions if v is not None]
-        if any(t not in region and not _parameters_only(t[0]) for t in inputs):
+        if any(t not in region and not parameters_only(t[0]) for t in inputs):
             raise Unfollowed(call, u, "meets the batch where the batch's dimension is not kept")
         if len(inputs) < len(u.next_functions):  # a constant operand: it adds no dimension
             ins = {tuple(v._input_metadata[nr].shape) for v, nr in inputs if (v, nr) in region}
@@ -254,26 +253,6 @@ def check_edges(plan: Plan, calls: list[_Call]) -> None:
                     "output meets the batch. Call the layer on inputs with the batch "
                     "dimension, or freeze it (module.requires_grad_(False))."
                 )
-
-
-def _parameters_only(v: Any) -> bool:
-    """Whether the operand made by node ``v`` depends on parameters only (a weight, a
-    transposed weight): batch-free, whatever its shape."""
-    stack, seen = [v], 0
-    while stack:
-        u = stack.pop()
-        seen += 1
-        if seen > _SIDE_LIMIT:
-            return False
-        if type(u) is _ACCUMULATE:
-            if not isinstance(u.variable, nn.Parameter):
-                return False
-            continue
-        for w, _ in u.next_functions:
-            if w is None:
-                return False  # a constant operand: it could carry the batch
-            stack.append(w)
-    return True
 
 
 def _shape(t: _Tensor) -> tuple[int, ...]:

@@ -481,6 +481,40 @@ def test_prototypes_as_many_as_the_examples(trainable):
         cap.norms(F.cross_entropy(model(x), y, reduction="none"))
 
 
+class Resampler(nn.Module):
+    """A trainable table of ``latents`` queries, normalised and projected on its own, that
+    attends over each example's tokens (a Perceiver-style resampler): ``(L, d)`` before it
+    meets the batch in the product with the keys."""
+
+    def __init__(self, latents, d=4):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(latents, d))
+        self.norm, self.q, self.kv = nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, 2)
+
+    def forward(self, x):  # (n, T, d)
+        q = self.q(self.norm(self.latents)).unsqueeze(0)  # (1, L, d)
+        k, v = self.kv(x).chunk(2, -1)  # (n, T, d) each
+        a = torch.softmax(q @ k.transpose(1, 2), -1)  # (n, L, T)
+        return self.out((a @ v).mean(1))  # (n, 2)
+
+
+def test_latents_as_many_as_the_examples():
+    """With L = n, the projection of the latents looks batched by its size, and so does
+    the norm's call, whose output alone feeds it: the path on from the projection shows
+    the latents' dimension averaged away, so both are refused. With L != n the latents
+    are shared, and each example's gradients are read where they meet the batch."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    model = Resampler(latents=3).double()
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="does not end"):
+        cap.norms(model(x).square().sum(1))
+    model = Resampler(latents=4).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the resampler is re-run for each example
+        indigrad.testing.check(model, lambda x: model(x).square().sum(1), x)
+
+
 def test_a_dimension_followed_through_ops():
     from indigrad._graph import MIXED, _moved
 
@@ -513,6 +547,17 @@ def test_a_dimension_followed_through_ops():
     ]
     for y, b, expected in cases:
         assert _moved(y.grad_fn, b, here) == expected, y.grad_fn
+    for y, b, shape, expected in [  # reshapes: a dimension kept whole, by the sizes before it
+        (x.view(3, 2, 2, 5), 2, here, (3, 5)),
+        (x.view(3, 2, 2, 5), 1, here, None),  # split
+        (x.view(12, 5), 1, here, None),  # merged with the batch
+        (x.reshape(1, 3, 4, 5, 1), 1, here, (2, 4)),
+        (x.flatten(1), 0, here, (0, 3)),
+        (x.flatten(1), 1, here, None),
+        (x[None].squeeze(0), 1, (1, 3, 4, 5), (0, 3)),
+        (x[:, None].squeeze(1), 2, (3, 1, 4, 5), (1, 4)),
+    ]:
+        assert _moved(y.grad_fn, b, shape) == expected, (y.grad_fn, b)
     left, right = torch.randn(5, 2), torch.randn(2, 4)
     for y, slot, b, expected in [  # a product of x[0] (4, 5): which side, and which dim
         (x[0] @ left, 0, 0, (0, 4)),
