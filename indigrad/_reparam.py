@@ -1,7 +1,8 @@
 """Parametrized tensors (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``,
 ``orthogonal``, your own): a module's ``weight`` computed, each time it is read, from the
 parameters ``original`` (or ``original0``, ``original1``, …) of its
-``parametrizations.weight`` list.
+``parametrizations.weight`` list, and those of the parametrizations in it (a learnt scale,
+``parametrizations.weight.0.scale``).
 
 The module's call owns those parameters, and its rule computes the per-example gradients
 ``dW_i`` of the computed tensor, as for a plain one. The originals' follow by the chain
@@ -38,15 +39,14 @@ from torch.nn.utils import parametrize
 
 def parametrized(module: nn.Module) -> dict[str, list[str]]:
     """``{tensor name: local names of its trainable originals}`` of a parametrized module
-    (``{}`` for any other)."""
+    (``{}`` for any other). The parametrizations' own parameters (a learnt scale) count
+    among the originals: the tensor is computed from them too."""
     lists = module._modules.get("parametrizations")  # a dict lookup: asked of every call
     if not isinstance(lists, nn.ModuleDict) or not parametrize.is_parametrized(module):
         return {}
     return {
         name: [
-            f"parametrizations.{name}.{k}"
-            for k, p in plist._parameters.items()
-            if p is not None and p.requires_grad
+            f"parametrizations.{name}.{k}" for k, p in plist.named_parameters() if p.requires_grad
         ]
         for name, plist in lists.items()
     }
@@ -95,8 +95,8 @@ def _originals(
         if g is None or not locals_:
             continue
         plist = cast(nn.ModuleDict, module.parametrizations)[name]
-        short = [k.rsplit(".", 1)[1] for k in locals_]
-        originals = {k: cast(Tensor, plist._parameters[k]).detach() for k in short}
+        short = [k[len(f"parametrizations.{name}.") :] for k in locals_]  # "original", "0.scale"
+        originals = {k: plist.get_parameter(k).detach() for k in short}
 
         def tensor(theta: dict[str, Tensor], plist: nn.Module = plist) -> Tensor:
             return functional_call(plist, theta, ())

@@ -197,13 +197,17 @@ class capture:
                 self.model.register_forward_pre_hook(self._batch_size, with_kwargs=True)
             )
             skip: str | None = None  # the subtree of a module whose rule owns it
+            lists: tuple[str, ...] = ()  # the subtrees of parametrizations
             for name, module in modules:
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     self._handles.append(module.register_forward_pre_hook(self._bn_check(name)))
                 if skip is not None and name.startswith(skip):
                     continue
                 if isinstance(module, ParametrizationList):
+                    lists = (*lists, f"{name}.")
                     continue  # its parameters are its parametrized module's
+                if name.startswith(lists):
+                    continue  # a parametrization: its parameters are the module's too
                 if module._forward_pre_hooks:
                     _refuse_hook_reparametrization(name, module)
                 rule = lookup_rule(module)

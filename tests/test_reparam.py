@@ -92,6 +92,31 @@ def test_parametrized_weight_of_a_module_without_a_rule():
     indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
 
 
+class Scaled(nn.Module):
+    """A parametrization with a parameter of its own: a learnt scale per row."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, rows, dtype=D)[:, None])
+
+    def forward(self, W):
+        return W * self.scale
+
+
+@pytest.mark.parametrize("n", [3, 4])  # 4: as many examples as the weight has rows
+def test_a_parametrization_with_parameters_of_its_own(n):
+    """Its parameters are originals of the weight too, owned by the layer's call: the
+    parametrization's own call (on no batch, its output as many rows as the examples at
+    n = 4) is not read as a layer's."""
+    torch.manual_seed(0)
+    first = nn.Linear(4, 4).double()
+    parametrize.register_parametrization(first, "weight", Scaled(4))
+    parametrize.register_parametrization(first, "weight", Symmetric())
+    model = nn.Sequential(first, nn.Tanh(), nn.Linear(4, 2).double())
+    x = torch.randn(n, 4, dtype=D)
+    indigrad.testing.check(model, lambda x: model(x).square().sum(1), x)
+
+
 def test_spectral_norm_in_training_mode_keeps_the_forward_s_vectors():
     """In training mode the power iteration steps once per forward; the chain rule runs the
     parametrization in eval mode, on the vectors that forward used, and does not step."""
