@@ -231,6 +231,8 @@ def consumers_of(root: Any) -> dict[tuple[Any, int], list[tuple[Any, int]]]:
 
 _FOLLOW_LIMIT = 64  # ops followed from a questioned output
 _SIDE_LIMIT = 16  # nodes of a parameter-only operand (a transposed weight) followed
+# the nodes of ops that take rows of a tensor by indices, which autograd does not show
+_LOOKUPS = ("Embedding", "Index", "Gather", "Take")
 # losses elementwise with reduction="none"
 _LOSSES = frozenset(
     {
@@ -251,7 +253,7 @@ def confirm_batch(
     losses: Any,
     n: int,
     bd: int,
-    strict: bool = True,
+    kind: str = "ids",
     trusted: set[Any] | frozenset[Any] = frozenset(),
 ) -> None:
     """Raise unless the batch dimension ``bd`` of ``call``'s output is followed forward,
@@ -261,9 +263,9 @@ def confirm_batch(
     nodes, and the calls) whose only dimension of ``n`` entries it is, and on no path
     elsewhere. Where that input has another dimension of ``n`` entries, the call proves
     nothing: the path goes on from its outputs, taken to keep the dimension in place.
-    For calls on integer tensors that could hold ``n`` entries by chance (ids made inside
-    the model: shifted decoder ids, a table of positions with as many rows as the batch
-    has examples, transposed ids).
+    For calls on integer tensors that could hold ``n`` entries by chance (``kind`` "ids":
+    ids made inside the model: shifted decoder ids, a table of positions with as many rows
+    as the batch has examples, transposed ids).
 
     A batched call fed by nothing but the path (and parameters) is judged batched by the
     same size alone: the path ends confirmed there, as before, but is followed on from its
@@ -276,10 +278,13 @@ def confirm_batch(
     batch is not in question (``trusted``: their output nodes): BERT's default token type
     ids, a buffer expanded to the batch, added to the word embeddings of the model's ids.
 
-    Not ``strict`` (calls on floating tensors made inside the model: the model's input
-    rescaled, a frozen backbone's features, or a coordinate table with as many rows as
-    the batch has examples), only a dimension found to end elsewhere is refused: a path
-    through an op that is not followed (pooling, say) proves nothing either way."""
+    For other calls, only a dimension found to end elsewhere is refused: a path through an
+    op that is not followed (pooling, say) proves nothing either way. ``kind`` "floats":
+    calls on floating tensors made inside the model (the model's input rescaled, a frozen
+    backbone's features, or a coordinate table with as many rows as the batch has
+    examples); "inputs": calls on the model's own inputs, where the model ran more than
+    once before the backward or its calls read more than one of its inputs (a support set
+    or a table handed in beside the batch)."""
     # the paths to follow: a tensor, where the dimension is in it, and whether it is made
     # from the call's output alone (by ops whose other operands are parameters or
     # constants); ``after``: paths on from a batched call fed by the call's output alone,
@@ -306,15 +311,22 @@ def confirm_batch(
             continue
         here = tuple(v._input_metadata[nr].shape)
         if v in batched:
-            if b != bd:
+            made = batched[v]
+            # a layer with its own batch convention (an RNN's initial state, batch in
+            # dimension 1; attention sequence-first) takes it in dimension 0 or 1
+            raw = made.rule is not None and made.rule.raw_layout
+            if b != bd and not (raw and b in (0, 1)):
                 elsewhere = True
                 break
-            made = batched[v]
             if sum(size == n for size in here) > 1:  # the call proves nothing: go on
                 on.extend(((e.node, e.output_nr), b, alone) for e in made.edges)
                 continue
             confirmed = True
-            if alone and all(w is v or parameters_only(w) for w in made.boundary):
+            if (
+                alone
+                and not raw  # where its outputs have the batch is the layer's to say
+                and all(w is v or parameters_only(w, lookups=False) for w in made.boundary)
+            ):
                 after.extend(((e.node, e.output_nr), b, True) for e in made.edges)
             continue
         uses = consumers.get((v, nr), [])
@@ -332,19 +344,31 @@ def confirm_batch(
                 confirmed = True
                 continue
             keeps = alone and all(
-                i == slot or w is None or parameters_only(w)
+                i == slot or w is None or parameters_only(w, lookups=False)
                 for i, (w, _) in enumerate(u.next_functions)
             )
             on.append(((u, 0), m[0], keeps))
     if confirmed and not stuck and not elsewhere:
         return
-    if strict:
+    if kind == "ids":
         raise RuntimeError(
             f"{call.label} is called on integer inputs made inside the model whose "
             f"dimension {bd} has as many entries as the batch ({n}), and indigrad cannot "
             "follow that dimension to the batch's (a table of positions with as many rows "
             "as the batch has examples would look the same): use a batch size different "
             "from the table's size, or hand the layer the model's own input."
+        )
+    if elsewhere and kind == "inputs":
+        raise RuntimeError(
+            f"{call.label} is called on an input of the model whose dimension {bd} has as "
+            f"many entries as the batch ({n}), but the model ran more than once before the "
+            "backward, or its layers read more than one of its inputs, and this dimension does not "
+            "end in the losses' batch dimension, or is summed or multiplied away on its way: "
+            "a support set or a table handed to the model beside the batch, whose rows are "
+            "no examples of it. Its per-example gradients would be wrong: run the model once "
+            "per backward, on the batch, with such a table kept inside it at a size other "
+            "than the batch's (its share is then read where it meets the batch), or freeze "
+            "the layers that read it."
         )
     if elsewhere:
         raise RuntimeError(
@@ -441,14 +465,18 @@ _RESHAPES = frozenset(
 )
 
 
-def parameters_only(v: Any) -> bool:
+def parameters_only(v: Any, lookups: bool = True) -> bool:
     """Whether the operand made by node ``v`` depends on parameters only (a weight, a
-    transposed weight): batch-free, whatever its shape."""
+    transposed weight): batch-free, whatever its shape. Not ``lookups``: rows of a
+    parameter looked up by indices (an embedding of the batch's ids, class centres by the
+    labels) do not count: the indices may be the batch's."""
     stack, seen = [v], 0
     while stack:
         u = stack.pop()
         seen += 1
         if seen > _SIDE_LIMIT:
+            return False
+        if not lookups and type(u).__name__.startswith(_LOOKUPS):
             return False
         if type(u) is _ACCUMULATE:
             if not isinstance(u.variable, nn.Parameter):

@@ -69,7 +69,7 @@ class _Call:
     # own arguments and output shapes, before its inputs were expanded for the rules
     shared: tuple[tuple[Any, ...], dict[str, Any], list[torch.Size]] | None = None
     # on tensors made inside the model whose batch dimension could be chance: the backward
-    # follows it to the batch's (``_graph.confirm_batch``); "ids" or "floats", see
+    # follows it to the batch's (``_graph.confirm_batch``); "ids", "floats" or "inputs", see
     # ``capture._questioned``
     questioned: str = ""
     training: bool = True  # the module's mode at call time
@@ -178,6 +178,12 @@ class capture:
         self._consumed = False
         self._n: int | None = None  # batch size of the model's current forward
         self._inputs: Any = None  # the model's arguments in its current forward
+        # the model's forwards since the last backward, and the storages of its inputs
+        # that recorded calls read: where it ran more than once, or calls read more than
+        # one input, which rows are the examples' is a question (a support set, a table
+        # handed in beside the batch)
+        self._entries = 0
+        self._read: set[int] = set()
         self._ddp_sync: bool | None = None  # DDP's own gradient sync flag, while we hold it
         self._names: dict[int, str] = {}  # id(param) -> name, trainable only
         self._params: dict[str, nn.Parameter] = {}
@@ -307,6 +313,7 @@ class capture:
         if self._paused:
             return
         self._n, self._inputs = None, (args, kwargs)
+        self._entries += 1
         first = args[0] if args else None
         if isinstance(first, Tensor) and first.dim() > self.batch_dim:  # the common case
             self._n = first.shape[self.batch_dim]
@@ -326,26 +333,36 @@ class capture:
         followed there. ``"floats"`` for a floating one (a coordinate table of ``T = n``
         rows, or the model's input rescaled inside the forward, or a frozen backbone's
         features): only a dimension found to end elsewhere is refused, since the ops of a
-        batched input are many and not all are followed. ``""`` for neither."""
+        batched input are many and not all are followed. ``"inputs"`` for the model's own
+        inputs: followed as floating ones are where the model ran more than once, or its
+        calls read more than one of its inputs, before the backward. ``""`` for none."""
         bd = self.batch_dim
         roots = None
         found = ""
         args = self._inputs[0] if self._inputs is not None else ()
         first = args[0] if args else None  # the model's input itself: the common case
         for t in leaves:
-            if not isinstance(t, Tensor) or t.dim() <= bd or t.shape[bd] != n or t is first:
+            if not isinstance(t, Tensor) or t.dim() <= bd or t.shape[bd] != n:
+                continue
+            storage = t.untyped_storage().data_ptr()
+            if t is first:
+                self._read.add(storage)
+                found = found or "inputs"
                 continue
             if roots is None:
                 roots = [r for r in tree_flatten(self._inputs)[0] if isinstance(r, Tensor)]
-            storage, stride = t.untyped_storage().data_ptr(), t.stride(bd)
-            if not any(
+            stride = t.stride(bd)
+            if any(
                 r.dim() > bd
                 and r.untyped_storage().data_ptr() == storage
                 and r.stride(bd) == stride
                 for r in roots
             ):
-                if not (t.is_floating_point() or t.is_complex()):
-                    return "ids"
+                self._read.add(storage)
+                found = found or "inputs"
+            elif not (t.is_floating_point() or t.is_complex()):
+                return "ids"
+            else:
                 found = "floats"
         return found
 
@@ -521,6 +538,8 @@ class capture:
             )
         calls, self._calls = self._calls, []
         self._consumed = True
+        several = self._entries > 1 or len(self._read) > 1
+        self._entries, self._read = 0, set()
         n, bd = losses.shape[0], self.batch_dim
         if losses.grad_fn is None:
             raise RuntimeError(
@@ -557,18 +576,28 @@ class capture:
                 graph.append(consumers_of(losses.grad_fn))
             return graph[0]
 
-        questioned = [call for call in calls if call.questioned]
+        questioned = [
+            call
+            for call in calls
+            if call.questioned
+            # the model's inputs: where which rows are examples is a question, and where
+            # the call has the losses' rows (others are refused below)
+            and (
+                call.questioned != "inputs"
+                or (several and n > 1 and any(_rows(e, bd) == n for e in call.edges))
+            )
+        ]
         if questioned:
             batched = {
                 node: call
                 for call in calls
-                if not call.questioned and call.shared is None
+                if call.questioned in ("", "inputs") and call.shared is None
                 for node in call.boundary
             }
             trusted = {  # outputs of calls batched beyond question, batch in place bd
                 e.node
                 for call in calls
-                if not call.questioned
+                if call.questioned in ("", "inputs")
                 and call.shared is None
                 and not (call.rule is not None and call.rule.raw_layout)
                 for e in call.edges
@@ -581,7 +610,7 @@ class capture:
                     losses.grad_fn,
                     n,
                     bd,
-                    strict=call.questioned == "ids",
+                    call.questioned,
                     trusted=trusted,
                 )
         shared = [call for call in calls if call.shared is not None]
@@ -770,6 +799,12 @@ def _output_grads(losses: Tensor, edges: list[GradientEdge]) -> tuple[Tensor | N
         return torch.autograd.grad(total, edges, allow_unused=True)
     seed = torch.ones_like(total, memory_format=torch.preserve_format)  # () as autograd's
     return run((total,), (seed,), False, False, tuple(edges), True, False)
+
+
+def _rows(edge: GradientEdge, bd: int) -> int | None:
+    """The size of dimension ``bd`` of the tensor at ``edge`` (None: it has no such)."""
+    shape = edge.node._input_metadata[edge.output_nr].shape
+    return shape[bd] if len(shape) > bd else None
 
 
 def _detach(t: Any) -> Any:

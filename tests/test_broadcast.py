@@ -481,6 +481,73 @@ def test_prototypes_as_many_as_the_examples(trainable):
         cap.norms(F.cross_entropy(model(x), y, reduction="none"))
 
 
+def _encoder():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+
+
+def test_a_support_set_as_long_as_the_batch():
+    """A prototypical network's loss: the encoder runs on a support set of k anchors, then
+    on the batch of queries. With k = n the support's rows look like examples; the model
+    ran twice, so its inputs are followed, and the support's dimension is found to become
+    the logits' classes: refused (before, the gradients were off by 160 %). Two views of
+    the batch, each the examples' own, pass and match the loop."""
+    enc = _encoder()
+    queries, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+
+    def prototypical(support):
+        def losses(queries, y):
+            protos = enc(support)  # (k, 4)
+            z = enc(queries)  # (n, 4)
+            logits = -(z[:, None] - protos[None]).square().sum(-1)  # (n, k)
+            return F.cross_entropy(logits, y, reduction="none")
+
+        return losses
+
+    losses = prototypical(torch.randn(4, 5, dtype=torch.float64))
+    with indigrad.capture(enc) as cap, pytest.raises(RuntimeError, match="support set"):
+        cap.norms(losses(queries, y))
+    views = torch.randn(4, 5, dtype=torch.float64)
+    indigrad.testing.check(enc, lambda q, v: (enc(q) - enc(v)).square().sum(1), queries, views)
+
+
+class WithTable(nn.Module):
+    """A table handed to the model beside the batch, as its first argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 3), nn.Linear(5, 3)
+
+    def forward(self, table, x):  # (T, 5), (n, 5)
+        return self.a(x) + self.b(table).mean(0)  # (n, 3)
+
+
+def test_a_table_handed_in_beside_the_batch():
+    """With T = n, the table's call looks batched; the model had two tensors of the
+    batch's size, so its inputs are followed: the table's rows are averaged away,
+    refused. Two inputs that are both the batch's pass and match the loop."""
+    torch.manual_seed(0)
+    model = WithTable().double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    table = torch.randn(4, 5, dtype=torch.float64)
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="support set"):
+        cap.norms(model(table, x).square().sum(1))
+    pair = Pair().double()
+    u, v = torch.randn(2, 4, 5, dtype=torch.float64)
+    indigrad.testing.check(pair, lambda u, v: pair(u, v).square().sum(1), u, v)
+
+
+class Pair(nn.Module):
+    """Two inputs, both the batch's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 3), nn.Linear(5, 3)
+
+    def forward(self, u, v):  # (n, 5) each
+        return self.a(u) * torch.tanh(self.b(v))  # (n, 3)
+
+
 class Resampler(nn.Module):
     """A trainable table of ``latents`` queries, normalised and projected on its own, that
     attends over each example's tokens (a Perceiver-style resampler): ``(L, d)`` before it
