@@ -362,13 +362,13 @@ def confirm_batch(
         raise RuntimeError(
             f"{call.label} is called on an input of the model whose dimension {bd} has as "
             f"many entries as the batch ({n}), but the model ran more than once before the "
-            "backward, or its layers read more than one of its inputs, and this dimension does not "
-            "end in the losses' batch dimension, or is summed or multiplied away on its way: "
-            "a support set or a table handed to the model beside the batch, whose rows are "
-            "no examples of it. Its per-example gradients would be wrong: run the model once "
-            "per backward, on the batch, with such a table kept inside it at a size other "
-            "than the batch's (its share is then read where it meets the batch), or freeze "
-            "the layers that read it."
+            "backward, or its layers read more than one of its inputs, and this dimension "
+            "does not end in the losses' batch dimension, or is summed or multiplied away on "
+            "its way: a support set or a table handed to the model beside the batch, whose "
+            "rows are no examples of it. Its per-example gradients would be wrong: run the "
+            "model once per backward, on the batch, with such a table kept inside it at a "
+            "size other than the batch's (its share is then read where it meets the batch), "
+            "or freeze the layers that read it."
         )
     if elsewhere:
         raise RuntimeError(
