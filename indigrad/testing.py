@@ -150,7 +150,7 @@ def check(
     if list(sq_norms) != list(ref):
         raise AssertionError(f"sq_norms has names {list(sq_norms)}, expected {list(ref)}")
     for k, g in ref.items():
-        close(sq_norms[k], g.flatten(1).square().sum(1), f"sq_norms()[{k!r}]")
+        close(sq_norms[k], g.reshape(len(g), -1).square().sum(1), f"sq_norms()[{k!r}]")
 
 
 def _batch_size(batch: tuple[Any, ...], batch_dim: int) -> int:

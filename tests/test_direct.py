@@ -153,13 +153,27 @@ class SquareScale(nn.Module):
         return x * (self.s * self.s)  # s ⊙ s has no batch
 
 
-@pytest.mark.parametrize("body", ["matmul", "view", "square"])
+class Temperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Parameter(torch.tensor(0.3, dtype=D))  # a scalar: (n,) per-example
+
+    def forward(self, x):
+        return x * self.t.exp()  # through exp: not in the table
+
+
+@pytest.mark.parametrize("body", ["matmul", "view", "square", "temperature"])
 def test_other_uses_rerun_the_module(body, reruns):
     """One use outside the table sends the whole module to the generic rule (all its
     parameters), which still matches the loop."""
     torch.manual_seed(0)
     x, y = _data()
-    module = {"matmul": MatmulScale(4), "view": ViewedPos(3, 4), "square": SquareScale(4)}[body]
+    module = {
+        "matmul": MatmulScale(4),
+        "view": ViewedPos(3, 4),
+        "square": SquareScale(4),
+        "temperature": Temperature(),
+    }[body]
     model = Net(module, 4, 3)
     _check(model, x, y)
     assert reruns and set(reruns) == {f"{type(module).__name__} 'body'"}
