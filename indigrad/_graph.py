@@ -318,8 +318,12 @@ def confirm_batch(
             if b != bd and not (raw and b in (0, 1)):
                 elsewhere = True
                 break
-            if sum(size == n for size in here) > 1:  # the call proves nothing: go on
-                on.extend(((e.node, e.output_nr), b, alone) for e in made.edges)
+            if sum(size == n for size in here) > 1:  # the call proves nothing
+                if not raw:  # go on, the dimension taken to stay in place
+                    on.extend(((e.node, e.output_nr), b, alone) for e in made.edges)
+                elif not settled:
+                    stuck = True  # where its outputs have it is the layer's to say
+                    break
                 continue
             confirmed = True
             if (

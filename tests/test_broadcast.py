@@ -548,6 +548,36 @@ class Pair(nn.Module):
         return self.a(u) * torch.tanh(self.b(v))  # (n, 3)
 
 
+class LastState(nn.Module):
+    """A GRU's last state as the features, its input rescaled inside the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.gru = nn.Linear(3, 4), nn.GRU(4, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # (n, T, 3)
+        _, h = self.gru(self.emb(x * 2 - 1))  # (1, n, 4): the batch in dimension 1
+        return self.head(h.transpose(0, 1)).squeeze(1)  # (n, 2)
+
+
+def test_a_layer_with_its_own_batch_convention_ends_the_follow():
+    """With T = n, the recurrent layer's input has two dimensions of n entries, and where
+    its outputs have the batch is the layer's to say: the follow of the rescaled input,
+    and of the model's input where the model ran twice, ends there, undecided (it had
+    gone on with the input's dimension and refused)."""
+    torch.manual_seed(0)
+    model = LastState().double()
+    x, y = torch.randn(3, 3, 3, dtype=torch.float64), torch.tensor([0, 1, 1])
+
+    def losses(x, y):
+        with torch.no_grad():
+            model(x)  # the model runs twice: its inputs are followed too
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    indigrad.testing.check(model, losses, x, y)
+
+
 class Resampler(nn.Module):
     """A trainable table of ``latents`` queries, normalised and projected on its own, that
     attends over each example's tokens (a Perceiver-style resampler): ``(L, d)`` before it
