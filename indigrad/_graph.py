@@ -27,6 +27,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils._pytree import tree_leaves
 
 # typed in some torch releases and not in others: looked up by name
 _ACCUMULATE = getattr(torch._C._functions, "AccumulateGrad")  # noqa: B009
@@ -312,26 +313,26 @@ def confirm_batch(
         here = tuple(v._input_metadata[nr].shape)
         if v in batched:
             made = batched[v]
-            # a layer with its own batch convention (an RNN's initial state, batch in
-            # dimension 1; attention sequence-first) takes it in dimension 0 or 1
-            raw = made.rule is not None and made.rule.raw_layout
-            if b != bd and not (raw and b in (0, 1)):
-                elsewhere = True
-                break
-            if sum(size == n for size in here) > 1:  # the call proves nothing
-                if not raw:  # go on, the dimension taken to stay in place
-                    on.extend(((e.node, e.output_nr), b, alone) for e in made.edges)
-                elif not settled:
-                    stuck = True  # where its outputs have it is the layer's to say
+            at, outs = _batch_dims(made, v, bd)  # where the layer has the batch
+            if at is None or (None in outs and sum(size == n for size in here) > 1):
+                if not settled:  # a layout indigrad does not know: nothing proved
+                    stuck = True
                     break
                 continue
+            if b != at:
+                elsewhere = True
+                break
+            if sum(size == n for size in here) > 1:  # the call proves nothing: go on
+                pairs = zip(made.edges, outs, strict=True)
+                on.extend(((e.node, e.output_nr), d, alone) for e, d in pairs if d is not None)
+                continue
             confirmed = True
-            if (
-                alone
-                and not raw  # where its outputs have the batch is the layer's to say
-                and all(w is v or parameters_only(w, lookups=False) for w in made.boundary)
-            ):
-                after.extend(((e.node, e.output_nr), b, True) for e in made.edges)
+            if alone and all(w is v or parameters_only(w, lookups=False) for w in made.boundary):
+                after.extend(
+                    ((e.node, e.output_nr), d, True)
+                    for e, d in zip(made.edges, outs, strict=True)
+                    if d is not None
+                )
             continue
         uses = consumers.get((v, nr), [])
         moves = [_moved(u, b, here, slot) for u, slot in uses]
@@ -384,6 +385,32 @@ def confirm_batch(
             "per-example gradients would be wrong: use a batch size different from the "
             "table's size, or freeze the layer."
         )
+
+
+def _batch_dims(call: Any, v: Any, bd: int) -> tuple[int | None, list[int | None]]:
+    """Where the layer of ``call`` has the batch in its input made by node ``v``, and in
+    each of its outputs (``call.edges``): ``bd`` for a layer on the capture's layout; for
+    one with its own (``raw_layout``), its convention: an RNN's input and output in 0 or 1
+    by ``batch_first``, its states in 1; attention's inputs and output likewise, its
+    weights in 0. None where it is not known (a packed sequence, another layer)."""
+    rule = call.rule
+    if rule is None or not rule.raw_layout:
+        return bd, [bd] * len(call.edges)
+    module = call.module
+    if not isinstance(module, nn.RNNBase | nn.MultiheadAttention):
+        return None, [None] * len(call.edges)
+    first = 0 if module.batch_first else 1  # the input's and the output's
+    leaves = tree_leaves((call.args, call.kwargs))
+    if not leaves or not isinstance(leaves[0], Tensor) or leaves[0].dim() != 3:
+        return None, [None] * len(call.edges)  # packed, or one unbatched sequence
+    rnn = isinstance(module, nn.RNNBase)
+    at = None
+    for k, t in enumerate(leaves):
+        if isinstance(t, Tensor) and t.requires_grad and get_gradient_edge(t).node is v:
+            at = first if k == 0 or (not rnn and k < 3) else 1 if rnn else None
+            break
+    states = 1 if rnn else 0  # an RNN's last states; attention's weights
+    return at, [first if k == 0 else states for k in call.edge_index]
 
 
 def _meets_trusted(u: Any, slot: int, trusted: set[Any] | frozenset[Any]) -> bool:

@@ -578,6 +578,44 @@ def test_a_layer_with_its_own_batch_convention_ends_the_follow():
     indigrad.testing.check(model, losses, x, y)
 
 
+class ShiftedDecoder(nn.Module):
+    """Decoder ids shifted right inside the model, through a layer with its own batch
+    convention."""
+
+    def __init__(self, kind, vocab=12, d=4):
+        super().__init__()
+        self.embed, self.out = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+        if kind == "gru":
+            self.mix = nn.GRU(d, d, batch_first=True)
+        else:
+            self.mix = nn.MultiheadAttention(d, 2, batch_first=True)
+
+    def forward(self, targets):  # (n, Td)
+        ids = torch.cat([torch.zeros_like(targets[:, :1]), targets[:, :-1]], 1)  # (n, Td)
+        e = self.embed(ids)  # (n, Td, d)
+        if isinstance(self.mix, nn.GRU):
+            h = self.mix(e)[0]
+        else:
+            h = self.mix(e, e, e, need_weights=False)[0]
+        return self.out(h)  # (n, Td, vocab)
+
+
+@pytest.mark.parametrize("kind", ["gru", "attention"])
+@pytest.mark.parametrize("n, Td, d", [(3, 5, 4), (3, 3, 4), (4, 5, 4)])
+def test_shifted_ids_through_a_layer_of_its_own_layout(kind, n, Td, d):
+    """The ids' dimension is followed into the layer at its batch position, and on from
+    its outputs at theirs, where the layer's input has another dimension of n entries
+    (Td = n, or d = n)."""
+    torch.manual_seed(0)
+    model = ShiftedDecoder(kind, d=d).double()
+    targets = torch.randint(0, 12, (n, Td))
+
+    def losses(t):
+        return F.cross_entropy(model(t).transpose(1, 2), t, reduction="none").sum(1)
+
+    indigrad.testing.check(model, losses, targets)
+
+
 class Resampler(nn.Module):
     """A trainable table of ``latents`` queries, normalised and projected on its own, that
     attends over each example's tokens (a Perceiver-style resampler): ``(L, d)`` before it
