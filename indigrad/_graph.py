@@ -284,8 +284,9 @@ def confirm_batch(
     calls on floating tensors made inside the model (the model's input rescaled, a frozen
     backbone's features, or a coordinate table with as many rows as the batch has
     examples); "inputs": calls on the model's own inputs, where the model ran more than
-    once before the backward or its calls read more than one of its inputs (a support set
-    or a table handed in beside the batch)."""
+    once before the backward, had more than one tensor argument of the batch's size, or
+    its calls read more than one of its inputs or parts of one (a support set, a table
+    handed in beside the batch or sliced from the same tensor)."""
     # the paths to follow: a tensor, where the dimension is in it, and whether it is made
     # from the call's output alone (by ops whose other operands are parameters or
     # constants); ``after``: paths on from a batched call fed by the call's output alone,
@@ -367,13 +368,14 @@ def confirm_batch(
         raise RuntimeError(
             f"{call.label} is called on an input of the model whose dimension {bd} has as "
             f"many entries as the batch ({n}), but the model ran more than once before the "
-            "backward, or its layers read more than one of its inputs, and this dimension "
-            "does not end in the losses' batch dimension, or is summed or multiplied away on "
-            "its way: a support set or a table handed to the model beside the batch, whose "
-            "rows are no examples of it. Its per-example gradients would be wrong: run the "
-            "model once per backward, on the batch, with such a table kept inside it at a "
-            "size other than the batch's (its share is then read where it meets the batch), "
-            "or freeze the layers that read it."
+            "backward, or had more than one input of that size, or its layers read more than "
+            "one of its inputs or parts of one, and this dimension does not end in the losses' "
+            "batch dimension, or is summed or multiplied away on its way: a support set or a "
+            "table handed to the model beside the batch, whose rows are no examples of it. "
+            "Its per-example gradients would be wrong: run the model once per backward, on "
+            "the batch, with such a table kept inside it at a size other than the batch's "
+            "(its share is then read where it meets the batch), or freeze the layers that "
+            "read it."
         )
     if elsewhere:
         raise RuntimeError(
@@ -452,16 +454,21 @@ def _moved(u: Any, b: int, here: tuple[int, ...], slot: int = 0) -> tuple[int, i
         moved = perm.index(b)  # the output dimension that is input dimension b
     elif kind in _RESHAPES:
         found = _reshaped(here, out, b)
-        if found is None:
-            return None
+        if not isinstance(found, int):
+            return found  # split, or merged
         moved = found
-    elif kind in ("SumBackward", "MeanBackward", "AmaxBackward", "AminBackward"):
-        if not hasattr(u, "_saved_dim"):
-            return MIXED  # all of it
-        dims = {_dim(d, len(here)) for d in u._saved_dim}
-        if b in dims:
+    elif kind in _REDUCTIONS:
+        saved = getattr(u, "_saved_dim", None)  # none, or an empty list: all of it
+        if isinstance(saved, int):
+            saved = [saved]
+        dims = {_dim(d, len(here)) for d in saved or ()}
+        if not dims or b in dims:
             return MIXED
         moved = b if u._saved_keepdim else b - sum(d < b for d in dims)
+    elif kind == "CdistBackward":  # (…, p, m), (…, r, m) -> (…, p, r)
+        if b == len(here) - 1:
+            return MIXED  # the coordinates, summed
+        moved = len(out) - 1 if slot == 1 and b == len(here) - 2 else b
     elif kind in ("SoftmaxBackward", "LogSoftmaxBackward"):
         if _dim(u._saved_dim, len(here)) == b:
             return MIXED
@@ -482,6 +489,14 @@ def _moved(u: Any, b: int, here: tuple[int, ...], slot: int = 0) -> tuple[int, i
     return (moved, out[moved]) if 0 <= moved < len(out) else None
 
 
+# reductions over the dimensions ``_saved_dim`` (all where it is missing)
+_REDUCTIONS = frozenset(
+    f"{op}Backward"
+    for op in (
+        *("Sum", "Mean", "Prod", "Amax", "Amin", "Max", "Min", "Median", "NanMedian"),
+        *("Logsumexp", "LinalgVectorNorm", "Norm", "Std", "Var"),
+    )
+)
 # ops that only reshape: a dimension kept whole is followed by the sizes around it
 _RESHAPES = frozenset(
     {
@@ -520,15 +535,18 @@ def parameters_only(v: Any, lookups: bool = True) -> bool:
     return True
 
 
-def _reshaped(here: tuple[int, ...], out: tuple[int, ...], b: int) -> int | None:
+def _reshaped(here: tuple[int, ...], out: tuple[int, ...], b: int) -> int | tuple[int, int] | None:
     """The dimension of ``out`` that dimension ``b`` of ``here`` is after a reshape, where
     it is kept whole (the entries before it, and its own, are as many as in ``out``'s);
-    None where it is merged with others or split."""
+    :data:`MIXED` where it is split (its entries regrouped: a support set's ``(way ·
+    shot)`` rows viewed as ``(way, shot)``); None where it is merged with others."""
     before = math.prod(here[:b])
     count = 1
     for j, size in enumerate(out):
-        if count == before and size == here[b]:
-            return j
+        if count == before and (size != 1 or here[b] == 1):
+            if size == here[b]:
+                return j
+            return MIXED if size < here[b] else None
         if count > before:
             return None
         count *= size

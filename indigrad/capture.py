@@ -178,12 +178,14 @@ class capture:
         self._consumed = False
         self._n: int | None = None  # batch size of the model's current forward
         self._inputs: Any = None  # the model's arguments in its current forward
-        # the model's forwards since the last backward, and the storages of its inputs
-        # that recorded calls read: where it ran more than once, or calls read more than
-        # one input, which rows are the examples' is a question (a support set, a table
-        # handed in beside the batch)
+        # the model's forwards since the last backward, whether one had more than one
+        # tensor argument of the batch's size, and where in the storages of its inputs
+        # recorded calls read: where it ran more than once, had such arguments, or calls
+        # read more than one input or part of one, which rows are the examples' is a
+        # question (a support set, a table handed in beside the batch or sliced from it)
         self._entries = 0
-        self._read: set[int] = set()
+        self._several = False
+        self._read: set[tuple[int, int]] = set()  # (storage, offset)
         self._ddp_sync: bool | None = None  # DDP's own gradient sync flag, while we hold it
         self._names: dict[int, str] = {}  # id(param) -> name, trainable only
         self._params: dict[str, nn.Parameter] = {}
@@ -314,14 +316,18 @@ class capture:
             return
         self._n, self._inputs = None, (args, kwargs)
         self._entries += 1
+        bd = self.batch_dim
         first = args[0] if args else None
-        if isinstance(first, Tensor) and first.dim() > self.batch_dim:  # the common case
-            self._n = first.shape[self.batch_dim]
-            return
-        for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, Tensor) and t.dim() > self.batch_dim:
-                self._n = t.shape[self.batch_dim]
+        if isinstance(first, Tensor) and first.dim() > bd:  # the common case
+            self._n = first.shape[bd]
+            if len(args) == 1 and not kwargs:
                 return
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        if self._n is None:
+            self._n = next((t.shape[bd] for t in leaves if t.dim() > bd), None)
+        n = self._n
+        if n is not None and len({id(t) for t in leaves if has_batch(t, n, bd)}) > 1:
+            self._several = True
 
     def _questioned(self, leaves: list[Any], n: int) -> str:
         """For a call on tensors none of which requires grad, judged batched because
@@ -334,8 +340,9 @@ class capture:
         rows, or the model's input rescaled inside the forward, or a frozen backbone's
         features): only a dimension found to end elsewhere is refused, since the ops of a
         batched input are many and not all are followed. ``"inputs"`` for the model's own
-        inputs: followed as floating ones are where the model ran more than once, or its
-        calls read more than one of its inputs, before the backward. ``""`` for none."""
+        inputs: followed as floating ones are where the model ran more than once, or had
+        more than one tensor argument of the batch's size, or its calls read more than one
+        of its inputs or parts of one, before the backward. ``""`` for none."""
         bd = self.batch_dim
         roots = None
         found = ""
@@ -345,8 +352,9 @@ class capture:
             if not isinstance(t, Tensor) or t.dim() <= bd or t.shape[bd] != n:
                 continue
             storage = t.untyped_storage().data_ptr()
+            part = (storage, int(t.storage_offset()))  # where in it: a slice is a part
             if t is first:
-                self._read.add(storage)
+                self._read.add(part)
                 found = found or "inputs"
                 continue
             if roots is None:
@@ -358,7 +366,7 @@ class capture:
                 and r.stride(bd) == stride
                 for r in roots
             ):
-                self._read.add(storage)
+                self._read.add(part)
                 found = found or "inputs"
             elif not (t.is_floating_point() or t.is_complex()):
                 return "ids"
@@ -538,8 +546,8 @@ class capture:
             )
         calls, self._calls = self._calls, []
         self._consumed = True
-        several = self._entries > 1 or len(self._read) > 1
-        self._entries, self._read = 0, set()
+        several = self._entries > 1 or self._several or len(self._read) > 1
+        self._entries, self._several, self._read = 0, False, set()
         n, bd = losses.shape[0], self.batch_dim
         if losses.grad_fn is None:
             raise RuntimeError(

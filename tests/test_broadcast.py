@@ -486,28 +486,59 @@ def _encoder():
     return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double()
 
 
-def test_a_support_set_as_long_as_the_batch():
-    """A prototypical network's loss: the encoder runs on a support set of k anchors, then
-    on the batch of queries. With k = n the support's rows look like examples; the model
-    ran twice, so its inputs are followed, and the support's dimension is found to become
-    the logits' classes: refused (before, the gradients were off by 160 %). Two views of
-    the batch, each the examples' own, pass and match the loop."""
+# how a few-shot loss compares the queries z (n, 4) with the encoded support e (n, 4):
+# each makes the support's dimension something other than the batch's
+SUPPORT = {
+    "distances": lambda z, e: -(z[:, None] - e[None]).square().sum(-1),  # (n, k) logits
+    "class means": lambda z, e: z @ e.view(2, 2, 4).mean(1).T,  # 2-way 2-shot
+    "cdist": lambda z, e: -torch.cdist(z, e),
+    "soft nearest": lambda z, e: (z @ e.T).logsumexp(1, keepdim=True).expand(-1, 4),
+    "nearest": lambda z, e: (z[:, None] * e[None]).sum(-1).max(1, keepdim=True).values + z,
+}
+
+
+@pytest.mark.parametrize("compare", list(SUPPORT))
+def test_a_support_set_as_long_as_the_batch(compare):
+    """A few-shot loss: the encoder runs on a support set of k anchors, then on the batch
+    of queries. With k = n the support's rows look like examples; the model ran twice, so
+    its inputs are followed, and the support's dimension is found to become the logits'
+    classes, regrouped, or reduced: refused (before, the gradients were off by 41-174 %)."""
     enc = _encoder()
-    queries, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    queries, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    support = torch.randn(4, 5, dtype=torch.float64)
 
-    def prototypical(support):
-        def losses(queries, y):
-            protos = enc(support)  # (k, 4)
-            z = enc(queries)  # (n, 4)
-            logits = -(z[:, None] - protos[None]).square().sum(-1)  # (n, k)
-            return F.cross_entropy(logits, y, reduction="none")
+    def losses(queries, y):
+        e = enc(support)  # (k, 4)
+        return F.cross_entropy(SUPPORT[compare](enc(queries), e), y, reduction="none")
 
-        return losses
-
-    losses = prototypical(torch.randn(4, 5, dtype=torch.float64))
     with indigrad.capture(enc) as cap, pytest.raises(RuntimeError, match="support set"):
         cap.norms(losses(queries, y))
-    views = torch.randn(4, 5, dtype=torch.float64)
+
+
+def test_a_support_set_sliced_from_the_batch_s_tensor():
+    """Support and queries as two slices of one episode tensor, handed to a model that
+    encodes both: its layers read two parts of its input, so they are followed."""
+    torch.manual_seed(0)
+    enc = _encoder()
+
+    class Episode(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, support, queries):  # (k, 5), (n, 5)
+            return SUPPORT["distances"](self.enc(queries), self.enc(support))
+
+    model, episode = Episode(), torch.randn(8, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="support set"):
+        cap.norms(F.cross_entropy(model(episode[:4], episode[4:]), y, reduction="none"))
+
+
+def test_two_views_of_the_batch():
+    """The model run twice, each time on the examples' own rows: followed, and passes."""
+    enc = _encoder()
+    queries, views = torch.randn(2, 4, 5, dtype=torch.float64)
     indigrad.testing.check(enc, lambda q, v: (enc(q) - enc(v)).square().sum(1), queries, views)
 
 
@@ -684,15 +715,32 @@ def test_a_dimension_followed_through_ops():
         assert _moved(y.grad_fn, b, here) == expected, y.grad_fn
     for y, b, shape, expected in [  # reshapes: a dimension kept whole, by the sizes before it
         (x.view(3, 2, 2, 5), 2, here, (3, 5)),
-        (x.view(3, 2, 2, 5), 1, here, None),  # split
-        (x.view(12, 5), 1, here, None),  # merged with the batch
         (x.reshape(1, 3, 4, 5, 1), 1, here, (2, 4)),
         (x.flatten(1), 0, here, (0, 3)),
         (x.flatten(1), 1, here, None),
         (x[None].squeeze(0), 1, (1, 3, 4, 5), (0, 3)),
         (x[:, None].squeeze(1), 2, (3, 1, 4, 5), (1, 4)),
+        (x.view(3, 2, 2, 5), 1, here, MIXED),  # split: its entries regrouped
+        (x.view(12, 5), 1, here, None),  # merged with the batch
     ]:
         assert _moved(y.grad_fn, b, shape) == expected, (y.grad_fn, b)
+    for y, b, expected in [  # reductions over a dimension, or all of them
+        (x.max(1).values, 0, (0, 3)),
+        (x.max(0).values, 0, MIXED),
+        (x.max(), 2, MIXED),
+        (x.logsumexp(1), 2, (1, 5)),
+        (x.logsumexp((0, 2), keepdim=True), 0, MIXED),
+        (x.norm(dim=2), 1, (1, 4)),
+        (x.std(1), 1, MIXED),
+        (x.median(2).values, 0, (0, 3)),
+    ]:
+        assert _moved(y.grad_fn, b, here) == expected, (y.grad_fn, b)
+    a, c = torch.randn(3, 5, requires_grad=True), torch.randn(4, 5)
+    for slot, b, expected in [(0, 0, (0, 3)), (0, 1, MIXED), (1, 0, (1, 4)), (1, 1, MIXED)]:
+        y = torch.cdist(a, c) if slot == 0 else torch.cdist(c, a)  # (3, 4), (4, 3)
+        shape = (3, 5)
+        want = expected if slot == 0 or expected == MIXED else (1, 3)
+        assert _moved(y.grad_fn, b, shape, slot) == want, (slot, b)
     left, right = torch.randn(5, 2), torch.randn(2, 4)
     for y, slot, b, expected in [  # a product of x[0] (4, 5): which side, and which dim
         (x[0] @ left, 0, 0, (0, 4)),
