@@ -184,6 +184,7 @@ class capture:
         # read more than one input or part of one, which rows are the examples' is a
         # question (a support set, a table handed in beside the batch or sliced from it)
         self._entries = 0
+        self._running = False  # inside the model's forward
         self._several = False
         self._read: set[tuple[int, int]] = set()  # (storage, offset)
         self._ddp_sync: bool | None = None  # DDP's own gradient sync flag, while we hold it
@@ -204,6 +205,7 @@ class capture:
             self._handles.append(
                 self.model.register_forward_pre_hook(self._batch_size, with_kwargs=True)
             )
+            self._handles.append(self.model.register_forward_hook(self._ended, always_call=True))
             skip: str | None = None  # the subtree of a module whose rule owns it
             lists: tuple[str, ...] = ()  # the subtrees of parametrizations
             for name, module in modules:
@@ -316,6 +318,7 @@ class capture:
             return
         self._n, self._inputs = None, (args, kwargs)
         self._entries += 1
+        self._running = True
         bd = self.batch_dim
         first = args[0] if args else None
         if isinstance(first, Tensor) and first.dim() > bd:  # the common case
@@ -328,6 +331,9 @@ class capture:
         n = self._n
         if n is not None and len({id(t) for t in leaves if has_batch(t, n, bd)}) > 1:
             self._several = True
+
+    def _ended(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._running = False
 
     def _questioned(self, leaves: list[Any], n: int) -> str:
         """For a call on tensors none of which requires grad, judged batched because
@@ -459,6 +465,11 @@ class capture:
                     and any(isinstance(t, Tensor) for t in in_leaves)
                 ):
                     _refuse_batch_made(module, name, output if spec is _TENSOR_SPEC else None)
+            if not self._running and not boundary and not broadcast:
+                # a layer called outside the model's forward (a support set encoded by a
+                # submodule beside the model's run): another run on the model's inputs
+                self._entries += 1
+                questioned = questioned or "inputs"
             shared = None
             if broadcast:
                 # A call whose output all examples share (a position embedding of

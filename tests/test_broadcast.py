@@ -535,6 +535,27 @@ def test_a_support_set_sliced_from_the_batch_s_tensor():
         cap.norms(F.cross_entropy(model(episode[:4], episode[4:]), y, reduction="none"))
 
 
+class Protonet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = _encoder()
+
+    def forward(self, queries, protos):  # (n, 5), (k, 4)
+        return SUPPORT["distances"](self.enc(queries), protos)
+
+
+def test_a_support_set_encoded_by_a_submodule():
+    """The support encoded by the model's submodule outside the model's forward: a call
+    outside the forward on tensors from outside the graph is another run on the model's
+    inputs (it was read as a batch, off by 71 %)."""
+    model = Protonet()
+    queries, support = torch.randn(2, 4, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0])
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="support set"):
+        logits = model(queries, model.enc(support))
+        cap.norms(F.cross_entropy(logits, y, reduction="none"))
+
+
 def test_two_views_of_the_batch():
     """The model run twice, each time on the examples' own rows: followed, and passes."""
     enc = _encoder()
