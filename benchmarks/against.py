@@ -6,12 +6,16 @@ Timings of separate processes, on a shared machine or a GPU machine's host, diff
 other revision's ``indigrad`` beside this one (as the package ``indigrad_base``; the
 package imports itself relatively) and times plain, the other's step and this tree's in
 turn, round after round, on one model. ``--tiny-mlp`` times what a step costs besides its
-layers' work: an MLP so small that its operators cost next to nothing.
+layers' work: an MLP so small that its operators cost next to nothing. ``--two-inputs``
+hands the model its batch with a mask of ones beside it, as a Hugging Face model takes
+``attention_mask``: a model with two inputs of the batch's size has them followed through
+the graph each step (which rows are the examples' is then a question), and this times that.
 
     python benchmarks/against.py 0ad6047                          # the zoo's ResNet-18
     python benchmarks/against.py 0ad6047 --problem gpt --rounds 20
     python benchmarks/against.py 0ad6047 --tiny --as cuda         # host_time.py's model
     python benchmarks/against.py 0ad6047 --tiny-mlp --methods grads,clipped --rounds 3000
+    python benchmarks/against.py 0ad6047 --problem gpt --two-inputs   # (ids, mask) inputs
     python benchmarks/against.py --base DIR --device cuda   # DIR/indigrad_base, made
                                                             # here (a device has no git)
 
@@ -77,6 +81,19 @@ def act_as_both(device: str) -> None:
                 setattr(theirs, name, getattr(mine, name))
 
 
+class Masked(torch.nn.Module):
+    """A model whose output is multiplied by a mask handed in beside its input."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, keep = pair  # (n, T, …), (n, T)
+        out = self.inner(x)  # (n, T, …)
+        return out * keep.view(*keep.shape, *[1] * (out.dim() - 2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("rev", nargs="?", help="the other revision (git)")
@@ -86,6 +103,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="host_time.py's tiny ResNet-18")
     parser.add_argument(
         "--tiny-mlp", action="store_true", help="an MLP 8-16-16-4 on 4 examples: the fixed costs"
+    )
+    parser.add_argument(
+        "--two-inputs", action="store_true", help="the batch and a mask of ones, as a tuple"
     )
     parser.add_argument("--methods", default="clipped", help="of clipped, grads, norms")
     parser.add_argument("--as", dest="act_as", help="take this device's cost settings")
@@ -120,6 +140,8 @@ def main() -> None:
         problem = bench.zoo(args.device)[args.problem]()
     model = problem.model()
     x, y, loss = problem.x, problem.y, problem.loss
+    if args.two_inputs:
+        model, x = Masked(model), (x, torch.ones(x.shape[:2], device=x.device))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=args.device != "cpu")
     cuda = torch.device(args.device).type == "cuda"
 
