@@ -294,17 +294,22 @@ def confirm_batch(
     stack = [((e.node, e.output_nr), bd, True) for e in call.edges]
     after: list[tuple[tuple[Any, int], int, bool]] = []
     budget = {False: _FOLLOW_LIMIT, True: _FOLLOW_LIMIT}
+    seen: set[tuple[tuple[Any, int], int, bool, bool]] = set()  # each path taken once
     confirmed = False
     elsewhere = False  # the dimension was found to end elsewhere than the batch's
     stuck = False  # a path before any confirmation could not be followed
     while stack or after:
         settled = not stack
+        on = after if settled else stack
+        path = on.pop()
+        if (*path, settled) in seen:
+            continue
+        seen.add((*path, settled))
         budget[settled] -= 1
         if budget[settled] < 0:
             stuck = not settled  # a confirmed path stays so
             break
-        (v, nr), b, alone = (after if settled else stack).pop()
-        on = after if settled else stack
+        (v, nr), b, alone = path
         if v is losses:
             if b != 0:
                 elsewhere = True  # the dimension taken for the batch ends elsewhere
@@ -465,6 +470,12 @@ def _moved(u: Any, b: int, here: tuple[int, ...], slot: int = 0) -> tuple[int, i
         if not dims or b in dims:
             return MIXED
         moved = b if u._saved_keepdim else b - sum(d < b for d in dims)
+    elif kind.startswith("ScaledDotProduct"):
+        # q (…, l, e), k (…, s, e), v (…, s, f), a bias (…, l, s) -> (…, l, f)
+        last = len(here) - 1
+        if not (b < last - 1 or (b == last - 1 and slot in (0, 3)) or (b == last and slot == 2)):
+            return MIXED  # the keys' positions, or the features contracted
+        moved = b  # the batch's dimensions, the queries' positions, the values' features
     elif kind == "CdistBackward":  # (…, p, m), (…, r, m) -> (…, p, r)
         if b == len(here) - 1:
             return MIXED  # the coordinates, summed

@@ -756,6 +756,17 @@ def test_a_dimension_followed_through_ops():
         (x.median(2).values, 0, (0, 3)),
     ]:
         assert _moved(y.grad_fn, b, here) == expected, (y.grad_fn, b)
+    q, k, v = (torch.randn(3, 2, 4, 8, dtype=torch.float64, requires_grad=True) for _ in "qkv")
+    y = F.scaled_dot_product_attention(q, k, v)  # (3, 2, 4, 8): a node of its own on a CPU
+    if type(y.grad_fn).__name__.startswith("ScaledDotProduct"):
+        for slot, b, expected in [
+            (0, 0, (0, 3)),  # the batch
+            (0, 2, (2, 4)),  # the queries' positions
+            (0, 3, MIXED),  # the features, contracted with the keys'
+            (1, 2, MIXED),  # the keys' positions, attended over
+            (2, 3, (3, 8)),  # the values' features
+        ]:
+            assert _moved(y.grad_fn, b, (3, 2, 4, 8), slot) == expected, (slot, b)
     a, c = torch.randn(3, 5, requires_grad=True), torch.randn(4, 5)
     for slot, b, expected in [(0, 0, (0, 3)), (0, 1, MIXED), (1, 0, (1, 4)), (1, 1, MIXED)]:
         y = torch.cdist(a, c) if slot == 0 else torch.cdist(c, a)  # (3, 4), (4, 3)

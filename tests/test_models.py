@@ -231,6 +231,38 @@ def test_bart_sequence_classification():
     _check(model, losses, ids, torch.tensor([0, 2, 1]))
 
 
+@pytest.mark.parametrize("n, Td", [(3, 4), (3, 3)])
+def test_bart_with_labels(n, Td):
+    """Given labels, BART shifts them into its decoder's ids inside the model: integer ids
+    whose first dimension is followed to the losses'. With Td = n every activation of the
+    decoder has two dimensions of n entries; the follow goes through its attention
+    (scaled_dot_product_attention's node) to the losses (it was refused)."""
+    transformers = _require("transformers")
+    config = transformers.BartConfig(
+        vocab_size=20,
+        d_model=8,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=8,
+        decoder_ffn_dim=8,
+        max_position_embeddings=16,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(config).double().eval()
+    ids, labels = torch.randint(3, 20, (n, 5)), torch.randint(3, 20, (n, Td))
+
+    def losses(ids, labels):
+        logits = model(input_ids=ids, labels=labels).logits  # (n, Td, V)
+        return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(1)
+
+    _check(model, losses, ids, labels)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_t5_relative_position_bias(attention, no_rerun):
     """T5's relative position bias is an embedding of (T, T) buckets without the batch,
