@@ -37,19 +37,34 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.utils import parametrize
 
 
-def parametrized(module: nn.Module) -> dict[str, list[str]]:
+def parametrized(module: nn.Module, subtree: bool = False) -> dict[str, list[str]]:
     """``{tensor name: local names of its trainable originals}`` of a parametrized module
-    (``{}`` for any other). The parametrizations' own parameters (a learnt scale) count
-    among the originals: the tensor is computed from them too."""
-    lists = module._modules.get("parametrizations")  # a dict lookup: asked of every call
-    if not isinstance(lists, nn.ModuleDict) or not parametrize.is_parametrized(module):
-        return {}
-    return {
-        name: [
-            f"parametrizations.{name}.{k}" for k, p in plist.named_parameters() if p.requires_grad
-        ]
-        for name, plist in lists.items()
-    }
+    (``{}`` for any other); with ``subtree``, of its submodules' too, by their names in it
+    (``out_proj.weight``: a rule that covers the subtree, as attention's does). The
+    parametrizations' own parameters (a learnt scale) count among the originals: the
+    tensor is computed from them too."""
+    owners = module.named_modules() if subtree else [("", module)]
+    found = {}
+    for prefix, owner in owners:
+        lists = owner._modules.get("parametrizations")  # a dict lookup: asked of every call
+        if not isinstance(lists, nn.ModuleDict) or not parametrize.is_parametrized(owner):
+            continue
+        at = f"{prefix}." if prefix else ""
+        for name, plist in lists.items():
+            found[f"{at}{name}"] = [
+                f"{at}parametrizations.{name}.{k}"
+                for k, p in plist.named_parameters()
+                if p.requires_grad
+            ]
+    return found
+
+
+def _list(module: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
+    """For a parametrized tensor's name in ``module`` (``out_proj.weight``): the module
+    that holds it, its name there, and its list of parametrizations."""
+    prefix, _, local = name.rpartition(".")
+    owner = module.get_submodule(prefix) if prefix else module
+    return owner, local, cast(nn.ModuleDict, owner.parametrizations)[local]
 
 
 @contextmanager
@@ -57,19 +72,19 @@ def _as_in_the_forward(module: nn.Module, names: dict[str, list[str]]) -> Iterat
     """The parametrized tensors, computed once and cached for the block, as the forward
     computed them: with gradient (the rules ask ``weight.requires_grad``) and in eval mode
     (spectral_norm's power iteration keeps the vectors that forward used)."""
-    lists = cast(nn.ModuleDict, module.parametrizations)
-    modes = {name: lists[name].training for name in names}
+    lists = {name: _list(module, name) for name in names}
+    modes = {name: plist.training for name, (_, _, plist) in lists.items()}
     try:
-        for name in names:
-            lists[name].eval()
+        for _, _, plist in lists.values():
+            plist.eval()
         with parametrize.cached():
             with torch.enable_grad():
-                for name in names:
-                    getattr(module, name)
+                for owner, local, _ in lists.values():
+                    getattr(owner, local)
             yield
     finally:
         for name, training in modes.items():
-            lists[name].train(training)
+            lists[name][2].train(training)
 
 
 def grads(
@@ -94,8 +109,10 @@ def _originals(
         g = grads.get(name)  # (n, *tensor.shape)
         if g is None or not locals_:
             continue
-        plist = cast(nn.ModuleDict, module.parametrizations)[name]
-        short = [k[len(f"parametrizations.{name}.") :] for k in locals_]  # "original", "0.scale"
+        _, local, plist = _list(module, name)
+        at = name[: len(name) - len(local)]  # "out_proj." for "out_proj.weight"
+        # "original", "0.scale"
+        short = [k[len(f"{at}parametrizations.{local}.") :] for k in locals_]
         originals = {k: plist.get_parameter(k).detach() for k in short}
 
         def tensor(theta: dict[str, Tensor], plist: nn.Module = plist) -> Tensor:

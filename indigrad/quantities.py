@@ -83,7 +83,8 @@ class _Entry:
         self._prepared: Any = None  # the rule's ``prepare`` result, once asked for
         # parametrized tensors (weight_norm, …): the rule's gradients of the tensor go to
         # its originals by the chain rule, from materialised gradients
-        self.reparam = _reparam.parametrized(call.module) if self.rule is not None else {}
+        rule = self.rule
+        self.reparam = {} if rule is None else _reparam.parametrized(call.module, rule.subtree)
         if self.rule is not None:
             self.inputs = rule_inputs(cap, call, n)
             self.G: Any = rule_G(cap, call, n)

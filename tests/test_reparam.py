@@ -2,6 +2,7 @@
 weight's per-example gradients, the originals' follow by the chain rule."""
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -115,6 +116,32 @@ def test_a_parametrization_with_parameters_of_its_own(n):
     model = nn.Sequential(first, nn.Tanh(), nn.Linear(4, 2).double())
     x = torch.randn(n, 4, dtype=D)
     indigrad.testing.check(model, lambda x: model(x).square().sum(1), x)
+
+
+class Attending(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True, dtype=D)
+        self.head = nn.Linear(4, 2, dtype=D)
+
+    def forward(self, x):  # (n, T, 4)
+        return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))  # (n, 2)
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "scaled"])
+def test_a_parametrized_layer_inside_a_rule_of_the_subtree(wrap):
+    """Attention's rule covers its out_proj: a parametrized out_proj's originals follow
+    from the rule's gradients of its weight (it was refused: "returned no grads")."""
+    torch.manual_seed(0)
+    model = Attending()
+    if wrap == "weight_norm":
+        weight_norm(model.attention.out_proj)
+    else:
+        parametrize.register_parametrization(model.attention.out_proj, "weight", Scaled(4))
+    x = torch.randn(3, 5, 4, dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: no batching rule for weight_norm's backward
+        indigrad.testing.check(model, lambda x: model(x).square().sum(1), x)
 
 
 def test_spectral_norm_in_training_mode_keeps_the_forward_s_vectors():
