@@ -263,7 +263,8 @@ def confirm_batch(
     losses (node ``losses``) or of an input of a batched call (``batched``: their input
     nodes, and the calls) whose only dimension of ``n`` entries it is, and on no path
     elsewhere. Where that input has another dimension of ``n`` entries, the call proves
-    nothing: the path goes on from its outputs, taken to keep the dimension in place.
+    nothing: the path goes on from its outputs, the dimension taken to stay in place (for a
+    layer with its own layout, an RNN or attention, at that layer's batch positions).
     For calls on integer tensors that could hold ``n`` entries by chance (``kind`` "ids":
     ids made inside the model: shifted decoder ids, a table of positions with as many rows
     as the batch has examples, transposed ids).
@@ -328,17 +329,14 @@ def confirm_batch(
             if b != at:
                 elsewhere = True
                 break
+            pairs = zip(made.edges, outs, strict=True)
+            onward = [((e.node, e.output_nr), d) for e, d in pairs if d is not None]
             if sum(size == n for size in here) > 1:  # the call proves nothing: go on
-                pairs = zip(made.edges, outs, strict=True)
-                on.extend(((e.node, e.output_nr), d, alone) for e, d in pairs if d is not None)
+                on.extend((t, d, alone) for t, d in onward)
                 continue
             confirmed = True
             if alone and all(w is v or parameters_only(w, lookups=False) for w in made.boundary):
-                after.extend(
-                    ((e.node, e.output_nr), d, True)
-                    for e, d in zip(made.edges, outs, strict=True)
-                    if d is not None
-                )
+                after.extend((t, d, True) for t, d in onward)
             continue
         uses = consumers.get((v, nr), [])
         moves = [_moved(u, b, here, slot) for u, slot in uses]

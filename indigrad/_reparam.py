@@ -72,19 +72,19 @@ def _as_in_the_forward(module: nn.Module, names: dict[str, list[str]]) -> Iterat
     """The parametrized tensors, computed once and cached for the block, as the forward
     computed them: with gradient (the rules ask ``weight.requires_grad``) and in eval mode
     (spectral_norm's power iteration keeps the vectors that forward used)."""
-    lists = {name: _list(module, name) for name in names}
-    modes = {name: plist.training for name, (_, _, plist) in lists.items()}
+    lists = [_list(module, name) for name in names]
+    modes = [(plist, plist.training) for _, _, plist in lists]
     try:
-        for _, _, plist in lists.values():
+        for _, _, plist in lists:
             plist.eval()
         with parametrize.cached():
             with torch.enable_grad():
-                for owner, local, _ in lists.values():
+                for owner, local, _ in lists:
                     getattr(owner, local)
             yield
     finally:
-        for name, training in modes.items():
-            lists[name][2].train(training)
+        for plist, training in modes:
+            plist.train(training)
 
 
 def grads(

@@ -607,18 +607,12 @@ class capture:
             )
         ]
         if questioned:
-            batched = {
-                node: call
-                for call in calls
-                if call.questioned in ("", "inputs") and call.shared is None
-                for node in call.boundary
-            }
+            sure = [c for c in calls if c.questioned in ("", "inputs") and c.shared is None]
+            batched = {node: call for call in sure for node in call.boundary}
             trusted = {  # outputs of calls batched beyond question, batch in place bd
                 e.node
-                for call in calls
-                if call.questioned in ("", "inputs")
-                and call.shared is None
-                and not (call.rule is not None and call.rule.raw_layout)
+                for call in sure
+                if not (call.rule is not None and call.rule.raw_layout)
                 for e in call.edges
             }
             for call in questioned:

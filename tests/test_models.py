@@ -201,29 +201,35 @@ def test_gpt2_with_gradient_checkpointing():
     _check(model, _lm_losses(model), ids)
 
 
+def _bart(cls, vocab_size, ffn_dim, decoder_layers=1, **kw):
+    """A tiny BART of class ``cls`` (d = 8, two heads, one encoder layer), in eval mode."""
+    transformers = _require("transformers")
+    config = transformers.BartConfig(
+        vocab_size=vocab_size,
+        d_model=8,
+        encoder_layers=1,
+        decoder_layers=decoder_layers,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=ffn_dim,
+        decoder_ffn_dim=ffn_dim,
+        max_position_embeddings=16,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        **kw,
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, cls)(config).double().eval()
+
+
 def test_bart_sequence_classification():
     """BART's decoder hands its learned positions the position ids (T,) and gets (1, T, d)
     back, shared by the batch (the generic rule, run once); its scaled token embeddings
     override ``forward`` and are read from the graph as lookups."""
-    transformers = _require("transformers")
-    config = transformers.BartConfig(
-        vocab_size=40,
-        d_model=8,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=16,
-        decoder_ffn_dim=16,
-        max_position_embeddings=16,
-        num_labels=3,
-        dropout=0.0,
-        attention_dropout=0.0,
-    )
-    torch.manual_seed(0)
-    model = transformers.BartForSequenceClassification(config).double().eval()
+    model = _bart("BartForSequenceClassification", vocab_size=40, ffn_dim=16, num_labels=3)
     ids = torch.randint(3, 40, (3, 6))
-    ids[:, -1] = config.eos_token_id  # the classification head reads the last eos
+    ids[:, -1] = model.config.eos_token_id  # the classification head reads the last eos
 
     def losses(ids, y):
         return F.cross_entropy(model(input_ids=ids).logits, y, reduction="none")
@@ -237,23 +243,7 @@ def test_bart_with_labels(n, Td):
     whose first dimension is followed to the losses'. With Td = n every activation of the
     decoder has two dimensions of n entries; the follow goes through its attention
     (scaled_dot_product_attention's node) to the losses (it was refused)."""
-    transformers = _require("transformers")
-    config = transformers.BartConfig(
-        vocab_size=20,
-        d_model=8,
-        encoder_layers=1,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=8,
-        decoder_ffn_dim=8,
-        max_position_embeddings=16,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-    )
-    torch.manual_seed(0)
-    model = transformers.BartForConditionalGeneration(config).double().eval()
+    model = _bart("BartForConditionalGeneration", vocab_size=20, ffn_dim=8, decoder_layers=2)
     ids, labels = torch.randint(3, 20, (n, 5)), torch.randint(3, 20, (n, Td))
 
     def losses(ids, labels):
