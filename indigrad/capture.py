@@ -26,10 +26,11 @@ from torch.nn.modules.module import register_module_forward_hook
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
-from . import _reparam, _shared, _split
+from . import _reparam, _shared, _split, _verify
 from ._batch import has_batch
 from ._graph import (
     View,
+    _batch_dims,
     _boundary,
     _check_accounted,
     check_exits,
@@ -99,6 +100,10 @@ class _Call:
     # re-runs read (a parent may set them before each call: a shared block's dilation),
     # and the version counters of those that are tensors
     attrs: tuple[dict[str, Any], dict[str, int]] | None = None
+    # its name, how it was read, and its tensor arguments' and outputs' shapes
+    sig: tuple[Any, ...] = ()
+    # a step whose batch reading is checked: the re-run check of a call without a rule
+    verify: _verify.Pending | None = None
 
     @property
     def label(self) -> str:
@@ -137,10 +142,21 @@ class capture:
             themselves), e.g. the last layer's: the backward then stops where they stop
             needing gradients, and every quantity covers just them. The others are
             treated as frozen for this capture.
+        verify: when to check that the rows taken for examples are the examples'
+            (``indigrad/_verify.py``): ``"new"`` (the default) at the first step of each
+            new pattern of sizes (which dimensions of the layers' inputs and outputs have
+            as many entries as the batch, or one), for each model; ``"always"`` at every
+            step; ``"never"``. A check runs one more backward, of the losses weighted per
+            example, to the layers' outputs only, and compares; a layer's rows that are
+            not its examples' (a table, positions or tokens as many as the examples; a
+            loss that reads other examples' outputs) raise instead of giving wrong
+            numbers. A checked step holds the graph until its second backward, runs the
+            program's backward hooks twice, and waits for the device once.
 
     Each of :meth:`grads`, :meth:`norms` and :meth:`clip_` runs exactly one backward over
-    the forward recorded since the previous one. To get several quantities from one
-    backward, call :meth:`backward` and ask the returned :class:`PerExample`.
+    the forward recorded since the previous one (two at a checked step, see ``verify``).
+    To get several quantities from one backward, call :meth:`backward` and ask the
+    returned :class:`PerExample`.
 
     Example:
         >>> import torch, torch.nn.functional as F, indigrad
@@ -163,14 +179,18 @@ class capture:
         *,
         batch_dim: int = 0,
         params: Iterable[str | nn.Parameter] | None = None,
+        verify: str = "new",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
         if batch_dim < 0:
             raise ValueError(f"batch_dim must be a non-negative dimension, got {batch_dim}")
+        if verify not in _verify.MODES:
+            raise ValueError(f"verify must be one of {_verify.MODES}, got {verify!r}")
         self.model = model
+        self.verify = verify
         self.batch_dim = batch_dim
-        self._only = None if params is None else _select(model, params)
+        self._only = None if params is None else frozenset(_select(model, params))
         self._handles: list[Any] = []
         self._calls: list[_Call] = []
         self._active = False
@@ -490,6 +510,15 @@ class capture:
             for held, key, p in slots:  # each as it was on entering the block
                 if held.get(key) is not p:
                     _refuse_replaced(module, name, key)
+            # what the batch reading depends on, for _verify: how the call was read, its
+            # tensor arguments' and outputs' shapes
+            sig = (
+                name,
+                questioned,
+                broadcast,
+                *[t.shape for t, _ in versions],
+                *[leaves[i].shape for i in edge_index],
+            )
             self._calls.append(
                 _Call(
                     module=module,
@@ -514,6 +543,7 @@ class capture:
                     rule=rule,
                     output=_kept(output) if rule is not None and rule.output else None,
                     attrs=None if rule is not None else self._attrs.pop(id(module), None),
+                    sig=sig,
                 )
             )
             self._consumed = False
@@ -685,6 +715,11 @@ class capture:
                 lambda call: rule_inputs(self, call, n),
                 self._positional,
             )
+        checked = None
+        if n > 1 and self.verify != "never":
+            key = (n, bd, several, self._only, losses.shape, *[c.sig for c in calls])
+            if _verify.due(self.model, key, self.verify):
+                checked = self._weighted(losses, own, edges, n, bd, key)
         outs: tuple[Tensor | None, ...]
         if cuts:
             split_at = functools.partial(self._split_at, n=n)
@@ -701,6 +736,8 @@ class capture:
                     call.views[k].of(g) if k in call.views and g is not None else g
                     for k, g in enumerate(call.grad_outputs)
                 )
+        if checked is not None:
+            self._compare(outs, *checked)
         if meets is not None:
             _shared.output_grads(shared, meets, outs[pos:], n, bd)
         elif shared:  # one example: the output's gradient is its own
@@ -724,6 +761,69 @@ class capture:
                     )
             reached.append(call)
         return PerExample(self, reached, n)
+
+    def _weighted(
+        self,
+        losses: Tensor,
+        own: list[_Call],
+        edges: list[GradientEdge],
+        n: int,
+        bd: int,
+        key: tuple[Any, ...],
+    ) -> tuple[
+        Tensor, list[tuple[int, _Call, str, int]], tuple[Tensor | None, ...], _verify.Pending
+    ]:
+        """The first half of ``_verify``'s output-gradient check, before the backward: the
+        gradients at the calls' outputs (and at the ops that use the parameters of calls
+        without a rule) of the losses weighted by random ``w``. Each checked edge: its
+        index in ``edges``, its call, what it is, and where it has the batch."""
+        checked: list[tuple[int, _Call, str, int]] = []
+        pos = 0
+        for call in own:
+            _, ats = _batch_dims(call, None, bd)
+            for k, at in enumerate(ats):
+                if at is not None and k not in call.views:  # (a view's: read at its base)
+                    what = "its output" if k == 0 else f"its output {k}"
+                    checked.append((pos + k, call, what, at))
+            pos += len(call.edges)
+            for use in call.direct or ():
+                checked.append((pos, call, f"the op that uses its {use.local!r}", use.batch))
+                pos += 1
+            if call.direct is None:
+                pos += len(call.inner)
+        w = _verify.weights(n, losses.device)  # (n,)
+        weighted: tuple[Tensor | None, ...] = ()
+        if checked:
+            weighted = _verify.weighted_grads(losses, w, [edges[i] for i, *_ in checked])
+        rerun = [c for c in own if c.rule is None and c.direct is None and c.shared is None]
+        pending = _verify.Pending(self.model, key, rerun)
+        for call in rerun:  # checked where their gradients are taken (rules/generic.py)
+            call.verify = pending
+        return w, checked, weighted, pending
+
+    def _compare(
+        self,
+        outs: tuple[Tensor | None, ...],
+        w: Tensor,
+        checked: list[tuple[int, _Call, str, int]],
+        weighted: tuple[Tensor | None, ...],
+        pending: _verify.Pending,
+    ) -> None:
+        """The second half: raise where a row of a checked edge's gradient is not ``w_i``
+        times the plain backward's, so not example ``i``'s alone."""
+        n = w.shape[0]
+        low = any(g is not None and g.dtype in (torch.float16, torch.bfloat16) for g in outs)
+        for (i, call, what, at), gw in zip(checked, weighted, strict=True):
+            g = outs[i]
+            if g is None or gw is None or not has_batch(g, n, at) or gw.shape != g.shape:
+                continue
+            over = _verify.scaled_apart(g, gw, w, at, low)
+            if over > 1:
+                raise _verify.not_examples(call.label, what, at, n, over)
+        for call in pending.calls:  # the losses do not reach it: it is not re-run
+            if all(g is None for g in call.grad_outputs):
+                pending.passed(call)
+        pending.passed(None)  # the step's pattern is checked, but for the re-runs'
 
     def grads(self, losses: Tensor) -> dict[str, Tensor]:
         """Per-example gradients ``{name: (n, *param.shape)}`` of every trainable parameter
@@ -884,7 +984,7 @@ def _dense(t: Tensor) -> bool:
 
 
 def _trainable(
-    modules: list[tuple[str, nn.Module]], only: set[str] | None
+    modules: list[tuple[str, nn.Module]], only: frozenset[str] | None
 ) -> tuple[dict[str, nn.Parameter], dict[int, str]]:
     """The captured parameters by name, in ``named_parameters()`` order, and their names
     by ``id``: what ``named_parameters()`` gives, from the walk of the modules already made

@@ -23,6 +23,7 @@ def test_exactly_one_backward(what):
     calls = []
     model = _model()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    _checked(model, x, y)
     with indigrad.capture(model) as cap:
         losses = F.cross_entropy(model(x), y, reduction="none")
         losses.grad_fn.register_prehook(lambda g: calls.append(1))  # each backward runs it
@@ -34,6 +35,13 @@ def test_exactly_one_backward(what):
         else:
             getattr(cap, what)(losses)
     assert calls == [1]
+
+
+def _checked(model, x, y):
+    """A first step, at which the batch reading is checked by one more backward (see
+    tests/test_verify.py); the later ones at these shapes run one."""
+    with indigrad.capture(model) as cap:
+        cap.norms(F.cross_entropy(model(x), y, reduction="none"))
 
 
 def test_losses_of_a_tensor_subclass():
@@ -55,6 +63,7 @@ def test_hooks_on_the_losses_see_the_backward_as_plain_training_does():
     # losses (PyTorch's module trackers use these) fires once, with every gradient
     model = _model()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    _checked(model, x, y)
     seen = []
     with indigrad.capture(model) as cap:
         losses = F.cross_entropy(model(x), y, reduction="none")

@@ -100,7 +100,7 @@ def run(
     faults: dict[str, list[int]] = {m: [] for m in order}
     op_counts: dict[str, dict[str, int]] = {}
 
-    def timed(method: str) -> float:
+    def timed(method: str, record: bool = True) -> float:
         if cuda:
             _sync(device)
             before = torch.cuda.memory_allocated(device)
@@ -110,7 +110,7 @@ def run(
         steps[method]()
         _sync(device)
         elapsed = time.perf_counter() - start
-        if cuda and not graphs:
+        if cuda and not graphs and record:  # not in the warm-up, whose first step is checked
             used = torch.cuda.max_memory_allocated(device) - before
             memory[method] = max(memory.get(method, 0), used)
         elif start_faults is not None:
@@ -132,7 +132,7 @@ def run(
                         op_counts[method] = count_ops(steps[method])
                     steps[method] = graphed(steps[method], device)
                 for _ in range(warmup):
-                    timed(method)
+                    timed(method, record=False)
                 if ops and not graphs:
                     op_counts[method] = count_ops(steps[method])
             except Exception as err:  # a method that crashes is reported, not hidden

@@ -36,6 +36,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .. import _verify
 from .._batch import has_batch
 from .._precision import _param_dtype, _upcast
 
@@ -90,25 +91,29 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
             out_leaves = tree_flatten(module.forward(*args, **kwargs))[0]
         return tuple(out_leaves[j] for j in out_index)
 
-    def one_example(xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    def one_example(
+        xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]
+    ) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
         args, kwargs, gs = example(xs, gs)
-        pullback = vjp(lambda theta: outputs(theta, args, kwargs), params)[1]
+        outs, pullback, *_ = vjp(lambda theta: outputs(theta, args, kwargs), params)
         (g,) = pullback(gs)
-        return g
+        return g, outs
 
-    def by_autograd(xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    def by_autograd(
+        xs: tuple[Tensor, ...], gs: tuple[Tensor, ...]
+    ) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
         """:func:`one_example` with autograd, not torch.func (which some forwards, such
         as an RNN's on a PackedSequence, do not run under)."""
         args, kwargs, gs = example(xs, gs)
         theta = {k: p.detach().requires_grad_() for k, p in params.items()}
         with torch.enable_grad():
-            grads = torch.autograd.grad(
-                outputs(theta, args, kwargs), list(theta.values()), gs, allow_unused=True
-            )
-        return {
+            outs = outputs(theta, args, kwargs)
+            grads = torch.autograd.grad(outs, list(theta.values()), gs, allow_unused=True)
+        grads_by_name = {
             k: torch.zeros_like(p) if g is None else g
             for (k, p), g in zip(theta.items(), grads, strict=True)
         }
+        return grads_by_name, tuple(o.detach() for o in outs)
 
     xs = tuple(fixed[i] for i in batched)
     attrs, versions = call.attrs or ({}, {})
@@ -122,10 +127,11 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
             "attributes as the call began), or register a rule for the module with "
             "indigrad.register_rule."
         )
+    whole: tuple[Tensor, ...] = ()
     with _as_called(module, attrs):
         try:
             with torch.no_grad():
-                out: dict[str, Tensor] = vmap(one_example, in_dims=(bd, g_dim), randomness="error")(
+                out, rows = vmap(one_example, in_dims=(bd, g_dim), randomness="error")(
                     xs, cotangents
                 )
         except RuntimeError as err:
@@ -137,7 +143,10 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
             # as vmap would have. An error of the forward itself is raised again, by the
             # first example.
             with torch.no_grad(), _NoRandomness(call):
-                out = _one_by_one(by_autograd, xs, bd, cotangents, g_dim, n)
+                out, rows = _one_by_one(by_autograd, xs, bd, cotangents, g_dim, n)
+    if call.verify is not None:  # a step whose batch reading is checked: the whole batch
+        with _as_called(module, attrs), torch.no_grad():
+            whole = outputs(params, *tree_unflatten(fixed, in_spec))
     changed = [k for k, b in state.items() if b._version]
     if changed:
         raise RuntimeError(
@@ -147,6 +156,13 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
             "the module in eval mode if that stops the updates, or register a rule for it "
             "with indigrad.register_rule."
         )
+    if call.verify is not None:
+        for k, (row, one) in enumerate(zip(rows, whole, strict=True)):
+            # (n, *one example's output, batch of one) and (n, ...) at the batch's place
+            over = _verify.rerun_apart(row.squeeze(bd + 1), one.movedim(bd, 0))
+            if over > 1:
+                raise _verify.rerun_differs(call.label, k, bd, n, over)
+        call.verify.passed(call)
     return out
 
 
@@ -200,17 +216,21 @@ class _NoRandomness(TorchDispatchMode):
 
 
 def _one_by_one(
-    fn: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], dict[str, Tensor]],
+    fn: Callable[
+        [tuple[Tensor, ...], tuple[Tensor, ...]], tuple[dict[str, Tensor], tuple[Tensor, ...]]
+    ],
     xs: tuple[Tensor, ...],
     bd: int,
     gs: tuple[Tensor, ...],
     g_dim: int,
     n: int,
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
     """What ``vmap(fn, in_dims=(bd, g_dim))(xs, gs)`` gives, by a loop over the ``n``
-    examples: ``{local_name: (n, *shape)}``."""
+    examples: ``{local_name: (n, *shape)}`` and each output's ``(n, *one example's)``."""
     per_example = [
         fn(tuple(x.select(bd, i) for x in xs), tuple(g.select(g_dim, i) for g in gs))
         for i in range(n)
     ]
-    return {k: torch.stack([g[k] for g in per_example]) for k in per_example[0]}
+    grads = {k: torch.stack([g[k] for g, _ in per_example]) for k in per_example[0][0]}
+    outs = tuple(torch.stack(o) for o in zip(*(o for _, o in per_example), strict=True))
+    return grads, outs

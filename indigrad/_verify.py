@@ -1,0 +1,206 @@
+"""Checking, at run time, that the rows indigrad takes for examples are the examples'.
+
+Whether a layer's input or output has the batch dimension is read from its size there
+(``capture._questioned`` and ``_graph.confirm_batch`` follow the cases where that size
+could be chance). Where the reading is wrong, every per-example quantity of that layer is
+wrong, and nothing in its numbers shows it: a table or a view whose dimension has the
+batch's ``n`` entries by chance (``T = n``), a token count equal to ``n``, an op inside
+the model that mixes the examples. This module shows it, in two checks.
+
+**Output gradients.** If row ``i`` of a layer's output (along its batch dimension) is
+example ``i``'s, only ``losses[i]`` depends on it, so the gradient there of
+``Σ_j w_j losses[j]`` is ``w_i`` times that of ``Σ_j losses[j]``. A row that is not
+example ``i``'s (a position, a latent, a token of another example) feeds other losses too,
+and its gradient mixes their weights. So one more backward, of the weighted losses, to
+the same outputs (no weight gradients), tells apart every wrongly batched output,
+whatever made it so. The weights are powers of two: scaling by one is exact in floating
+point, so an example's row comes out *exactly* ``w_i`` times the other (barring
+overflow, and kernels that add in a varying order), and the tolerance can be tight.
+
+**Re-runs.** The generic rule re-runs a module without a rule on each example's rows of
+its batched arguments. An argument whose batch dimension is not the examples' (a
+``(T, T)`` mask at ``T = n``) is cut wrongly there, though the output's rows are the
+examples'; so the re-runs' outputs are compared with the module's output on the whole
+batch (``rules/generic.py``).
+
+Both run where the step's pattern of sizes (which dimensions of the layers' inputs and
+outputs have ``n`` or one entries) is new to the model: a model whose shapes do not
+change is checked once, and one whose batch size or lengths change is checked again
+where a size meets the batch size. ``capture(model, verify="always" | "never")``
+changes that.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MODES = ("new", "always", "never")
+
+# how far apart a row's two gradients may be, as a share of their size: an example's are
+# equal but where a kernel adds in a varying order (atomics on a GPU), or two backwards
+# pick different kernels
+_EXACT = {torch.float64: 1e-9, torch.float32: 1e-3}
+# how far apart a re-run's output and the whole batch's may be: different kernels round
+# differently (TF32 on a GPU)
+_ROUNDED = {torch.float64: 1e-6, torch.float32: 1e-2}
+_LOW = 3e-2  # half and bfloat16, and float32 gradients that passed through them (autocast)
+_FLOOR = 1e-6  # of a tensor's largest row: rows far smaller round as the large ones do
+_POWERS = [s * 2.0**k for k in range(-4, 4) for s in (1, -1)]  # 16 distinct weights
+
+# for each model, the steps' keys seen, and the patterns of sizes checked (each cleared,
+# so re-checked, past _KEEP)
+_seen: weakref.WeakKeyDictionary[Any, tuple[set[Any], set[Any]]] = weakref.WeakKeyDictionary()
+_KEEP = 4096
+_generator: list[torch.Generator] = []
+
+
+def weights(n: int, device: torch.device) -> Tensor:
+    """``(n,)`` random powers of two of random sign, all different for ``n ≤ 16``, from a
+    generator of indigrad's own (the program's random streams are left as they were)."""
+    if not _generator:
+        _generator.append(torch.Generator().manual_seed(0x1D16))
+    gen = _generator[0]
+    values = torch.tensor(_POWERS, dtype=torch.float64)  # (16,)
+    if n <= len(_POWERS):
+        pick = torch.randperm(len(_POWERS), generator=gen)[:n]  # (n,)
+    else:
+        pick = torch.randint(0, len(_POWERS), (n,), generator=gen)  # (n,)
+    return values[pick].to(device)  # (n,)
+
+
+def _pattern(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``capture.backward``'s key of a step, ``(n, bd, …, shapes…)``, with each size replaced
+    by whether it is ``n``, one, or another (not the size itself: a batch size or length
+    that changes without meeting the other gives the same pattern)."""
+    n = key[0]
+
+    def dims(item: Any) -> Any:
+        if isinstance(item, torch.Size):
+            return tuple(2 if s == n else 1 if s == 1 else 0 for s in item)
+        if isinstance(item, tuple):
+            return tuple(map(dims, item))
+        return item
+
+    return tuple(map(dims, key[1:]))
+
+
+def due(model: Any, key: tuple[Any, ...], mode: str) -> bool:
+    """Whether this step, of ``capture.backward``'s ``key``, is checked: always, never, or
+    where its pattern of sizes is new to ``model``."""
+    if mode == "never":
+        return False
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        return False  # a CUDA graph's capture cannot wait for the check's answer
+    if mode == "always":
+        return True
+    seen = _seen.get(model)
+    if seen is None:
+        return True
+    exact, patterns = seen
+    if key in exact:  # the common case: these very sizes were seen
+        return False
+    if _pattern(key) in patterns:
+        exact.add(key)
+        return False
+    return True
+
+
+def passed(model: Any, key: tuple[Any, ...]) -> None:
+    """Remember that ``model`` passed the checks at ``key``."""
+    exact, patterns = _seen.setdefault(model, (set(), set()))
+    if len(exact) >= _KEEP:
+        exact.clear()
+    if len(patterns) >= _KEEP:
+        patterns.clear()
+    exact.add(key)
+    patterns.add(_pattern(key))
+
+
+class Pending:
+    """The re-run checks of a step's calls without a rule (run when their gradients are
+    taken): the step's pattern counts as checked once all have passed."""
+
+    def __init__(self, model: Any, key: tuple[Any, ...], calls: list[Any]) -> None:
+        self.model, self.key, self.calls = model, key, calls
+        self.left = {id(None), *(id(call) for call in calls)}  # None: the gradients' check
+
+    def passed(self, call: Any) -> None:
+        """``call``'s re-runs passed (None: the output gradients' check did)."""
+        self.left.discard(id(call))
+        if not self.left:
+            passed(self.model, self.key)
+
+
+def weighted_grads(losses: Tensor, w: Tensor, edges: Sequence[Any]) -> tuple[Tensor | None, ...]:
+    """The gradients at ``edges`` of ``Σ_i w_i losses[i]``, keeping the graph for the
+    backward that follows."""
+    n = losses.shape[0]
+    scaled = losses * w.to(losses.dtype).view(n, *[1] * (losses.dim() - 1))  # (n, ...)
+    return torch.autograd.grad(scaled.sum(), list(edges), retain_graph=True, allow_unused=True)
+
+
+def scaled_apart(g: Tensor, gw: Tensor, w: Tensor, at: int, low: bool) -> float:
+    """How far the rows of ``gw`` (the weighted backward's gradient) are from ``w_i``
+    times those of ``g`` (the plain backward's), along dimension ``at``, as a multiple of
+    the tolerance: above 1, a row is not an example's."""
+    tol = _LOW if low else _EXACT.get(g.dtype, _LOW)
+    n = w.shape[0]
+    scaled = g.detach().movedim(at, 0).reshape(n, -1).double() * w[:, None]  # (n, k)
+    return _apart(gw.movedim(at, 0), scaled, tol)
+
+
+def rerun_apart(rows: Tensor, whole: Tensor) -> float:
+    """How far the re-runs' outputs ``rows`` are from the whole batch's ``whole`` (both
+    ``(n, ...)``), as a multiple of the tolerance: above 1, a re-run did not compute its
+    example's rows."""
+    if rows.shape != whole.shape:
+        return float("inf")
+    return _apart(rows, whole, _ROUNDED.get(rows.dtype, _LOW))
+
+
+def _apart(a: Tensor, b: Tensor, tol: float) -> float:
+    """The largest distance of a row of ``a`` from that of ``b`` (``(n, ...)`` each), as a
+    multiple of ``tol`` times the rows' size (0 where a value is not finite: the two
+    cannot be compared there)."""
+    n = a.shape[0]
+    a = a.detach().reshape(n, -1).double()  # (n, k)
+    b = b.detach().reshape(n, -1).double()  # (n, k)
+    diff = (a - b).norm(dim=1)  # (n,)
+    size = a.norm(dim=1) + b.norm(dim=1)  # (n,)
+    bound = tol * (size + _FLOOR * size.max())  # (n,)
+    over = torch.where(diff > 0, diff / bound.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    return float(over.nan_to_num(0.0, 0.0, 0.0).max()) if n else 0.0
+
+
+def not_examples(label: str, what: str, at: int, n: int, over: float) -> RuntimeError:
+    return RuntimeError(
+        f"{label}: the rows of {what} along its batch dimension {at} ({n} entries, as "
+        "many as the losses) are not one example's each. indigrad checks this by a second "
+        "backward of the losses weighted per example: a row that is example i's alone has "
+        "a gradient exactly w_i times its plain one, and these are not (off by "
+        f"{over:.3g} times the tolerance). So another tensor's dimension has {n} entries "
+        "by chance (a table, positions, latents or tokens as many as the examples; a "
+        "sequence-first view at T = n), or the model mixes examples after this layer "
+        "(batch statistics; a loss of one example that reads another's outputs), and every "
+        "per-example quantity of this layer would be wrong. Make such sizes differ from "
+        "the batch size, call the layer on the batch's own tensors, or freeze it."
+    )
+
+
+def rerun_differs(label: str, k: int, bd: int, n: int, over: float) -> RuntimeError:
+    output = "output" if k == 0 else f"output {k}"
+    return RuntimeError(
+        f"{label} has no rule of its own, and re-running it on one example's rows of its "
+        f"arguments (those with {n} entries in dimension {bd}) did not give that "
+        f"example's rows of its {output} on the whole batch (off by {over:.3g} times the "
+        "tolerance): an argument whose dimension has as many entries as the batch by "
+        "chance (a (T, T) mask at T = n) is not the examples', or the forward mixes the "
+        "examples (x - x.mean(0)), so its per-example gradients would be wrong. Make such "
+        "sizes differ from the batch size, or register a rule for the module with "
+        "indigrad.register_rule."
+    )
