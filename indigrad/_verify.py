@@ -13,9 +13,12 @@ example ``i``'s, only ``losses[i]`` depends on it, so the gradient there of
 example ``i``'s (a position, a latent, a token of another example) feeds other losses too,
 and its gradient mixes their weights. So one more backward, of the weighted losses, to
 the same outputs (no weight gradients), tells apart every wrongly batched output,
-whatever made it so. The weights are powers of two: scaling by one is exact in floating
-point, so an example's row comes out *exactly* ``w_i`` times the other (barring
-overflow, and kernels that add in a varying order), and the tolerance can be tight.
+whatever made it so. The weights are powers of two, at least one: scaling by one is
+exact in floating point, so an example's row comes out *exactly* ``w_i`` times the other
+(barring overflow, the subnormal range, and kernels that add in a varying order), and the
+tolerance can be tight. Each example has its own weight up to 64 examples (8 in float16),
+so that no two exchanged rows pass for examples'. The program's backward hooks run in
+this backward too, and one that is not linear in the gradient (a clamp) fails it.
 
 **Re-runs.** The generic rule re-runs a module without a rule on each example's rows of
 its batched arguments. An argument whose batch dimension is not the examples' (a
@@ -39,18 +42,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .rules import _ghost
+
 MODES = ("new", "always", "never")
 
-# how far apart a row's two gradients may be, as a share of their size: an example's are
-# equal but where a kernel adds in a varying order (atomics on a GPU), or two backwards
-# pick different kernels
-_EXACT = {torch.float64: 1e-9, torch.float32: 1e-3}
-# how far apart a re-run's output and the whole batch's may be: different kernels round
-# differently (TF32 on a GPU)
-_ROUNDED = {torch.float64: 1e-6, torch.float32: 1e-2}
-_LOW = 3e-2  # half and bfloat16, and float32 gradients that passed through them (autocast)
+# How far apart a row's two gradients may be, as a share of their size. An example's are
+# equal but where a kernel adds in a varying order (atomics on a GPU), or a kernel's path
+# depends on where its operands lie in memory; further apart where products run at
+# reduced precision (TF32, or bf16 for float32 matrix products), and in half precision.
+_EXACT = {torch.float64: 1e-9, torch.float32: 1e-5}
+# How far apart a re-run's outputs and the whole batch's may be: a batch of one and the
+# whole batch run different kernels, which round differently.
+_ROUNDED = {torch.float64: 1e-8, torch.float32: 1e-4}
+_REDUCED = 1e-3  # float32 where products run at reduced precision: both checks
+_LOW, _LOW_RERUN = 3e-2, 1e-1  # half and bfloat16 gradients and outputs
 _FLOOR = 1e-6  # of a tensor's largest row: rows far smaller round as the large ones do
-_POWERS = [s * 2.0**k for k in range(-4, 4) for s in (1, -1)]  # 16 distinct weights
+# The weights: powers of two of either sign, at least one (smaller ones would push small
+# gradients into the subnormal range, where scaling is not exact), and at most what the
+# gradients' type has room for (float16's overflow at 65504).
+_POWERS = [s * 2.0**k for k in range(32) for s in (1, -1)]  # 64 values
+_POWERS_HALF = [s * 2.0**k for k in range(4) for s in (1, -1)]  # 8 values
+# Gradients the plain backward took through the subnormal range round there, where a
+# weight's scaling does not: below this many times the smallest normal number of their
+# type (times the square root of a row's length) rows are not compared.
+_SUBNORMAL = 256
 
 # for each model, the steps' keys seen, and the patterns of sizes checked (each cleared,
 # so re-checked, past _KEEP)
@@ -59,18 +74,31 @@ _KEEP = 4096
 _generator: list[torch.Generator] = []
 
 
-def weights(n: int, device: torch.device) -> Tensor:
-    """``(n,)`` random powers of two of random sign, all different for ``n ≤ 16``, from a
-    generator of indigrad's own (the program's random streams are left as they were)."""
+def weights(n: int, device: torch.device, half: bool) -> Tensor:
+    """``(n,)`` random powers of two of random sign, all different for ``n`` up to 64 (8
+    with ``half``, gradients in float16), from a generator of indigrad's own (the
+    program's random streams are left as they were). Beyond that some examples share a
+    weight, and rows exchanged between two of them pass the check at that step."""
     if not _generator:
         _generator.append(torch.Generator().manual_seed(0x1D16))
     gen = _generator[0]
-    values = torch.tensor(_POWERS, dtype=torch.float64)  # (16,)
-    if n <= len(_POWERS):
-        pick = torch.randperm(len(_POWERS), generator=gen)[:n]  # (n,)
+    values = torch.tensor(_POWERS_HALF if half else _POWERS, dtype=torch.float64)  # (m,)
+    m = len(values)
+    if n <= m:
+        pick = torch.randperm(m, generator=gen)[:n]  # (n,)
     else:
-        pick = torch.randint(0, len(_POWERS), (n,), generator=gen)  # (n,)
+        pick = torch.randint(0, m, (n,), generator=gen)  # (n,)
     return values[pick].to(device)  # (n,)
+
+
+def reduced(device: torch.device) -> bool:
+    """Whether float32 products may run at reduced precision on ``device``: on a GPU
+    always taken so (cuDNN's convolutions run in TF32 by default, and kernels there may
+    add in a varying order), on a CPU where the program lowered the precision of matrix
+    products (bf16)."""
+    if device.type != "cpu":
+        return True
+    return _ghost.reduced(torch.empty(0))
 
 
 def _pattern(key: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -144,37 +172,67 @@ def weighted_grads(losses: Tensor, w: Tensor, edges: Sequence[Any]) -> tuple[Ten
     return torch.autograd.grad(scaled.sum(), list(edges), retain_graph=True, allow_unused=True)
 
 
-def scaled_apart(g: Tensor, gw: Tensor, w: Tensor, at: int, low: bool) -> float:
-    """How far the rows of ``gw`` (the weighted backward's gradient) are from ``w_i``
-    times those of ``g`` (the plain backward's), along dimension ``at``, as a multiple of
-    the tolerance: above 1, a row is not an example's."""
-    tol = _LOW if low else _EXACT.get(g.dtype, _LOW)
+def scaled_apart(
+    g: Tensor, gw: Tensor, w: Tensor, at: int, low: bool, coarse: bool, half: bool
+) -> float:
+    """How far the rows of ``gw / w_i`` (the weighted backward's gradient, divided by
+    each row's weight: exact, a power of two) are from those of ``g`` (the plain
+    backward's), along dimension ``at``, as a multiple of the tolerance: above 1, a row
+    is not an example's. ``low``: gradients of half precision in the backward; ``half``:
+    of float16, whose subnormal range starts high; ``coarse``: float32 products at
+    reduced precision (:func:`reduced`)."""
+    if low:
+        tol = _LOW
+    elif coarse and g.dtype == torch.float32:
+        tol = _REDUCED
+    else:
+        tol = _EXACT.get(g.dtype, _LOW)
     n = w.shape[0]
-    scaled = g.detach().movedim(at, 0).reshape(n, -1).double() * w[:, None]  # (n, k)
-    return _apart(gw.movedim(at, 0), scaled, tol)
+    gw = gw.detach().movedim(at, 0).reshape(n, -1)  # (n, k)
+    unweighted = gw / w.to(_exact_type(gw.dtype))[:, None]  # (n, k), exact
+    tiny = torch.finfo(torch.float16 if half else g.dtype).tiny
+    return _apart(unweighted, g.movedim(at, 0), tol, tiny)
 
 
-def rerun_apart(rows: Tensor, whole: Tensor) -> float:
+def rerun_apart(rows: Tensor, whole: Tensor, coarse: bool) -> float:
     """How far the re-runs' outputs ``rows`` are from the whole batch's ``whole`` (both
     ``(n, ...)``), as a multiple of the tolerance: above 1, a re-run did not compute its
-    example's rows."""
+    example's rows. ``coarse``: float32 products at reduced precision."""
     if rows.shape != whole.shape:
         return float("inf")
-    return _apart(rows, whole, _ROUNDED.get(rows.dtype, _LOW))
+    dtype = rows.dtype
+    tol = _REDUCED if coarse and dtype == torch.float32 else _ROUNDED.get(dtype, _LOW_RERUN)
+    return _apart(rows, whole, tol, torch.finfo(dtype).tiny)
 
 
-def _apart(a: Tensor, b: Tensor, tol: float) -> float:
+def _apart(a: Tensor, b: Tensor, tol: float, tiny: float) -> float:
     """The largest distance of a row of ``a`` from that of ``b`` (``(n, ...)`` each), as a
-    multiple of ``tol`` times the rows' size (0 where a value is not finite: the two
-    cannot be compared there)."""
+    multiple of ``tol`` times the rows' size, plus what rounding in the subnormal range
+    below ``tiny`` (the smallest normal number) may add (0 where a value is not finite:
+    the two cannot be compared there)."""
     n = a.shape[0]
-    a = a.detach().reshape(n, -1).double()  # (n, k)
-    b = b.detach().reshape(n, -1).double()  # (n, k)
-    diff = (a - b).norm(dim=1)  # (n,)
-    size = a.norm(dim=1) + b.norm(dim=1)  # (n,)
-    bound = tol * (size + _FLOOR * size.max())  # (n,)
+    dtype = _exact_type(b.dtype)
+    a = a.detach().reshape(n, -1).to(dtype)  # (n, k)
+    b = b.detach().reshape(n, -1).to(dtype)  # (n, k)
+    diff = (a - b).norm(dim=1).double()  # (n,)
+    size = a.norm(dim=1).double() + b.norm(dim=1).double()  # (n,)
+    below = _SUBNORMAL * tiny * a.shape[1] ** 0.5  # rounded in the subnormal range
+    bound = tol * (size + _FLOOR * size.max()) + below  # (n,)
     over = torch.where(diff > 0, diff / bound.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
     return float(over.nan_to_num(0.0, 0.0, 0.0).max()) if n else 0.0
+
+
+def _exact_type(dtype: torch.dtype) -> torch.dtype:
+    """The type the comparisons take: float32 or float64 as they are (equal rows subtract
+    to exactly zero; unequal ones round far below the tolerances), halves in float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+_FALSE_ALARM = (
+    "(Where indigrad.testing.check finds the per-example gradients equal to the "
+    "per-example loop's, this is a false alarm: please report it; "
+    'capture(model, verify="never") skips the check.)'
+)
 
 
 def not_examples(label: str, what: str, at: int, n: int, over: float) -> RuntimeError:
@@ -188,7 +246,7 @@ def not_examples(label: str, what: str, at: int, n: int, over: float) -> Runtime
         "sequence-first view at T = n), or the model mixes examples after this layer "
         "(batch statistics; a loss of one example that reads another's outputs), and every "
         "per-example quantity of this layer would be wrong. Make such sizes differ from "
-        "the batch size, call the layer on the batch's own tensors, or freeze it."
+        "the batch size, call the layer on the batch's own tensors, or freeze it. " + _FALSE_ALARM
     )
 
 
@@ -202,5 +260,5 @@ def rerun_differs(label: str, k: int, bd: int, n: int, over: float) -> RuntimeEr
         "chance (a (T, T) mask at T = n) is not the examples', or the forward mixes the "
         "examples (x - x.mean(0)), so its per-example gradients would be wrong. Make such "
         "sizes differ from the batch size, or register a rule for the module with "
-        "indigrad.register_rule."
+        "indigrad.register_rule. " + _FALSE_ALARM
     )

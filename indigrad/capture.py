@@ -150,8 +150,10 @@ class capture:
             example, to the layers' outputs only, and compares; a layer's rows that are
             not its examples' (a table, positions or tokens as many as the examples; a
             loss that reads other examples' outputs) raise instead of giving wrong
-            numbers. A checked step holds the graph until its second backward, runs the
-            program's backward hooks twice, and waits for the device once.
+            numbers. A checked step holds the graph until its second backward, waits for
+            the device once, and runs the program's backward hooks twice, first with the
+            weighted losses' gradients (a hook that clamps gradients makes the check fail:
+            pass ``"never"`` for such a model).
 
     Each of :meth:`grads`, :meth:`norms` and :meth:`clip_` runs exactly one backward over
     the forward recorded since the previous one (two at a checked step, see ``verify``).
@@ -771,7 +773,11 @@ class capture:
         bd: int,
         key: tuple[Any, ...],
     ) -> tuple[
-        Tensor, list[tuple[int, _Call, str, int]], tuple[Tensor | None, ...], _verify.Pending
+        Tensor,
+        bool,
+        list[tuple[int, _Call, str, int]],
+        tuple[Tensor | None, ...],
+        _verify.Pending,
     ]:
         """The first half of ``_verify``'s output-gradient check, before the backward: the
         gradients at the calls' outputs (and at the ops that use the parameters of calls
@@ -791,7 +797,9 @@ class capture:
                 pos += 1
             if call.direct is None:
                 pos += len(call.inner)
-        w = _verify.weights(n, losses.device)  # (n,)
+        metadata = [edges[i].node._input_metadata[edges[i].output_nr] for i, *_ in checked]
+        half = any(m.dtype == torch.float16 for m in metadata)
+        w = _verify.weights(n, losses.device, half)  # (n,)
         weighted: tuple[Tensor | None, ...] = ()
         if checked:
             weighted = _verify.weighted_grads(losses, w, [edges[i] for i, *_ in checked])
@@ -799,12 +807,13 @@ class capture:
         pending = _verify.Pending(self.model, key, rerun)
         for call in rerun:  # checked where their gradients are taken (rules/generic.py)
             call.verify = pending
-        return w, checked, weighted, pending
+        return w, half, checked, weighted, pending
 
     def _compare(
         self,
         outs: tuple[Tensor | None, ...],
         w: Tensor,
+        half: bool,
         checked: list[tuple[int, _Call, str, int]],
         weighted: tuple[Tensor | None, ...],
         pending: _verify.Pending,
@@ -813,11 +822,12 @@ class capture:
         times the plain backward's, so not example ``i``'s alone."""
         n = w.shape[0]
         low = any(g is not None and g.dtype in (torch.float16, torch.bfloat16) for g in outs)
+        coarse = _verify.reduced(w.device)
         for (i, call, what, at), gw in zip(checked, weighted, strict=True):
             g = outs[i]
             if g is None or gw is None or not has_batch(g, n, at) or gw.shape != g.shape:
                 continue
-            over = _verify.scaled_apart(g, gw, w, at, low)
+            over = _verify.scaled_apart(g, gw, w, at, low, coarse, half)
             if over > 1:
                 raise _verify.not_examples(call.label, what, at, n, over)
         for call in pending.calls:  # the losses do not reach it: it is not re-run

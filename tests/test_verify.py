@@ -184,6 +184,82 @@ def _backwards(model: nn.Module, x: Tensor, verify: str = "new") -> int:
     return len(ran)
 
 
+@pytest.mark.parametrize("rows", [(0, 1), (3, 17), (5, 38)])
+def test_two_examples_exchanged_in_a_large_batch_are_refused(rows):
+    # every example has its own weight (up to 64 of them), so no pair of exchanged rows
+    # can pass for an example's
+    a, b = rows
+
+    class Exchange(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.tanh(self.l1(x))
+            h = torch.cat([h[:a], h[b : b + 1], h[a + 1 : b], h[a : a + 1], h[b + 1 :]])
+            return self.l2(h)
+
+    torch.manual_seed(0)
+    model = Exchange()
+    x = torch.randn(40, 8)
+    for _ in range(5):  # five draws of the weights
+        with (
+            indigrad.capture(model, verify="always") as cap,
+            pytest.raises(RuntimeError, match="Linear 'l1': the rows of its output"),
+        ):
+            cap.norms(model(x).square().sum(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weak_mixing_is_refused(dtype):
+    # a batch-level term of weight 1e-4 in each loss (a load-balancing loss, say), and a
+    # module without a rule that subtracts 1e-3 of the batch mean: per-example errors of
+    # 1e-4 and below, which a DP guarantee does not allow
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    x, y = torch.randn(12, 8, dtype=dtype), torch.randint(0, 3, (12,))
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="Linear '0'"):
+        out = model(x)
+        aux = out.softmax(-1).mean(0).square().sum()  # all examples'
+        cap.norms(F.cross_entropy(out, y, reduction="none") + 1e-4 * aux)
+
+    class Centred(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 8, dtype=dtype) / 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = x @ self.w
+            return h - 1e-3 * h.mean(0, keepdim=True)
+
+    model = nn.Sequential(Centred(), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="Centred '0'"):
+        cap.norms(F.cross_entropy(model(x), y, reduction="none"))
+
+
+@pytest.mark.parametrize("scale", [1e-36, 1e-40, 1e30])
+def test_no_false_alarm_at_extreme_loss_scales(scale):
+    # at 1e-40 the plain backward's float32 gradients are subnormal, and round there
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+    for _ in range(3):
+        with indigrad.capture(model, verify="always") as cap:
+            cap.norms(F.cross_entropy(model(x), y, reduction="none") * scale)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_the_weights_are_distinct_powers_of_two_of_at_least_one(half):
+    from indigrad import _verify
+
+    m = 8 if half else 64
+    w = _verify.weights(m, torch.device("cpu"), half)
+    assert len(set(w.tolist())) == m  # each example its own
+    exponent = w.abs().log2()
+    assert torch.equal(exponent, exponent.round()) and bool((exponent >= 0).all())
+
+
 def test_checked_where_the_pattern_of_sizes_is_new():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()

@@ -18,6 +18,9 @@ random numbers refused as ``vmap`` refuses them.
 The re-runs see the module's own attributes as they were when the call began (a parent
 that sets a shared block's dilation before each call, a forward that counts its calls),
 and copies of its buffers, and leave the module as they found it.
+At a step that ``_verify`` checks, the re-runs' outputs are compared with the module's
+output on the whole batch: an argument whose batch dimension is not the examples' (a
+``(T, T)`` mask at ``T = n``), or a forward that mixes examples, raises there.
 This is correct for any forward that treats examples independently and uses no
 randomness (dropout in training mode is refused: its masks could not be reproduced). It
 re-runs the module's forward, so it is the fallback, not the fast path.
@@ -157,9 +160,10 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
             "with indigrad.register_rule."
         )
     if call.verify is not None:
+        coarse = _verify.reduced(whole[0].device) if whole else False
         for k, (row, one) in enumerate(zip(rows, whole, strict=True)):
             # (n, *one example's output, batch of one) and (n, ...) at the batch's place
-            over = _verify.rerun_apart(row.squeeze(bd + 1), one.movedim(bd, 0))
+            over = _verify.rerun_apart(row.squeeze(bd + 1), one.movedim(bd, 0), coarse)
             if over > 1:
                 raise _verify.rerun_differs(call.label, k, bd, n, over)
         call.verify.passed(call)
