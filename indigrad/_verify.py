@@ -189,7 +189,7 @@ def scaled_apart(
         tol = _EXACT.get(g.dtype, _LOW)
     n = w.shape[0]
     gw = gw.detach().movedim(at, 0).reshape(n, -1)  # (n, k)
-    unweighted = gw / w.to(_exact_type(gw.dtype))[:, None]  # (n, k), exact
+    unweighted = gw / w.to(gw.device, _exact_type(gw.dtype))[:, None]  # (n, k), exact
     tiny = torch.finfo(torch.float16 if half else g.dtype).tiny
     return _apart(unweighted, g.movedim(at, 0), tol, tiny)
 
@@ -208,18 +208,28 @@ def rerun_apart(rows: Tensor, whole: Tensor, coarse: bool) -> float:
 def _apart(a: Tensor, b: Tensor, tol: float, tiny: float) -> float:
     """The largest distance of a row of ``a`` from that of ``b`` (``(n, ...)`` each), as a
     multiple of ``tol`` times the rows' size, plus what rounding in the subnormal range
-    below ``tiny`` (the smallest normal number) may add (0 where a value is not finite:
-    the two cannot be compared there)."""
+    below ``tiny`` (the smallest normal number) may add. Rows not finite in both are left
+    out (an example whose loss is); NaN where a row is finite in one and not in the other
+    (it overflowed in one of the two computations: they cannot be compared)."""
     n = a.shape[0]
     dtype = _exact_type(b.dtype)
     a = a.detach().reshape(n, -1).to(dtype)  # (n, k)
     b = b.detach().reshape(n, -1).to(dtype)  # (n, k)
-    diff = (a - b).norm(dim=1).double()  # (n,)
-    size = a.norm(dim=1).double() + b.norm(dim=1).double()  # (n,)
+    if not n:
+        return 0.0
+    finite_a, finite_b = a.isfinite().all(1), b.isfinite().all(1)  # (n,) each
+    if bool((finite_a != finite_b).any()):
+        return float("nan")  # a row overflowed in one computation: not compared
+    both = finite_a & finite_b  # rows not finite in both (an inf example): not comparable
+    a, b = a[both], b[both]  # (m, k)
+    if not len(a):
+        return 0.0
+    diff = (a - b).norm(dim=1).double()  # (m,)
+    size = a.norm(dim=1).double() + b.norm(dim=1).double()  # (m,)
     below = _SUBNORMAL * tiny * a.shape[1] ** 0.5  # rounded in the subnormal range
-    bound = tol * (size + _FLOOR * size.max()) + below  # (n,)
+    bound = tol * (size + _FLOOR * size.max()) + below  # (m,)
     over = torch.where(diff > 0, diff / bound.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-    return float(over.nan_to_num(0.0, 0.0, 0.0).max()) if n else 0.0
+    return float(over.max())
 
 
 def _exact_type(dtype: torch.dtype) -> torch.dtype:

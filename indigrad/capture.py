@@ -100,7 +100,7 @@ class _Call:
     # re-runs read (a parent may set them before each call: a shared block's dilation),
     # and the version counters of those that are tensors
     attrs: tuple[dict[str, Any], dict[str, int]] | None = None
-    # its name, how it was read, and its tensor arguments' and outputs' shapes
+    # its name, how it was read, and its tensor arguments', outputs' and parameters' shapes
     sig: tuple[Any, ...] = ()
     # a step whose batch reading is checked: the re-run check of a call without a rule
     verify: _verify.Pending | None = None
@@ -513,13 +513,14 @@ class capture:
                 if held.get(key) is not p:
                     _refuse_replaced(module, name, key)
             # what the batch reading depends on, for _verify: how the call was read, its
-            # tensor arguments' and outputs' shapes
+            # tensor arguments', outputs' and parameters' shapes
             sig = (
                 name,
                 questioned,
                 broadcast,
                 *[t.shape for t, _ in versions],
                 *[leaves[i].shape for i in edge_index],
+                *[p.shape for p in own.values()],
             )
             self._calls.append(
                 _Call(
@@ -775,7 +776,7 @@ class capture:
     ) -> tuple[
         Tensor,
         bool,
-        list[tuple[int, _Call, str, int]],
+        list[tuple[int, _Call, str, int, View | None]],
         tuple[Tensor | None, ...],
         _verify.Pending,
     ]:
@@ -783,22 +784,22 @@ class capture:
         gradients at the calls' outputs (and at the ops that use the parameters of calls
         without a rule) of the losses weighted by random ``w``. Each checked edge: its
         index in ``edges``, its call, what it is, and where it has the batch."""
-        checked: list[tuple[int, _Call, str, int]] = []
+        checked: list[tuple[int, _Call, str, int, View | None]] = []
         pos = 0
         for call in own:
             _, ats = _batch_dims(call, None, bd)
             for k, at in enumerate(ats):
-                if at is not None and k not in call.views:  # (a view's: read at its base)
+                if at is not None:  # an output rebuilt by an in-place op: at its base
                     what = "its output" if k == 0 else f"its output {k}"
-                    checked.append((pos + k, call, what, at))
+                    checked.append((pos + k, call, what, at, call.views.get(k)))
             pos += len(call.edges)
             for use in call.direct or ():
-                checked.append((pos, call, f"the op that uses its {use.local!r}", use.batch))
+                checked.append((pos, call, f"the op that uses its {use.local!r}", use.batch, None))
                 pos += 1
             if call.direct is None:
                 pos += len(call.inner)
         metadata = [edges[i].node._input_metadata[edges[i].output_nr] for i, *_ in checked]
-        half = any(m.dtype == torch.float16 for m in metadata)
+        half = losses.dtype == torch.float16 or any(m.dtype == torch.float16 for m in metadata)
         w = _verify.weights(n, losses.device, half)  # (n,)
         weighted: tuple[Tensor | None, ...] = ()
         if checked:
@@ -814,7 +815,7 @@ class capture:
         outs: tuple[Tensor | None, ...],
         w: Tensor,
         half: bool,
-        checked: list[tuple[int, _Call, str, int]],
+        checked: list[tuple[int, _Call, str, int, View | None]],
         weighted: tuple[Tensor | None, ...],
         pending: _verify.Pending,
     ) -> None:
@@ -822,18 +823,24 @@ class capture:
         times the plain backward's, so not example ``i``'s alone."""
         n = w.shape[0]
         low = any(g is not None and g.dtype in (torch.float16, torch.bfloat16) for g in outs)
-        coarse = _verify.reduced(w.device)
-        for (i, call, what, at), gw in zip(checked, weighted, strict=True):
+        compared = True  # every row that could be compared was
+        for (i, call, what, at, view), gw in zip(checked, weighted, strict=True):
             g = outs[i]
-            if g is None or gw is None or not has_batch(g, n, at) or gw.shape != g.shape:
+            if g is None or gw is None:
                 continue
-            over = _verify.scaled_apart(g, gw, w, at, low, coarse, half)
+            if view is not None:
+                g, gw = view.of(g), view.of(gw)
+            if not has_batch(g, n, at) or gw.shape != g.shape:
+                continue
+            over = _verify.scaled_apart(g, gw, w, at, low, _verify.reduced(g.device), half)
             if over > 1:
                 raise _verify.not_examples(call.label, what, at, n, over)
+            compared = compared and over == over  # nan: a row overflowed in one backward
         for call in pending.calls:  # the losses do not reach it: it is not re-run
             if all(g is None for g in call.grad_outputs):
                 pending.passed(call)
-        pending.passed(None)  # the step's pattern is checked, but for the re-runs'
+        if compared:  # (not: the pattern is checked again at its next step)
+            pending.passed(None)  # the step's pattern is checked, but for the re-runs'
 
     def grads(self, losses: Tensor) -> dict[str, Tensor]:
         """Per-example gradients ``{name: (n, *param.shape)}`` of every trainable parameter

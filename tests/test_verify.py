@@ -15,16 +15,19 @@ from indigrad.testing import loop_grads
 
 class SequenceFirstView(nn.Module):
     """A batch-first model that runs a layer on a sequence-first view: at ``T = n`` that
-    layer's positions look like examples."""
+    layer's positions look like examples. With ``in_place``, an in-place op after the
+    layer rebuilds its output's history (its gradient is read at the view's base)."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_place: bool = False) -> None:
         super().__init__()
         self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.in_place = in_place
 
     def forward(self, x: Tensor) -> Tensor:  # (n, T, 4)
-        h = self.a(x).transpose(0, 1)  # (T, n, 4)
-        h = torch.tanh(self.b(h)).transpose(0, 1)  # (n, T, 4)
-        return self.out(h.mean(1))
+        h = self.a(x).transpose(0, 1).contiguous()  # (T, n, 4)
+        h = self.b(h)  # a view of the product's (T·n, 4) output
+        h = h.relu_() if self.in_place else torch.tanh(h)
+        return self.out(h.transpose(0, 1).mean(1))
 
 
 class MaskedMix(nn.Module):
@@ -106,6 +109,7 @@ def _model(name: str, n: int) -> tuple[nn.Module, Tensor]:
         return _experts_with_n_tokens(n)
     model = {
         "sequence-first view": SequenceFirstView,
+        "sequence-first view, relu_": lambda: SequenceFirstView(in_place=True),
         "(T, T) mask": CausalMix,
         "merged latents": lambda: MergedLatents(n),
     }[name]()
@@ -118,6 +122,7 @@ def _losses(model: nn.Module) -> Callable[[Tensor], Tensor]:
 
 CASES = {
     "sequence-first view": "Linear 'b': the rows of its output",
+    "sequence-first view, relu_": "Linear 'b': the rows of its output",
     "(T, T) mask": "MaskedMix 'mix' has no rule of its own, and re-running it",
     "merged latents": "LayerNorm 'norm': the rows of its output",
     "experts": "Linear 'experts.0': the rows of its output",
@@ -236,6 +241,36 @@ def test_weak_mixing_is_refused(dtype):
     model = nn.Sequential(Centred(), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
     with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="Centred '0'"):
         cap.norms(F.cross_entropy(model(x), y, reduction="none"))
+
+
+def test_a_mixing_loss_in_float16_is_refused():
+    # float16 losses: the weights must leave the weighted backward room (2^31 would
+    # overflow it, and the rows could not be compared)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    x = torch.randn(6, 4)
+    for _ in range(3):
+        with indigrad.capture(model, verify="always") as cap:
+            y = model(x).squeeze(-1)
+            losses = (y - y.mean()).half().square() * 100  # (n,) float16, reads every example
+            with pytest.raises(RuntimeError, match=r"Linear '.': the rows of its output"):
+                cap.grads(losses)
+
+
+def test_a_parameter_whose_size_meets_the_batch_size_is_checked_again():
+    class Prototypes(nn.Module):  # no rule: reads its table inside
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(5, 4))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return (x @ self.table.T).logsumexp(-1, keepdim=True)  # (n, 1)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), Prototypes())
+    assert _backwards(model, torch.randn(3, 4)) == 2
+    assert _backwards(model, torch.randn(6, 4)) == 1
+    assert _backwards(model, torch.randn(5, 4)) == 2  # n = the table's rows
 
 
 @pytest.mark.parametrize("scale", [1e-36, 1e-40, 1e30])
