@@ -217,11 +217,10 @@ def _apart(a: Tensor, b: Tensor, tol: float, tiny: float) -> float:
     b = b.detach().reshape(n, -1).to(dtype)  # (n, k)
     if not n:
         return 0.0
-    finite_a, finite_b = a.isfinite().all(1), b.isfinite().all(1)  # (n,) each
-    if bool((finite_a != finite_b).any()):
+    finite = a.isfinite().all(1)  # (n,)
+    if not torch.equal(finite, b.isfinite().all(1)):
         return float("nan")  # a row overflowed in one computation: not compared
-    both = finite_a & finite_b  # rows not finite in both (an inf example): not comparable
-    a, b = a[both], b[both]  # (m, k)
+    a, b = a[finite], b[finite]  # (m, k): rows not finite in both (an inf example) left out
     if not len(a):
         return 0.0
     diff = (a - b).norm(dim=1).double()  # (m,)

@@ -786,18 +786,17 @@ class capture:
         index in ``edges``, its call, what it is, and where it has the batch."""
         checked: list[tuple[int, _Call, str, int, View | None]] = []
         pos = 0
-        for call in own:
+        for call in own:  # its edges in ``edges``: its outputs', then its inner ones
             _, ats = _batch_dims(call, None, bd)
             for k, at in enumerate(ats):
-                if at is not None:  # an output rebuilt by an in-place op: at its base
+                if at is not None:  # (an output rebuilt by an in-place op: at its base)
                     what = "its output" if k == 0 else f"its output {k}"
                     checked.append((pos + k, call, what, at, call.views.get(k)))
             pos += len(call.edges)
-            for use in call.direct or ():
-                checked.append((pos, call, f"the op that uses its {use.local!r}", use.batch, None))
-                pos += 1
-            if call.direct is None:
-                pos += len(call.inner)
+            for j, use in enumerate(call.direct or ()):  # its inner edges are these uses'
+                what = f"the op that uses its {use.local!r}"
+                checked.append((pos + j, call, what, use.batch, None))
+            pos += len(call.inner)
         metadata = [edges[i].node._input_metadata[edges[i].output_nr] for i, *_ in checked]
         half = losses.dtype == torch.float16 or any(m.dtype == torch.float16 for m in metadata)
         w = _verify.weights(n, losses.device, half)  # (n,)

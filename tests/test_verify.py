@@ -89,6 +89,19 @@ class Experts(nn.Module):
         return self.out(y.view(n, T, d).mean(1))
 
 
+class Centred(nn.Module):
+    """No rule of its own; subtracts ``share`` of the batch's mean (batch statistics)."""
+
+    def __init__(self, d_in: int, d_out: int, share: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d_in, d_out) / 3)
+        self.share = share
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x @ self.w
+        return h - self.share * h.mean(0, keepdim=True)
+
+
 def _experts_with_n_tokens(n: int) -> tuple[nn.Module, Tensor]:
     """The experts and a batch that routes exactly ``n`` tokens to expert 0, not one of
     each example in order (those would be the examples' rows)."""
@@ -163,17 +176,8 @@ def test_a_loss_that_reads_other_examples_is_refused():
 
 
 def test_a_module_without_a_rule_that_mixes_examples_is_refused():
-    class Centred(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(5, 4))
-
-        def forward(self, x: Tensor) -> Tensor:
-            h = x @ self.w
-            return torch.tanh(h - h.mean(0))  # batch statistics
-
     torch.manual_seed(0)
-    model = Centred().double()
+    model = nn.Sequential(Centred(5, 4, share=1.0), nn.Tanh()).double()
     x = torch.randn(6, 5, dtype=torch.float64)
     with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match=r"x\.mean\(0\)"):
         cap.grads(model(x).square().sum(1))
@@ -229,16 +233,7 @@ def test_weak_mixing_is_refused(dtype):
         aux = out.softmax(-1).mean(0).square().sum()  # all examples'
         cap.norms(F.cross_entropy(out, y, reduction="none") + 1e-4 * aux)
 
-    class Centred(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(8, 8, dtype=dtype) / 3)
-
-        def forward(self, x: Tensor) -> Tensor:
-            h = x @ self.w
-            return h - 1e-3 * h.mean(0, keepdim=True)
-
-    model = nn.Sequential(Centred(), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    model = nn.Sequential(Centred(8, 8, share=1e-3), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
     with indigrad.capture(model) as cap, pytest.raises(RuntimeError, match="Centred '0'"):
         cap.norms(F.cross_entropy(model(x), y, reduction="none"))
 

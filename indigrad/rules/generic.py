@@ -118,7 +118,8 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
         }
         return grads_by_name, tuple(o.detach() for o in outs) if keep else ()
 
-    keep = call.verify is not None  # the re-runs' outputs, for the check (_verify)
+    pending = call.verify  # a step whose batch reading is checked (_verify)
+    keep = pending is not None  # the re-runs' outputs, for that check
     xs = tuple(fixed[i] for i in batched)
     attrs, versions = call.attrs or ({}, {})
     modified = [k for k, version in versions.items() if attrs[k]._version != version]
@@ -148,7 +149,7 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
             # first example.
             with torch.no_grad(), _NoRandomness(call):
                 out, rows = _one_by_one(by_autograd, xs, bd, cotangents, g_dim, n)
-    if keep:  # a step whose batch reading is checked: the output on the whole batch
+    if keep:  # the output on the whole batch, for the check
         with _as_called(module, attrs):
             whole = tuple(o.detach() for o in outputs(params, *tree_unflatten(fixed, in_spec)))
     changed = [k for k, b in state.items() if b._version]
@@ -160,7 +161,7 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
             "the module in eval mode if that stops the updates, or register a rule for it "
             "with indigrad.register_rule."
         )
-    if call.verify is not None:
+    if pending is not None:
         compared = True  # every row that could be compared was
         for k, (row, one) in enumerate(zip(rows, whole, strict=True)):
             # (n, *one example's output, batch of one) and (n, ...) at the batch's place
@@ -170,7 +171,7 @@ def generic_grads(call: _Call, n: int, bd: int) -> dict[str, Tensor]:
                 raise _verify.rerun_differs(call.label, k, bd, n, over)
             compared = compared and over == over  # nan: overflowed in one of the two
         if compared:  # (not: the step's pattern is checked again at its next step)
-            call.verify.passed(call)
+            pending.passed(call)
     return out
 
 
