@@ -52,6 +52,7 @@ SETTINGS = {
         "_ONE_IMAGE_UNFOLD",
         "_BY_POSITION",
         "_DEPTHWISE_BY_CONV",
+        "_BY_GROUPS",
         "_STACKED",
     ],
     "rules.normalization": ["_GN_KERNEL_DEVICES", "_LN_SAVED_DEVICES", "_GN_STACKED"],

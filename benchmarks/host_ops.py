@@ -40,8 +40,8 @@ def act_as(device: str, set_attr: Callable[[Any, str, Any], None] = setattr) -> 
     and on behalf of a GPU no buffer pool (it changes how convs unfold), ``F.unfold`` of
     the batch as one image (CUDA's launches a kernel per image), GroupNorm's dγ and dβ
     from its backward kernel (same-shaped GroupNorms' from one call), LayerNorm's x̂ from
-    ``layer_norm``, depthwise convs and im2col as on a GPU (by im2col and a batched
-    product; copied in the strided window's order), and same-shaped convs stacked
+    ``layer_norm``, convs' per-example gradients and im2col as on a GPU (by im2col and a
+    batched product; copied in the strided window's order), and same-shaped convs stacked
     (``indigrad/_stack.py``). Each setting is replaced through ``set_attr`` (a test's
     ``monkeypatch.setattr`` undoes them)."""
     if device != "cpu":
@@ -53,6 +53,7 @@ def act_as(device: str, set_attr: Callable[[Any, str, Any], None] = setattr) -> 
         set_attr(normalization, "_LN_SAVED_DEVICES", normalization._LN_SAVED_DEVICES - {"cpu"})
         set_attr(conv, "_BY_POSITION", conv._BY_POSITION - {"cpu"})
         set_attr(conv, "_DEPTHWISE_BY_CONV", conv._DEPTHWISE_BY_CONV - {"cpu"})
+        set_attr(conv, "_BY_GROUPS", conv._BY_GROUPS - {"cpu"})
         set_attr(conv, "_STACKED", conv._STACKED | {"cpu"})
     for module, name in TABLES:
         table = dict(getattr(module, name))

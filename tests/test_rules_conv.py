@@ -524,3 +524,43 @@ def test_depthwise_by_one_convolution(layer, x_shape):
     model(x)  # materialise the lazy head
     y = torch.tensor([0, 2, 1])[: x.shape[0]]
     indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
+
+
+@pytest.mark.parametrize(
+    "layer, x_shape",
+    [
+        (lambda: nn.Conv2d(16, 16, 3, padding=1), (3, 16, 8, 8)),
+        (lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), (2, 16, 16, 16)),
+        (lambda: nn.Conv2d(16, 16, (3, 2), dilation=(2, 1)), (2, 16, 12, 10)),
+        (lambda: nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"), (2, 16, 8, 8)),
+        (lambda: nn.Conv2d(16, 16, 4, padding="same"), (3, 16, 8, 8)),
+        # 4.7 MB of gradients, from the buffer pool: chunks of 14 examples, then 4
+        (lambda: nn.Conv2d(64, 64, 3, padding=1), (32, 64, 8, 8)),
+    ],
+    ids=["3x3", "strided", "dilated", "reflect", "same_even_k", "chunked"],
+)
+def test_per_example_weight_gradients_by_groups(layer, x_shape):
+    """A conv's per-example weight gradients from one weight gradient of a conv with the
+    examples as its groups (float32 on a CPU: float64 keeps im2col): those of im2col and
+    the batched product, from the same gradients in float64, and the loop's."""
+    torch.manual_seed(0)
+    layer = layer().double()
+    x = torch.randn(x_shape, dtype=torch.float64)
+    G = torch.randn_like(layer(x).detach())  # (n, C_out, *out)
+    assert not conv._by_groups(layer, x, G)  # float64
+    exact = conv.conv_grads(layer, (x,), G)  # im2col and the batched product
+    layer, x, G = layer.float(), x.float(), G.float()
+    assert conv._by_groups(layer, x, G)
+    assert not conv._ghost(*conv._widths(layer, x, G))  # the norms materialise, by groups
+    by_groups = conv.conv_grads(layer, (x,), G)
+    sq = conv.conv_sq_norms(layer, (x,), G)
+    for k in exact:
+        torch.testing.assert_close(by_groups[k], exact[k].float())
+    flat = torch.cat([g.flatten(1) for g in exact.values()], 1)  # (n, P)
+    torch.testing.assert_close(sum(sq.values()), flat.square().sum(1).float())
+    if x.shape[0] > 3:
+        return  # the loop's check below is for the small ones
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    model(x)  # materialise the lazy head
+    y = torch.tensor([0, 2, 1])[: x.shape[0]]
+    indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
