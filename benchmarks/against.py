@@ -53,6 +53,7 @@ SETTINGS = {
         "_BY_POSITION",
         "_DEPTHWISE_BY_CONV",
         "_BY_GROUPS",
+        "_RAGGED_ROWS",
         "_STACKED",
     ],
     "rules.normalization": ["_GN_KERNEL_DEVICES", "_LN_SAVED_DEVICES", "_GN_STACKED"],

@@ -54,6 +54,7 @@ def act_as(device: str, set_attr: Callable[[Any, str, Any], None] = setattr) -> 
         set_attr(conv, "_BY_POSITION", conv._BY_POSITION - {"cpu"})
         set_attr(conv, "_DEPTHWISE_BY_CONV", conv._DEPTHWISE_BY_CONV - {"cpu"})
         set_attr(conv, "_BY_GROUPS", conv._BY_GROUPS - {"cpu"})
+        set_attr(conv, "_RAGGED_ROWS", conv._RAGGED_ROWS - {"cpu"})
         set_attr(conv, "_STACKED", conv._STACKED | {"cpu"})
     for module, name in TABLES:
         table = dict(getattr(module, name))

@@ -564,3 +564,32 @@ def test_per_example_weight_gradients_by_groups(layer, x_shape):
     model(x)  # materialise the lazy head
     y = torch.tensor([0, 2, 1])[: x.shape[0]]
     indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
+
+
+@pytest.mark.parametrize(
+    "layer, x_shape",
+    [
+        (lambda: nn.Conv2d(3, 16, 3, padding=1), (2, 3, 8, 8)),  # b = 27: ragged
+        (lambda: nn.Conv2d(3, 32, 5, stride=2, bias=False), (3, 3, 13, 11)),  # b = 75
+    ],
+    ids=["3x3", "5x5_strided"],
+)
+def test_ragged_width_as_rows(layer, x_shape):
+    """A first layer's product with its 3·k² input columns as the rows (float32 on a CPU,
+    where that is faster), transposed: the same as im2col's product in float64."""
+    torch.manual_seed(0)
+    layer = layer().double()
+    x = torch.randn(x_shape, dtype=torch.float64)
+    G = torch.randn_like(layer(x).detach())  # (n, C_out, *out)
+    exact = conv.conv_grads(layer, (x,), G)
+    layer, x, G = layer.float(), x.float(), G.float()
+    L, R = conv._factors(layer, x, G)
+    assert R.shape[1] % 16 and not L.shape[1] % 16 and "cpu" in conv._RAGGED_ROWS
+    got = conv.conv_grads(layer, (x,), G)
+    assert got["weight"].is_contiguous()
+    for k in exact:
+        torch.testing.assert_close(got[k], exact[k].float())
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    model(x)  # materialise the lazy head
+    y = torch.tensor([0, 2, 1])[: x.shape[0]]
+    indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)

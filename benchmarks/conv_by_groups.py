@@ -1,0 +1,72 @@
+"""A conv's per-example weight gradients two ways: im2col and a batched product, or one
+weight gradient of a conv with the examples as its groups (``indigrad/rules/conv.py``,
+``_grouped``), over a grid of shapes; float32, milliseconds per call (median).
+
+On a CPU the rules take the groups where this measured faster (``conv._by_groups``); on a
+GPU they keep im2col, and this grid is what a device session would look at to decide
+otherwise (there the grouped weight gradient is also one operator for the host instead of
+two or three).
+
+    python benchmarks/conv_by_groups.py
+    python benchmarks/conv_by_groups.py --device cuda --batch 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from indigrad.rules import conv
+
+
+def median_ms(fn: Callable[[], object], device: str, repeats: int = 15) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def im2col(layer: nn.Conv2d, x: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    L, R = conv._factors(layer, x, G)  # (n, a, P), (n, b, P)
+    return torch.bmm(L, R.transpose(1, 2))  # (n, a, b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--max-mb", type=float, default=200, help="skip larger gradients")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {args.device}, float32; ms per call")
+    print(f"{'n':>4} {'C_in':>5} {'C_out':>5} {'side':>4} {'k':>2}   im2col+bmm  groups  ratio")
+    widths = [(3, 32), (16, 16), (32, 64), (64, 64), (128, 128), (256, 256)]
+    for n, (c_in, c_out), side, k in itertools.product(args.batch, widths, [32, 16, 8, 4], [3, 1]):
+        if n * c_in * c_out * k * k * 4 > args.max_mb * 1e6:
+            continue
+        layer = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False).to(args.device)
+        x = torch.randn(n, c_in, side, side, device=args.device)
+        G = torch.randn(n, c_out, side, side, device=args.device)
+        padding, xp = conv._conv_padding(layer, x)
+
+        a = median_ms(functools.partial(im2col, layer, x, G), args.device)
+        b = median_ms(functools.partial(conv._grouped, layer, xp, G, padding), args.device)
+        print(f"{n:4d} {c_in:5d} {c_out:5d} {side:4d} {k:2d}   {a:10.3f} {b:7.3f} {b / a:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
