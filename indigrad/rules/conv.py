@@ -381,7 +381,7 @@ def _grouped(conv: _ConvNd, x: Tensor, G: Tensor, padding: list[int]) -> Tensor:
     ``i``'s. ``(m, C_out, C_in, *k)``."""
     m, C_in, C_out = x.shape[0], x.shape[1], G.shape[1]
     shape = (m * C_out, C_in, *conv.kernel_size)
-    weight = x.new_zeros(()).expand(shape)  # its shape only: a weight gradient reads no weight
+    weight = _zeros(shape, x)  # its shape only: a weight gradient reads no weight
     _, dW, _ = _WEIGHT_GRADIENT(
         G.reshape(1, m * C_out, *G.shape[2:]),  # (1, m·C_out, *out)
         x.reshape(1, m * C_in, *x.shape[2:]),  # (1, m·C_in, *in)
@@ -396,6 +396,21 @@ def _grouped(conv: _ConvNd, x: Tensor, G: Tensor, padding: list[int]) -> Tensor:
         [False, True, False],
     )  # (m·C_out, C_in, *k)
     return dW.view(m, *conv.weight.shape)  # (m, C_out, C_in, *k)
+
+
+_ZEROS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A contiguous tensor of zeros of ``shape``, a view of one kept per dtype and device
+    (grown as needed): oneDNN copies a weight that is not contiguous, an allocation and a
+    fill the size of the result per call."""
+    key = (like.dtype, like.device)
+    numel = math.prod(shape)
+    kept = _ZEROS.get(key)
+    if kept is None or kept.numel() < numel:
+        kept = _ZEROS[key] = torch.zeros(numel, dtype=like.dtype, device=like.device)
+    return kept[:numel].view(shape)
 
 
 def _conv_padding(conv: _ConvNd, x: Tensor) -> tuple[list[int], Tensor]:
