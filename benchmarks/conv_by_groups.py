@@ -18,7 +18,8 @@ import functools
 import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +46,32 @@ def im2col(layer: nn.Conv2d, x: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.bmm(L, R.transpose(1, 2))  # (n, a, b)
 
 
+WIDTHS = [(3, 32), (16, 16), (32, 64), (64, 64), (128, 128), (256, 256)]
+
+
+def grid(device: str, batches: list[int], max_mb: float) -> Iterator[dict[str, Any]]:
+    """Both ways timed for each shape of the grid (3×3 and 1×1 convs, padding 1 and 0, on
+    32² to 4² images) whose gradients take at most ``max_mb`` MB."""
+    for n, (c_in, c_out), side, k in itertools.product(batches, WIDTHS, [32, 16, 8, 4], [3, 1]):
+        if n * c_in * c_out * k * k * 4 > max_mb * 1e6:
+            continue
+        layer = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False).to(device)
+        x = torch.randn(n, c_in, side, side, device=device)
+        G = torch.randn(n, c_out, side, side, device=device)
+        padding, xp = conv._conv_padding(layer, x)
+        a = median_ms(functools.partial(im2col, layer, x, G), device)
+        b = median_ms(functools.partial(conv._grouped, layer, xp, G, padding), device)
+        yield {
+            "n": n,
+            "c_in": c_in,
+            "c_out": c_out,
+            "side": side,
+            "k": k,
+            "im2col_ms": a,
+            "groups_ms": b,
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -54,18 +81,13 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.device}, float32; ms per call")
     print(f"{'n':>4} {'C_in':>5} {'C_out':>5} {'side':>4} {'k':>2}   im2col+bmm  groups  ratio")
-    widths = [(3, 32), (16, 16), (32, 64), (64, 64), (128, 128), (256, 256)]
-    for n, (c_in, c_out), side, k in itertools.product(args.batch, widths, [32, 16, 8, 4], [3, 1]):
-        if n * c_in * c_out * k * k * 4 > args.max_mb * 1e6:
-            continue
-        layer = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False).to(args.device)
-        x = torch.randn(n, c_in, side, side, device=args.device)
-        G = torch.randn(n, c_out, side, side, device=args.device)
-        padding, xp = conv._conv_padding(layer, x)
-
-        a = median_ms(functools.partial(im2col, layer, x, G), args.device)
-        b = median_ms(functools.partial(conv._grouped, layer, xp, G, padding), args.device)
-        print(f"{n:4d} {c_in:5d} {c_out:5d} {side:4d} {k:2d}   {a:10.3f} {b:7.3f} {b / a:6.2f}")
+    for r in grid(args.device, args.batch, args.max_mb):
+        a, b = r["im2col_ms"], r["groups_ms"]
+        print(
+            f"{r['n']:4d} {r['c_in']:5d} {r['c_out']:5d} {r['side']:4d} {r['k']:2d}   "
+            f"{a:10.3f} {b:7.3f} {b / a:6.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

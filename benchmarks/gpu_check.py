@@ -18,9 +18,11 @@
 8. No false alarm of the check that rows are examples (``indigrad/_verify.py``) on the
    device's kernels: three clipped steps of each model, small and of the zoo's size,
    checked at every step, in float32 with TF32 on and off, and under bf16 autocast.
+9. Convs' per-example gradients two ways (``conv_by_groups.py``), and how much of the
+   quantities is the host's Python (``replay_bound.py``): parts ``convs`` and ``replay``.
 
 ``--parts`` picks some of them (run in the order check, verify, graphs, zoo, stacks,
-recurrent, variants, profiles, outer), to fit a short device session.
+recurrent, variants, profiles, outer, convs, replay), to fit a short device session.
 
 Results go to ``OUT/gpu_check.json`` (a plot and the profiles beside it), a summary to
 stdout last.
@@ -436,6 +438,39 @@ def host_profile(device: str, out: str) -> None:
     print("host profile of resnet18 written", flush=True)
 
 
+def convs(device: str) -> list[dict[str, Any]]:
+    """A conv's per-example weight gradients by im2col and a batched product, and by one
+    weight gradient of a conv with the examples as groups (``conv_by_groups.py``; on a CPU
+    the rules take the groups where they measured faster), at n = 256, float32."""
+    from conv_by_groups import grid
+
+    rows = []
+    print("conv per-example gradients, ms: im2col+bmm, groups", flush=True)
+    for r in grid(device, [256], max_mb=1000):
+        rows.append(r)
+        shape = f"{r['c_in']}->{r['c_out']} {r['side']}² k{r['k']}"
+        print(f"  {shape:<18} {r['im2col_ms']:8.3f} {r['groups_ms']:8.3f}", flush=True)
+    return rows
+
+
+def replay(device: str, repeats: int) -> dict[str, Any]:
+    """How much of the zoo's ResNet-18's and CNN's norms and clipped sums is the host's
+    Python: the same step's operators replayed from a recorded graph
+    (``replay_bound.py``)."""
+    from replay_bound import bound
+
+    zoo = bench.zoo(device)
+    out = {}
+    for key in ("resnet18", "cnn"):
+        r = out[key] = bound(zoo[key](), repeats)
+        print(
+            f"{key}: quantities eager {r['eager_ms']:.2f} ms, replayed {r['replayed_ms']:.2f} ms "
+            f"({r['operators']} operators); plain forward and backward {r['plain_ms']:.2f} ms",
+            flush=True,
+        )
+    return out
+
+
 def outer_products(device: str) -> dict[str, float]:
     """Milliseconds to write the wide MLP's per-example weight gradients (n = 128, 4096 ×
     4096): as a broadcast product, as a batched GEMM with K = 1, and as one GEMM per
@@ -480,7 +515,19 @@ def _sync(device: str) -> None:
 
 
 # the parts of a run, in the order they run: the figures the issues ask for first
-PARTS = ["check", "verify", "graphs", "zoo", "stacks", "recurrent", "variants", "profiles", "outer"]
+PARTS = [
+    "check",
+    "verify",
+    "graphs",
+    "zoo",
+    "stacks",
+    "recurrent",
+    "variants",
+    "profiles",
+    "outer",
+    "convs",
+    "replay",
+]
 
 
 def main() -> None:
@@ -546,6 +593,12 @@ def main() -> None:
         host_profile(device, args.out)
     if "outer" in parts:
         report["outer_products_ms"] = outer_products(device)
+        save()
+    if "convs" in parts:
+        report["convs"] = convs(device)
+        save()
+    if "replay" in parts:
+        report["replay"] = replay(device, args.repeats)
         save()
     if "zoo" in report:
         bench.plot(

@@ -11,6 +11,7 @@ nothing.
 
     python benchmarks/replay_bound.py --problem gpt
     python benchmarks/replay_bound.py --tiny --as cuda     # host_time.py's tiny ResNet-18
+    python benchmarks/replay_bound.py --problem resnet18 --device cuda
 """
 
 from __future__ import annotations
@@ -28,35 +29,23 @@ import indigrad
 from indigrad import bench
 
 
-def median_ms(fn: Callable[[], object], rounds: int) -> float:
+def median_ms(fn: Callable[[], object], rounds: int, sync: Callable[[], None]) -> float:
     times = []
     for _ in range(rounds):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--problem", default="gpt")
-    parser.add_argument("--tiny", action="store_true", help="host_time.py's tiny ResNet-18")
-    parser.add_argument("--as", dest="act_as", help="take this device's cost settings")
-    parser.add_argument("--rounds", type=int, default=30)
-    args = parser.parse_args()
-    if args.act_as:
-        from host_ops import act_as
-
-        act_as(args.act_as)
-    if args.tiny:
-        from host_time import tiny_problem
-
-        torch.set_num_threads(1)
-        problem = tiny_problem()
-    else:
-        problem = {**bench.zoo("cpu"), **bench.extras("cpu")}[args.problem]()
+def bound(problem: bench.Problem, rounds: int) -> dict[str, Any]:
+    """The eager quantities' and their replay's median ms, and plain's forward and
+    backward, on ``problem``'s device (synchronised before and after each call)."""
     model, x, y, loss = problem.make_model(), problem.x, problem.y, problem.loss
     params = list(model.parameters())
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
 
     def backward() -> tuple[Any, Any]:
         cap = indigrad.capture(model)
@@ -74,10 +63,12 @@ def main() -> None:
             p.grad = None
 
     eager: list[float] = []
-    for i in range(args.rounds + 3):
+    for i in range(rounds + 3):
         cap, per_example = backward()
+        sync()
         start = time.perf_counter()
         quantities(per_example)
+        sync()
         if i >= 3:
             eager.append(time.perf_counter() - start)
         finish(cap)
@@ -90,19 +81,45 @@ def main() -> None:
         with torch.no_grad():
             graph()
 
-    for _ in range(3):
-        replay()
-
     def plain() -> None:
         loss(model(x), y).sum().backward()
         for p in params:
             p.grad = None
 
-    ops = sum(node.op == "call_function" for node in graph.graph.nodes)
-    print(f"{problem.name}: {ops} operators")
-    print(f"  norms and clipped sums, eager   {statistics.median(eager) * 1e3:8.3f} ms")
-    print(f"  the same operators, replayed    {median_ms(replay, args.rounds):8.3f} ms")
-    print(f"  plain forward and backward      {median_ms(plain, args.rounds):8.3f} ms")
+    for _ in range(3):
+        replay(), plain()
+    return {
+        "operators": sum(node.op == "call_function" for node in graph.graph.nodes),
+        "eager_ms": statistics.median(eager) * 1e3,
+        "replayed_ms": median_ms(replay, rounds, sync),
+        "plain_ms": median_ms(plain, rounds, sync),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--problem", default="gpt")
+    parser.add_argument("--tiny", action="store_true", help="host_time.py's tiny ResNet-18")
+    parser.add_argument("--as", dest="act_as", help="take this device's cost settings")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    if args.act_as:
+        from host_ops import act_as
+
+        act_as(args.act_as)
+    if args.tiny:
+        from host_time import tiny_problem
+
+        torch.set_num_threads(1)
+        problem = tiny_problem()
+    else:
+        problem = {**bench.zoo(args.device), **bench.extras(args.device)}[args.problem]()
+    r = bound(problem, args.rounds)
+    print(f"{problem.name}: {r['operators']} operators")
+    print(f"  norms and clipped sums, eager   {r['eager_ms']:8.3f} ms")
+    print(f"  the same operators, replayed    {r['replayed_ms']:8.3f} ms")
+    print(f"  plain forward and backward      {r['plain_ms']:8.3f} ms")
 
 
 if __name__ == "__main__":
