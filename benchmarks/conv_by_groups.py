@@ -16,29 +16,14 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import statistics
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from _rounds import interleaved
 from torch import nn
 
 from indigrad.rules import conv
-
-
-def median_ms(fn: Callable[[], object], device: str, repeats: int = 15) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def im2col(layer: nn.Conv2d, x: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -59,8 +44,12 @@ def grid(device: str, batches: list[int], max_mb: float) -> Iterator[dict[str, A
         x = torch.randn(n, c_in, side, side, device=device)
         G = torch.randn(n, c_out, side, side, device=device)
         padding, xp = conv._conv_padding(layer, x)
-        a = median_ms(functools.partial(im2col, layer, x, G), device)
-        b = median_ms(functools.partial(conv._grouped, layer, xp, G, padding), device)
+        ways = {
+            "im2col": functools.partial(im2col, layer, x, G),
+            "groups": functools.partial(conv._grouped, layer, xp, G, padding),
+        }
+        ms = {k: v * 1e3 for k, v in interleaved(ways, 15, cuda=device == "cuda").items()}
+        a, b = ms["im2col"], ms["groups"]
         yield {
             "n": n,
             "c_in": c_in,

@@ -19,25 +19,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from _rounds import interleaved
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import indigrad
 from indigrad import bench
-
-
-def median_ms(fn: Callable[[], object], rounds: int, sync: Callable[[], None]) -> float:
-    times = []
-    for _ in range(rounds):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def bound(problem: bench.Problem, rounds: int) -> dict[str, Any]:
@@ -86,13 +75,12 @@ def bound(problem: bench.Problem, rounds: int) -> dict[str, Any]:
         for p in params:
             p.grad = None
 
-    for _ in range(3):
-        replay(), plain()
+    timed = interleaved({"replay": replay, "plain": plain}, rounds, cuda=x.device.type == "cuda")
     return {
         "operators": sum(node.op == "call_function" for node in graph.graph.nodes),
         "eager_ms": statistics.median(eager) * 1e3,
-        "replayed_ms": median_ms(replay, rounds, sync),
-        "plain_ms": median_ms(plain, rounds, sync),
+        "replayed_ms": timed["replay"] * 1e3,
+        "plain_ms": timed["plain"] * 1e3,
     }
 
 

@@ -504,26 +504,38 @@ def test_shapes(
 )
 def test_depthwise_by_one_convolution(layer, x_shape):
     """A depthwise conv's per-example gradients from one convolution of the batch as
-    channels (float32: float64 keeps im2col, its CPU convolution is slow): those of im2col
-    and the batched product, from the same gradients in float64, and the loop's."""
+    channels (float32: float64 keeps im2col, its CPU convolution is slow)."""
+    _against_im2col(layer, x_shape, lambda layer, x, G: conv._depthwise(layer, x))
+
+
+def _against_im2col(layer, x_shape, taken):
+    """A float32 layer's gradients and norms by the path ``taken(layer, x, G)`` says it
+    takes (and not in float64): those of im2col and the batched product from the same
+    gradients in float64, and, in a small model, the loop's."""
     torch.manual_seed(0)
     layer = layer().double()
     x = torch.randn(x_shape, dtype=torch.float64)
     G = torch.randn_like(layer(x).detach())  # (n, C_out, *out)
-    assert not conv._depthwise(layer, x)  # float64
+    assert not taken(layer, x, G)  # float64
     exact = conv.conv_grads(layer, (x,), G)  # im2col and the batched product
     layer, x, G = layer.float(), x.float(), G.float()
-    assert conv._depthwise(layer, x)
-    by_conv = conv.conv_grads(layer, (x,), G)
+    assert taken(layer, x, G)
+    got = conv.conv_grads(layer, (x,), G)
     sq = conv.conv_sq_norms(layer, (x,), G)
     for k in exact:
-        torch.testing.assert_close(by_conv[k], exact[k].float())
+        torch.testing.assert_close(got[k], exact[k].float())
     flat = torch.cat([g.flatten(1) for g in exact.values()], 1)  # (n, P)
     torch.testing.assert_close(sum(sq.values()), flat.square().sum(1).float())
-    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
-    model(x)  # materialise the lazy head
-    y = torch.tensor([0, 2, 1])[: x.shape[0]]
-    indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
+    if x.shape[0] <= 3:  # the loop's check, for the small batches
+        model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+        model(x)  # materialise the lazy head
+        y = torch.tensor([0, 2, 1])[: x.shape[0]]
+
+        def losses(x, y):
+            return F.cross_entropy(model(x), y, reduction="none")
+
+        indigrad.testing.check(model, losses, x, y)
+    return got
 
 
 @pytest.mark.parametrize(
@@ -541,29 +553,12 @@ def test_depthwise_by_one_convolution(layer, x_shape):
 )
 def test_per_example_weight_gradients_by_groups(layer, x_shape):
     """A conv's per-example weight gradients from one weight gradient of a conv with the
-    examples as its groups (float32 on a CPU: float64 keeps im2col): those of im2col and
-    the batched product, from the same gradients in float64, and the loop's."""
-    torch.manual_seed(0)
-    layer = layer().double()
-    x = torch.randn(x_shape, dtype=torch.float64)
-    G = torch.randn_like(layer(x).detach())  # (n, C_out, *out)
-    assert not conv._by_groups(layer, x, G)  # float64
-    exact = conv.conv_grads(layer, (x,), G)  # im2col and the batched product
-    layer, x, G = layer.float(), x.float(), G.float()
-    assert conv._by_groups(layer, x, G)
-    assert not conv._ghost(*conv._widths(layer, x, G))  # the norms materialise, by groups
-    by_groups = conv.conv_grads(layer, (x,), G)
-    sq = conv.conv_sq_norms(layer, (x,), G)
-    for k in exact:
-        torch.testing.assert_close(by_groups[k], exact[k].float())
-    flat = torch.cat([g.flatten(1) for g in exact.values()], 1)  # (n, P)
-    torch.testing.assert_close(sum(sq.values()), flat.square().sum(1).float())
-    if x.shape[0] > 3:
-        return  # the loop's check below is for the small ones
-    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
-    model(x)  # materialise the lazy head
-    y = torch.tensor([0, 2, 1])[: x.shape[0]]
-    indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)
+    examples as its groups (float32 on a CPU: float64 keeps im2col), its norms too."""
+
+    def taken(layer, x, G):  # and the norms materialise, by groups
+        return conv._by_groups(layer, x, G) and not conv._ghost(*conv._widths(layer, x, G))
+
+    _against_im2col(layer, x_shape, taken)
 
 
 @pytest.mark.parametrize(
@@ -576,20 +571,10 @@ def test_per_example_weight_gradients_by_groups(layer, x_shape):
 )
 def test_ragged_width_as_rows(layer, x_shape):
     """A first layer's product with its 3·k² input columns as the rows (float32 on a CPU,
-    where that is faster), transposed: the same as im2col's product in float64."""
-    torch.manual_seed(0)
-    layer = layer().double()
-    x = torch.randn(x_shape, dtype=torch.float64)
-    G = torch.randn_like(layer(x).detach())  # (n, C_out, *out)
-    exact = conv.conv_grads(layer, (x,), G)
-    layer, x, G = layer.float(), x.float(), G.float()
-    L, R = conv._factors(layer, x, G)
-    assert R.shape[1] % 16 and not L.shape[1] % 16 and "cpu" in conv._RAGGED_ROWS
-    got = conv.conv_grads(layer, (x,), G)
+    where that is faster), transposed into place."""
+
+    def taken(layer, x, G):
+        return conv._ragged_rows(*conv._factors(layer, x, G))
+
+    got = _against_im2col(layer, x_shape, taken)
     assert got["weight"].is_contiguous()
-    for k in exact:
-        torch.testing.assert_close(got[k], exact[k].float())
-    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
-    model(x)  # materialise the lazy head
-    y = torch.tensor([0, 2, 1])[: x.shape[0]]
-    indigrad.testing.check(model, lambda x, y: F.cross_entropy(model(x), y, reduction="none"), x, y)

@@ -333,11 +333,12 @@ def _by_groups(conv: _ConvNd, x: Tensor, G: Tensor) -> bool:
     """Whether :func:`_grouped_grads` takes the call's per-example weight gradients: a 2-d
     conv with one group and a kernel larger than 1×1, in float32 on a device of
     ``_BY_GROUPS``, with 16 to 64 input channels, at most 64 output channels and at least
-    64 output positions. There, on a 2-core CPU (n = 16 and 64, 8×8 to 32×32 outputs), oneDNN's
-    grouped weight gradient took 0.3–0.7× the time of im2col and the batched product
-    (2.1 against 4.4 ms for 32 → 64 channels at 16×16, n = 64), its output's page faults
-    not counted; at 128 channels it took up to 20× at fewer than 1024 positions, with 3
-    input channels up to 2.7×, and a 1×1 conv needs no im2col."""
+    64 output positions. There, on a 2-core CPU (n = 16 and 64, 8×8 to 32×32 outputs),
+    oneDNN's grouped weight gradient took 0.3–0.8× the time of im2col and the batched
+    product (2.1 against 4.4 ms for 32 → 64 channels at 16×16, n = 64), its output's page
+    faults not counted; at 128 and 256 channels up to 23× below 1024 positions, with 3
+    input channels 1.8–3.7× at 32×32, and a 1×1 conv needs no im2col
+    (``benchmarks/conv_by_groups.py``)."""
     return (
         x.device.type in _BY_GROUPS
         and x.dtype == torch.float32
@@ -479,11 +480,18 @@ def _products(L: Tensor, R: Tensor) -> Tensor:
     against its channels), as ``(R_j L_jᵀ)ᵀ``, copied, in float32 on a CPU: MKL's batched
     product took 0.6–0.8× the time, the copy included, with the ragged width as the rows
     (b = 27; a = 16 to 64; P = 256 to 4096; n = 16 and 64), 0.9–1.0× at b = 147."""
-    a, b = L.shape[1], R.shape[1]
-    if b % 16 and not a % 16 and L.dtype == torch.float32 and L.device.type in _RAGGED_ROWS:
-        out = _alloc.empty((L.shape[0], a, b), like=L)  # (m, a, b)
+    if _ragged_rows(L, R):
+        out = _alloc.empty((L.shape[0], L.shape[1], R.shape[1]), like=L)  # (m, a, b)
         return out.copy_(_alloc.bmm(R, L.transpose(1, 2)).transpose(1, 2))  # from (m, b, a)
     return _alloc.bmm(L, R.transpose(1, 2))  # (m, a, b)
+
+
+def _ragged_rows(L: Tensor, R: Tensor) -> bool:
+    """Whether :func:`_products` takes ``R``'s width as the rows."""
+    a, b = L.shape[1], R.shape[1]
+    return bool(
+        b % 16 and not a % 16 and L.dtype == torch.float32 and L.device.type in _RAGGED_ROWS
+    )
 
 
 def conv_weighted_sum(
