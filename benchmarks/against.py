@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("rev", nargs="?", help="the other revision (git)")
     parser.add_argument("--base", type=Path, help="a folder holding indigrad_base instead")
     parser.add_argument("--export", type=Path, help="only write REV's package into this folder")
-    parser.add_argument("--problem", default="resnet18", help="a problem of the zoo")
+    parser.add_argument("--problem", default="resnet18", help="a problem of the zoo, or an extra")
     parser.add_argument("--tiny", action="store_true", help="host_time.py's tiny ResNet-18")
     parser.add_argument(
         "--tiny-mlp", action="store_true", help="an MLP 8-16-16-4 on 4 examples: the fixed costs"
@@ -139,7 +139,7 @@ def main() -> None:
         torch.set_num_threads(1)
         problem = bench.mlp_problem(8, [16, 16], 4, batch=4)
     else:
-        problem = bench.zoo(args.device)[args.problem]()
+        problem = {**bench.zoo(args.device), **bench.extras(args.device)}[args.problem]()
     model = problem.model()
     x, y, loss = problem.x, problem.y, problem.loss
     if args.two_inputs:
