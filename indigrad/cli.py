@@ -52,7 +52,14 @@ def _bench(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(bench.METHODS)}")
 
-    report: dict[str, object] = {"torch": torch_version(), "device": args.device, "problems": {}}
+    where = bench.machine(args.device)
+    print(f"{where}\n", flush=True)
+    report: dict[str, object] = {
+        "torch": torch_version(),
+        "device": args.device,
+        "machine": where,
+        "problems": {},
+    }
     for key, make in problems.items():
         try:
             problem = make()

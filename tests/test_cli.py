@@ -82,7 +82,11 @@ def test_bench_command_writes_json(tmp_path):
         check=True,
     )
     assert "MLP 8-8-2, n=4" in result.stdout
-    results = json.loads(path.read_text())["problems"]["MLP 8-8-2, n=4"]
+    report = json.loads(path.read_text())
+    # the machine, first line and in the report: CPU ratios depend on it
+    assert report["machine"] == result.stdout.splitlines()[0]
+    assert "threads" in report["machine"] and "torch" not in report["machine"]
+    results = report["problems"]["MLP 8-8-2, n=4"]
     assert results["plain"]["ratio"] == 1.0 and results["grads"]["seconds"] > 0
     assert set(results) == {"plain", "grads", "norms", "clipped", "torch.func"}
     if sys.platform.startswith("linux"):  # CPU: fresh memory touched per step, per method
