@@ -226,6 +226,27 @@ def test_scaled_embedding_times_indigrads_methods():
     assert "3 clipped steps raised the peak resident memory by" in rss
 
 
+def test_conv_by_groups_times_both_ways():
+    out = _benchmark_script("conv_by_groups.py", "--batch", "2", "--max-mb", "0.05").splitlines()
+    assert out[0].startswith("torch ") and out[1].split()[-3:] == ["im2col+bmm", "groups", "ratio"]
+    rows = [line.split() for line in out[2:]]
+    assert len(rows) > 10 and all(r[0] == "2" and float(r[5]) > 0 for r in rows)
+
+
+def test_replay_bound_replays_a_steps_operators():
+    out = _benchmark_script("replay_bound.py", "--problem", "mlp", "--rounds", "2").splitlines()
+    assert out[0].startswith("MLP 784-512-256-10, n=256: ") and out[0].endswith(" operators")
+    assert [line.split(",")[0].split()[0] for line in out[1:4]] == ["norms", "the", "plain"]
+
+
+def test_alone_runs_each_method_in_a_process_of_its_own():
+    out = _benchmark_script(
+        "alone.py", "--problem", "mlp", "--methods", "plain,norms", "--steps", "2", "--rounds", "1"
+    ).splitlines()
+    assert [line.split()[0] for line in out if line] == ["plain", "norms"]
+    assert "(this tree)" in out[1] and out[1].endswith("faults/step")
+
+
 def test_gpu_check_runs_its_parts_on_cpu(tmp_path):
     # the device script must not fail on what a CPU can run of it: device time is scarce
     out = _benchmark_script(
