@@ -70,6 +70,22 @@ def export(rev: str, into: Path) -> None:
     (into / "indigrad").rename(into / "indigrad_base")
 
 
+def train_step(lib: Any, method: str, *, model: Any, x: Any, y: Any, loss: Any, opt: Any) -> None:
+    """One training step: ``plain`` (the summed losses' backward), or ``lib``'s (an
+    ``indigrad`` package) clipped step, ``grads`` or ``norms``; then the optimizer's step,
+    after ``grads`` and ``norms`` too, as in ``indigrad bench``: a step's cost."""
+    if method == "plain":
+        loss(model(x), y).sum().backward()
+    else:
+        with lib.capture(model) as cap:
+            if method == "clipped":
+                cap.clip_(loss(model(x), y), max_norm=1.0)
+            else:
+                getattr(cap, method)(loss(model(x), y))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def act_as_both(device: str) -> None:
     """``host_ops.act_as`` for this tree, then the same settings on the other revision."""
     from host_ops import act_as
@@ -139,7 +155,7 @@ def main() -> None:
         torch.set_num_threads(1)
         problem = bench.mlp_problem(8, [16, 16], 4, batch=4)
     else:
-        problem = {**bench.zoo(args.device), **bench.extras(args.device)}[args.problem]()
+        problem = bench.by_name(args.problem, args.device)
     model = problem.model()
     x, y, loss = problem.x, problem.y, problem.loss
     if args.two_inputs:
@@ -147,27 +163,14 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=args.device != "cpu")
     cuda = torch.device(args.device).type == "cuda"
 
-    def indigrad_step(lib: Any, method: str) -> None:
-        with lib.capture(model) as cap:
-            if method == "clipped":
-                cap.clip_(loss(model(x), y), max_norm=1.0)
-            else:
-                getattr(cap, method)(loss(model(x), y))
-        opt.step()  # after grads and norms too, as in indigrad bench: a step's cost
-        opt.zero_grad(set_to_none=True)
-
-    def plain() -> None:
-        loss(model(x), y).sum().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = functools.partial(train_step, model=model, x=x, y=y, loss=loss, opt=opt)
     label = args.rev or str(args.base)
-    steps: dict[str, Any] = {"plain": plain}
+    steps: dict[str, Any] = {"plain": functools.partial(step, None, "plain")}
     for method in args.methods.split(","):
         if method not in ("clipped", "grads", "norms"):
             parser.error(f"unknown method {method!r}")
-        steps[f"{method} ({label})"] = functools.partial(indigrad_step, indigrad_base, method)
-        steps[f"{method} (this tree)"] = functools.partial(indigrad_step, indigrad, method)
+        steps[f"{method} ({label})"] = functools.partial(step, indigrad_base, method)
+        steps[f"{method} (this tree)"] = functools.partial(step, indigrad, method)
     median = {k: s * 1e3 for k, s in interleaved(steps, args.rounds, cuda=cuda).items()}
     print(f"{problem.name}, torch {torch.__version__}, {args.rounds} interleaved rounds")
     for name, ms in median.items():

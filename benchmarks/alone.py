@@ -15,6 +15,7 @@ revision, alternated.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import resource
@@ -32,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 def child(base: str | None, problem_name: str, method: str, steps: int) -> dict[str, float]:
     """Run in the child process: ``steps`` steps of ``method``, the median ms and faults."""
     import torch
+    from against import train_step
 
     from indigrad import bench
 
@@ -39,24 +41,10 @@ def child(base: str | None, problem_name: str, method: str, steps: int) -> dict[
         sys.path.insert(0, base)
     package: Any = importlib.import_module("indigrad_base" if base else "indigrad")
     torch.manual_seed(0)
-    problem = {**bench.zoo("cpu"), **bench.extras("cpu")}[problem_name]()
+    problem = bench.by_name(problem_name)
     model, x, y, loss = problem.model(), problem.x, problem.y, problem.loss
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        if method == "plain":
-            loss(model(x), y).mean().backward()
-        else:
-            with package.capture(model) as cap:
-                losses = loss(model(x), y)
-                if method == "norms":
-                    cap.norms(losses)
-                elif method == "grads":
-                    cap.grads(losses)
-                else:
-                    cap.clip_(losses, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = functools.partial(train_step, package, method, model=model, x=x, y=y, loss=loss, opt=opt)
 
     for _ in range(5):
         step()

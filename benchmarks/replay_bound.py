@@ -102,7 +102,7 @@ def main() -> None:
         torch.set_num_threads(1)
         problem = tiny_problem()
     else:
-        problem = {**bench.zoo(args.device), **bench.extras(args.device)}[args.problem]()
+        problem = bench.by_name(args.problem, args.device)
     r = bound(problem, args.rounds)
     print(f"{problem.name}: {r['operators']} operators")
     print(f"  norms and clipped sums, eager   {r['eager_ms']:8.3f} ms")

@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
-    problem = {**bench.zoo(args.device), **bench.extras(args.device)}[args.problem]()
+    problem = bench.by_name(args.problem, args.device)
     model, x, y, loss = problem.model(), problem.x, problem.y, problem.loss
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=args.device != "cpu")
     cuda = torch.device(args.device).type == "cuda"

@@ -29,6 +29,7 @@ from .methods import METHODS, graphed
 from .problems import (
     MLP,
     Problem,
+    by_name,
     cnn_problem,
     convnext_problem,
     extras,
@@ -45,6 +46,7 @@ __all__ = [
     "METHODS",
     "MLP",
     "Problem",
+    "by_name",
     "cnn_problem",
     "convnext_problem",
     "count_ops",

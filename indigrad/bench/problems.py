@@ -354,6 +354,19 @@ def zoo(device: str = "cpu", sizes: str | None = None) -> dict[str, Callable[[],
     }
 
 
+def by_name(name: str, device: str = "cpu") -> Problem:
+    """The problem of the zoo or of the extras called ``name``, on ``device``.
+
+    Example:
+        >>> by_name("mlp").name
+        'MLP 784-512-256-10, n=256'
+    """
+    available = {**zoo(device), **extras(device)}
+    if name not in available:
+        raise ValueError(f"unknown problem {name!r}; choose from {list(available)}")
+    return available[name]()
+
+
 def parameters(problem: Problem) -> int:
     """The number of trainable parameters of the problem's model."""
     return sum(math.prod(p.shape) for p in problem.model().parameters() if p.requires_grad)
